@@ -1,0 +1,45 @@
+"""Rich console output: the training progress bar and result tables."""
+
+from __future__ import annotations
+
+import math
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
+    TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+console = Console(stderr=True)
+
+
+class ThroughputColumn(ProgressColumn):
+    """Images per second of the running task (its progress unit is images)."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("-- img/s" if speed is None else f"{speed:,.0f} img/s", style="cyan")
+
+
+def training_progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    ThroughputColumn(), TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.2f}" if abs(v) >= 1 or v == 0 else f"{v:.4f}"
+    return str(v)
+
+
+def metrics_table(title: str, rows: dict[str, dict], columns: list[str] | None = None) -> Table:
+    """A table with one row per entry of ``rows`` (name -> metrics dict)."""
+    columns = columns or list(next(iter(rows.values())).keys())
+    table = Table(title=title)
+    table.add_column("", style="bold")
+    for c in columns:
+        table.add_column(c, justify="right")
+    for name, metrics in rows.items():
+        table.add_row(name, *[_fmt(metrics.get(c, "")) for c in columns])
+    return table

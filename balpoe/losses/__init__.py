@@ -1,0 +1,5 @@
+"""Losses: BalPoE's logit-adjusted expert loss and MiSLAS' label-aware smoothing."""
+
+from balpoe.losses.logit_adjusted import BalPoELoss, log_prior, make_tau_list
+
+__all__ = ["BalPoELoss", "log_prior", "make_tau_list"]

@@ -1,0 +1,119 @@
+"""Label-aware smoothing (MiSLAS, Zhong et al. CVPR 2021, Sec. 3.2 and Appendix D.2).
+
+Each class ``y`` gets its own smoothing factor ``eps_y = f(N_y)`` that grows with its training
+count ``N_y`` (Eq. 3 / Eq. 7), so head classes are smoothed more than tail classes.  The target
+distribution of Eq. 1 puts ``1 - eps_y`` on the label and ``eps_y / (K - 1)`` on every other class.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from balpoe.errors import BalpoeError
+
+FORMS = ("concave", "linear", "convex", "power")
+
+
+def label_aware_epsilons(class_counts: torch.Tensor | Sequence[int], eps_1: float, eps_K: float,
+                         form: str = "concave", power: float | None = None) -> torch.Tensor:
+    """Per-class smoothing factors ``eps_y = f(N_y)`` (float64 tensor ``[C]``, class order as given).
+
+    ``r_y = (N_y - N_K) / (N_1 - N_K)`` with ``N_1 = max`` and ``N_K = min`` of ``class_counts``:
+
+    * ``concave`` (Eq. 3): ``eps_K + (eps_1 - eps_K) * sin(pi/2 * r_y)``  (paper default)
+    * ``linear``  (Eq. 3): ``eps_K + (eps_1 - eps_K) * r_y``
+    * ``convex``  (Eq. 3): ``eps_1 + (eps_1 - eps_K) * sin(3*pi/2 + pi/2 * r_y)``
+    * ``power``   (Eq. 7): ``eps_K + (eps_1 - eps_K) * r_y ** power``  (``power > 0``)
+
+    So ``f(N_1) = eps_1``, ``f(N_K) = eps_K`` and ``f`` is non-decreasing in ``N``.  When every
+    class has the same count (``N_1 = N_K``) all classes are head classes and get ``eps_1``.
+    Requires ``0 <= eps_K <= eps_1 <= 1``; the paper searches ``eps_1, eps_K`` in [0, 0.5]
+    (CIFAR-100-LT: ``eps_1 = 0.4, eps_K = 0.1``).
+    """
+    counts = torch.as_tensor(class_counts).to(torch.float64)
+    if counts.dim() != 1 or counts.numel() < 2:
+        raise BalpoeError(f"class_counts must be a 1-D list of at least 2 class counts, got shape {tuple(counts.shape)}")
+    if bool((counts < 0).any()):
+        raise BalpoeError(f"class_counts must be non-negative, got min {counts.min().item():g}")
+    if form not in FORMS:
+        raise BalpoeError(f"label-aware smoothing form must be one of {FORMS}, got {form!r}")
+    if not (0.0 <= eps_K <= eps_1 <= 1.0):
+        raise BalpoeError(f"label-aware smoothing needs 0 <= eps_K <= eps_1 <= 1, got eps_1={eps_1}, eps_K={eps_K}")
+    if form == "power":
+        if power is None or not power > 0 or not math.isfinite(power):
+            raise BalpoeError(f"label-aware smoothing form 'power' (Eq. 7) needs power > 0, got power={power}")
+    elif power is not None:
+        raise BalpoeError(f"power={power} is only used with form='power', got form={form!r}")
+
+    n_1, n_k = counts.max(), counts.min()
+    if n_1 == n_k:
+        r = torch.ones_like(counts)
+    else:
+        r = (counts - n_k) / (n_1 - n_k)
+    if form == "concave":
+        g = torch.sin(0.5 * math.pi * r)
+    elif form == "linear":
+        g = r
+    elif form == "convex":
+        # eps_1 + (eps_1 - eps_K) sin(3pi/2 + pi r / 2) = eps_K + (eps_1 - eps_K) (1 - cos(pi r / 2)).
+        g = 1.0 + torch.sin(1.5 * math.pi + 0.5 * math.pi * r)
+    else:
+        g = r ** power
+    # Pin the end points exactly (sin(pi/2), sin(2 pi) are off by an ulp in floating point).
+    g = torch.where(r == 1, torch.ones_like(g), torch.where(r == 0, torch.zeros_like(g), g))
+    return eps_K + (eps_1 - eps_K) * g
+
+
+class LabelAwareSmoothingLoss(nn.Module):
+    """Label-aware smoothing loss, MiSLAS Eq. 1: ``l(q, p) = -sum_i q_i log p_i`` with
+    ``q_i = 1 - eps_y`` for ``i = y`` and ``eps_y / (K - 1)`` otherwise, ``eps`` from
+    :func:`label_aware_epsilons`; mean over the batch.
+
+    ``logits`` is ``[B, C]`` or per-expert ``[E, B, C]`` (the loss is then the mean of the expert
+    losses, each expert fitting the same targets).  ``target`` is int64 labels ``[B]`` or soft
+    targets ``[B, C]`` (rows summing to 1, e.g. mixup); a soft target ``t`` uses the same mixture
+    of the per-label distributions, ``q = sum_y t_y q^(y)``, so ``loss(t)`` is linear in ``t``.
+    """
+
+    def __init__(self, class_counts: torch.Tensor | Sequence[int], eps_1: float, eps_K: float,
+                 form: str = "concave", power: float | None = None):
+        super().__init__()
+        eps = label_aware_epsilons(class_counts, eps_1, eps_K, form, power)
+        self.num_classes = eps.numel()
+        self.form, self.power, self.eps_1, self.eps_K = form, power, eps_1, eps_K
+        self.register_buffer("epsilons", eps.to(torch.float32))
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.dim() == 3:
+            return torch.stack([self._loss(z, target) for z in logits.unbind(0)]).mean()
+        if logits.dim() != 2:
+            raise ValueError(f"logits must be [B, C] or [E, B, C], got {tuple(logits.shape)}")
+        return self._loss(logits, target)
+
+    def _loss(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        K = self.num_classes
+        if logits.shape[-1] != K:
+            raise ValueError(f"logits have {logits.shape[-1]} classes, the loss was built for {K}")
+        logp = F.log_softmax(logits if logits.dtype == torch.float64 else logits.float(), dim=-1)
+        eps = self.epsilons.to(device=logp.device, dtype=logp.dtype)
+        if target.dim() == 1:
+            e = eps[target]                                          # [B]
+            logp_y = logp.gather(1, target[:, None]).squeeze(1)      # [B]
+            off = logp.sum(1) - logp_y                               # sum over i != y
+            loss = -((1.0 - e) * logp_y + e / (K - 1) * off)
+        else:
+            t = target.to(logp.dtype)
+            # q = (t . eps)/(K-1) * 1 + t * (1 - eps - eps/(K-1)), the t-mixture of Eq. 1's targets.
+            uniform = (t @ eps) / (K - 1)                            # [B]
+            peak = t * (1.0 - eps * K / (K - 1))                     # [B, C]
+            loss = -(uniform * logp.sum(1) + (peak * logp).sum(1))
+        return loss.mean()
+
+    def extra_repr(self) -> str:
+        p = f", power={self.power}" if self.power is not None else ""
+        return f"num_classes={self.num_classes}, eps_1={self.eps_1}, eps_K={self.eps_K}, form={self.form!r}{p}"

@@ -1,0 +1,65 @@
+"""BalPoE's logit-adjusted expert loss (Sanchez Aimar et al., CVPR 2023).
+
+Expert k is trained with ``l_tau(y, f) = -log softmax(f_k(x) + tau_k * log pi_train)_y`` (poster,
+"logit-adjusted loss for (1 - tau)-expert"); the total loss is the mean over experts.  tau = 0 is
+plain cross-entropy (the head expert), tau = 1 is logit adjustment / Balanced Softmax, tau = 2 the
+tail expert.  The ensemble (mean logits) is balanced when the mean tau is 1.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def make_tau_list(num_experts: int, tau_min: float = 0.0, tau_max: float = 2.0, spacing: str = "limits") -> list[float]:
+    """Evenly spaced tau values, as the official ``--tau_list`` options.
+
+    ``limits``: tau_i = tau_min + (tau_max - tau_min) * i / (E - 1), both ends included (E = 1: the
+    midpoint); ``uniform``: bin centres tau_min + (tau_max - tau_min) * (i + 0.5) / E.
+    """
+    span = tau_max - tau_min
+    if spacing == "limits":
+        if num_experts == 1:
+            return [tau_min + span / 2]
+        return [tau_min + span * i / (num_experts - 1) for i in range(num_experts)]
+    if spacing == "uniform":
+        return [tau_min + span * (i + 0.5) / num_experts for i in range(num_experts)]
+    raise ValueError(f"unknown tau spacing {spacing!r}")
+
+
+def log_prior(class_counts: torch.Tensor | Sequence[int], eps: float = 1e-9) -> torch.Tensor:
+    """``log pi_train`` with pi_y = n_y / N (``eps`` guards empty classes, as the official code)."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float64)
+    return torch.log(counts / counts.sum() + eps).float()
+
+
+class BalPoELoss(nn.Module):
+    """Mean over experts of CE(f_k + tau_k * log pi_train, y).
+
+    ``forward(expert_logits [E, B, C], target)`` where ``target`` is int64 labels ``[B]`` or soft
+    targets ``[B, C]`` (mixup's soft-target form: the loss is linear in the target, so
+    ``lam * L(y_a) + (1 - lam) * L(y_b)`` equals the loss of ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)``).
+    """
+
+    def __init__(self, class_counts: torch.Tensor | Sequence[int], tau: Sequence[float]):
+        super().__init__()
+        self.register_buffer("log_prior", log_prior(class_counts))
+        self.register_buffer("tau", torch.tensor(list(tau), dtype=torch.float32))
+
+    def adjusted_logits(self, expert_logits: torch.Tensor) -> torch.Tensor:
+        """``f_k + tau_k * log pi_train`` for every expert, ``[E, B, C]`` in float32."""
+        if expert_logits.dim() != 3 or expert_logits.shape[0] != self.tau.numel():
+            raise ValueError(f"expected expert logits [E={self.tau.numel()}, B, C], got {tuple(expert_logits.shape)}")
+        return expert_logits.float() + self.tau[:, None, None] * self.log_prior
+
+    def forward(self, expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        logp = F.log_softmax(self.adjusted_logits(expert_logits), dim=-1)
+        if target.dtype == torch.long:
+            nll = -logp.gather(-1, target.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
+        else:
+            nll = -(target.float() * logp).sum(-1)
+        return nll.mean()

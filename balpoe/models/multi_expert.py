@@ -1,0 +1,123 @@
+"""The multi-expert network: a shared trunk and E expert branches built from any timm model.
+
+* ``split="head"``: the whole timm backbone (features + pooling) is shared, each expert owns a
+  head. Works for every timm model.
+* ``split="<stage>"``: the top-level children of the timm model up to and including ``<stage>``
+  are shared; each expert owns its own copy of the later stages (and of the pooling), like BalPoE's
+  ResNet-32 (shared stem + ``layer1``; per-expert ``layer2``, ``layer3``) and ResNet-50 (shared up
+  to ``layer2``).  This needs a model whose top-level children run in forward order, which holds
+  for timm's ResNet/ResNeXt family and for ``resnet32_cifar`` / ``small_cnn``.  Each expert's
+  branch comes from an independently initialised copy of the model, as in the official code where
+  every expert's layers are created separately.
+
+``forward`` returns per-expert logits ``[E, B, C]``; the ensemble logit is their mean
+(BalPoE: the product of the experts' softmax distributions, re-normalised).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn as nn
+
+from balpoe.errors import BalpoeError
+from balpoe.models.heads import build_head
+
+# Importing registers our models in timm's registry.
+from balpoe.models import resnet_cifar as _resnet_cifar  # noqa: F401
+from balpoe.models import small_cnn as _small_cnn  # noqa: F401
+
+
+class MultiExpertNet(nn.Module):
+    """Shared ``trunk`` -> per-expert ``branches[k]`` -> per-expert ``heads[k]``."""
+
+    def __init__(self, trunk: nn.Module, branches: list[nn.Module], heads: list[nn.Module]):
+        super().__init__()
+        if len(branches) != len(heads):
+            raise ValueError("one branch per head")
+        self.trunk = trunk
+        self.branches = nn.ModuleList(branches)
+        self.heads = nn.ModuleList(heads)
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.heads)
+
+    def expert_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Pooled features ``[B, D]`` of each expert."""
+        shared = self.trunk(x)
+        return [branch(shared) for branch in self.branches]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-expert logits ``[E, B, C]``."""
+        return torch.stack([head(f) for head, f in zip(self.heads, self.expert_features(x))])
+
+    @staticmethod
+    def ensemble(expert_logits: torch.Tensor) -> torch.Tensor:
+        """BalPoE aggregation: the mean of the expert logits ``[B, C]``."""
+        return expert_logits.mean(0)
+
+
+def _load_pretrained(model: nn.Module, path: str) -> None:
+    p = Path(path)
+    if not p.is_file():
+        raise BalpoeError(f"model.pretrained_file '{path}' not found")
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+        raise BalpoeError(f"model.pretrained_file '{path}' could not be read as a torch state_dict ({e})") from None
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise BalpoeError(f"model.pretrained_file '{path}' has no tensor matching the backbone's parameters")
+    model.load_state_dict(usable, strict=False)
+
+
+def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwargs: dict) -> nn.Module:
+    if not timm.is_model(name):
+        raise BalpoeError(f"model.backbone '{name}' is not a timm model name (see timm.list_models())")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    except TypeError as e:
+        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {e}") from None
+    if pretrained_file:
+        _load_pretrained(model, pretrained_file)
+    return model
+
+
+def split_children(model: nn.Module, split: str) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a model whose top-level children run in forward order after the child ``split``."""
+    children = list(model.named_children())
+    names = [n for n, _ in children]
+    if split not in names:
+        raise BalpoeError(f"model.split '{split}' is not a top-level stage of this backbone "
+                          f"(choose 'head' or one of: {', '.join(names)})")
+    i = names.index(split)
+    return nn.Sequential(OrderedDict(children[: i + 1])), nn.Sequential(OrderedDict(children[i + 1:]))
+
+
+def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, split: str = "head",
+                       head: str = "cosine", scale: float = 30.0, in_chans: int = 3,
+                       pretrained_file: str | None = None, kwargs: dict | None = None) -> MultiExpertNet:
+    """Build a :class:`MultiExpertNet` from a timm model name."""
+    kwargs = dict(kwargs or {})
+    first = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
+    # timm: pooled pre-logit width is ``head_hidden_size`` where a model has a pre-logits layer.
+    num_features = getattr(first, "head_hidden_size", None) or first.num_features
+    if split == "head":
+        trunk, branches = first, [nn.Identity() for _ in range(num_experts)]
+    else:
+        trunk, tail = split_children(first, split)
+        branches = [tail]
+        for _ in range(num_experts - 1):
+            other = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
+            branches.append(split_children(other, split)[1])
+    heads = [build_head(head, num_features, num_classes, scale) for _ in range(num_experts)]
+    return MultiExpertNet(trunk, branches, heads)

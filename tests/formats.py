@@ -1,0 +1,213 @@
+"""Writers of tiny datasets in exactly the real on-disk formats, for tests.
+
+* :func:`write_cifar` -- the CIFAR-10/100 python-pickle layout (Krizhevsky 2009).
+* :func:`write_fashion_mnist` -- IDX files (magic 2051 images / 2049 labels), gzipped or not.
+* :func:`write_image_list` -- JPEG/PNG files plus ``path label`` list files (ImageNet-LT,
+  Places-LT, iNaturalist 2018 naming).
+
+Images are learnable: every class has a fixed prototype (a class-specific mean brightness plus a
+coarse, left-right symmetric random pattern, so horizontal flips keep the class signal) and each
+image adds Gaussian noise to it.  Everything is deterministic in ``seed``; the prototypes depend
+only on the class index and image shape, so train and test share them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+LIST_FILES = {
+    "imagenet_lt": ("ImageNet_LT_train.txt", "ImageNet_LT_test.txt"),
+    "places_lt": ("Places_LT_train.txt", "Places_LT_test.txt"),
+    "inat": ("iNaturalist18_train.txt", "iNaturalist18_val.txt"),
+}
+
+
+def _per_class(n: int | Sequence[int], num_classes: int) -> list[int]:
+    counts = [int(n)] * num_classes if np.isscalar(n) else [int(x) for x in n]
+    if len(counts) != num_classes:
+        raise ValueError(f"{len(counts)} per-class counts for {num_classes} classes")
+    return counts
+
+
+def class_prototypes(num_classes: int, channels: int, size: int, grid: int = 4) -> np.ndarray:
+    """float32 ``[num_classes, channels, size, size]`` prototypes in about [20, 235]."""
+    protos = np.empty((num_classes, channels, size, size), dtype=np.float32)
+    half = (grid + 1) // 2
+    for c in range(num_classes):
+        rng = np.random.default_rng(10_007 + c)
+        brightness = 60.0 + 135.0 * (c / max(num_classes - 1, 1))
+        coarse = rng.uniform(-1.0, 1.0, size=(channels, grid, half))
+        coarse = np.concatenate([coarse, coarse[:, :, : grid - half][:, :, ::-1]], axis=2)  # mirror
+        rows = (np.arange(size) * grid) // size
+        protos[c] = brightness + 55.0 * coarse[:, rows][:, :, rows]
+    return protos
+
+
+def synthetic_images(labels: np.ndarray, num_classes: int, channels: int, size: int,
+                     rng: np.random.Generator, noise: int = 20) -> np.ndarray:
+    """uint8 ``[N, channels, size, size]``: the class prototype of each label plus noise (the sum
+    of two uniform integers in ``[-noise, noise]``, std about ``0.82 * noise``; integer noise is
+    ~10x faster than Gaussian for full-size sets)."""
+    protos = np.rint(class_prototypes(num_classes, channels, size)).astype(np.int16)
+    labels = np.asarray(labels, dtype=np.int64)
+    out = np.empty((len(labels), channels, size, size), dtype=np.uint8)
+    for s in range(0, len(labels), 4096):
+        x = protos[labels[s:s + 4096]]
+        x += rng.integers(-noise, noise + 1, size=x.shape, dtype=np.int16)
+        x += rng.integers(-noise, noise + 1, size=x.shape, dtype=np.int16)
+        out[s:s + 4096] = np.clip(x, 0, 255)
+    return out
+
+
+def _labels(counts: list[int], rng: np.random.Generator) -> np.ndarray:
+    """Labels with the given per-class counts, in a shuffled order (like the real files)."""
+    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
+    rng.shuffle(labels)
+    return labels
+
+
+def _dump(obj: dict, path: Path) -> None:
+    """Pickle protocol 2, as the original (Python 2) CIFAR files."""
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def write_cifar_arrays(root: str | Path, num_classes: int, train: tuple[np.ndarray, np.ndarray],
+                       test: tuple[np.ndarray, np.ndarray], class_names: Sequence[str] | None = None) -> Path:
+    """Write given ``(images uint8 [N, 3, 32, 32], labels [N])`` in the CIFAR-10/100 pickle layout
+    under ``root``; returns ``root``.  CIFAR-10's training set is split into five batches."""
+    if num_classes not in (10, 100):
+        raise ValueError("CIFAR has 10 or 100 classes")
+    root = Path(root)
+    (train_x, train_y), (test_x, test_y) = [(np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), 3072),
+                                            np.asarray(y, dtype=np.int64)) for x, y in (train, test)]
+    if class_names is None:
+        class_names = CIFAR10_NAMES if num_classes == 10 else [f"class_{c:02d}" for c in range(100)]
+    label_names = [n.encode() for n in class_names]
+
+    def names(prefix: bytes, n: int) -> list[bytes]:
+        return [b"%s_%06d.png" % (prefix, i) for i in range(n)]
+
+    if num_classes == 10:
+        folder = root / "cifar-10-batches-py"
+        folder.mkdir(parents=True, exist_ok=True)
+        parts = np.array_split(np.arange(len(train_y)), 5)
+        for i, idx in enumerate(parts, start=1):
+            _dump({b"batch_label": b"training batch %d of 5" % i, b"labels": train_y[idx].tolist(),
+                   b"data": train_x[idx], b"filenames": names(b"train%d" % i, len(idx))},
+                  folder / f"data_batch_{i}")
+        _dump({b"batch_label": b"testing batch 1 of 1", b"labels": test_y.tolist(),
+               b"data": test_x, b"filenames": names(b"test", len(test_y))}, folder / "test_batch")
+        _dump({b"num_cases_per_batch": len(parts[0]), b"num_vis": 3072, b"label_names": label_names},
+              folder / "batches.meta")
+    else:
+        folder = root / "cifar-100-python"
+        folder.mkdir(parents=True, exist_ok=True)
+        for split, y, x in (("train", train_y, train_x), ("test", test_y, test_x)):
+            _dump({b"filenames": names(split.encode(), len(y)), b"batch_label": split.encode(),
+                   b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x},
+                  folder / split)
+        _dump({b"fine_label_names": label_names,
+               b"coarse_label_names": [b"superclass_%02d" % c for c in range(20)]}, folder / "meta")
+    return root
+
+
+def write_cifar(root: str | Path, num_classes: int, train_per_class: int | Sequence[int],
+                test_per_class: int, seed: int = 0) -> Path:
+    """Write a tiny learnable CIFAR-10 (``cifar-10-batches-py``: five ``data_batch_i``,
+    ``test_batch``, ``batches.meta``) or CIFAR-100 (``cifar-100-python``: ``train``, ``test``,
+    ``meta``) under ``root``; returns ``root`` (what ``load_cifar`` takes).
+    ``train_per_class`` may be a list of per-class counts (e.g. an already long-tailed split)."""
+    if num_classes not in (10, 100):
+        raise ValueError("CIFAR has 10 or 100 classes")
+    rng = np.random.default_rng(seed)
+    train_y = _labels(_per_class(train_per_class, num_classes), rng)
+    test_y = _labels(_per_class(test_per_class, num_classes), rng)
+    train_x = synthetic_images(train_y, num_classes, 3, 32, rng)
+    test_x = synthetic_images(test_y, num_classes, 3, 32, rng)
+    return write_cifar_arrays(root, num_classes, (train_x, train_y), (test_x, test_y))
+
+
+def write_idx(path: str | Path, array: np.ndarray, magic: int, gz: bool = True) -> Path:
+    """Write ``array`` (uint8) as an IDX file: big-endian uint32 magic and dims, then the bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    path = Path(path)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def write_fashion_mnist_arrays(root: str | Path, train: tuple[np.ndarray, np.ndarray],
+                               test: tuple[np.ndarray, np.ndarray], gz: bool = True) -> Path:
+    """Write given ``(images uint8 [N, 28, 28] or [N, 1, 28, 28], labels [N])`` as the four
+    Fashion-MNIST IDX files directly in ``root``; returns ``root``."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, (x, y) in (("train", train), ("t10k", test)):
+        x = np.asarray(x, dtype=np.uint8).reshape(len(x), 28, 28)
+        write_idx(root / f"{prefix}-images-idx3-ubyte", x, 2051, gz)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.asarray(y, dtype=np.uint8), 2049, gz)
+    return root
+
+
+def write_fashion_mnist(root: str | Path, train_per_class: int | Sequence[int], test_per_class: int,
+                        seed: int = 0, gz: bool = True) -> Path:
+    """Write tiny learnable ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]`` directly in
+    ``root``; returns ``root``."""
+    rng = np.random.default_rng(seed)
+    splits = []
+    for per_class in (train_per_class, test_per_class):
+        y = _labels(_per_class(per_class, 10), rng)
+        splits.append((synthetic_images(y, 10, 1, 28, rng), y))
+    return write_fashion_mnist_arrays(root, splits[0], splits[1], gz)
+
+
+def _relpath(kind: str, split: str, c: int, i: int, ext: str) -> str:
+    if kind == "imagenet_lt":
+        wnid = f"n{c:08d}"
+        return f"{split}/{wnid}/{wnid}_{i}.{ext}"
+    if kind == "places_lt":
+        return f"data_256/c/class{c:03d}/{split}_{i:08d}.{ext}"
+    return f"train_val2018/Kingdom/{c}/{split}_{i:06d}.{ext}"
+
+
+def write_image_list(root: str | Path, kind: str, num_classes: int, train_per_class: int | Sequence[int],
+                     test_per_class: int, size: int = 32, seed: int = 0, image_format: str = "JPEG") -> Path:
+    """Write tiny RGB images under ``root`` and the conventional list files (e.g.
+    ``ImageNet_LT_train.txt``) whose lines are ``relative/path label``; returns ``root``.
+    ``image_format`` is ``"JPEG"`` (as the real datasets; lossy) or ``"PNG"`` (lossless)."""
+    from PIL import Image
+
+    if kind not in LIST_FILES:
+        raise ValueError(f"kind must be one of {sorted(LIST_FILES)}")
+    ext = {"JPEG": "JPEG" if kind == "imagenet_lt" else "jpg", "PNG": "png"}[image_format]
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    splits = (("train", _per_class(train_per_class, num_classes)), ("val" if kind != "places_lt" else "test",
+                                                                    _per_class(test_per_class, num_classes)))
+    for (split, counts), list_name in zip(splits, LIST_FILES[kind]):
+        labels = np.repeat(np.arange(num_classes), counts)
+        images = synthetic_images(labels, num_classes, 3, size, rng)
+        lines = []
+        seen = [0] * num_classes
+        for x, c in zip(images, labels.tolist()):
+            rel = _relpath(kind, split, c, seen[c], ext)
+            seen[c] += 1
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.transpose(1, 2, 0)).save(path, format=image_format, **(
+                {"quality": 95, "subsampling": 0} if image_format == "JPEG" else {}))
+            lines.append(f"{rel} {c}")
+        (root / list_name).write_text("\n".join(lines) + "\n")
+    return root
