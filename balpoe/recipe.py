@@ -159,6 +159,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        non_null = [a for a in args if a is not type(None)]
+        if len(non_null) == 1:  # Optional[X]: X's own (more precise) message
+            return _coerce(value, non_null[0], key)
         for a in args:
             if a is type(None):
                 continue

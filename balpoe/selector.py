@@ -120,6 +120,49 @@ def best_lambda(prior: torch.Tensor, v: torch.Tensor, bound: float = 50.0) -> fl
     return 0.5 * (lo + hi)
 
 
+def shrink_class_offsets(x: torch.Tensor, var: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Empirical-Bayes (method-of-moments, James-Stein type) shrinkage of noisy per-class log-scale
+    estimates, e.g. log p0 or BCTS biases, with sampling variances ``var`` [C].
+
+    x = mean + slope * u + d with u = centred, unit-norm v (the head/tail trend).  The per-class
+    residual d has signal variance s^2 = max(0, |d|^2 / (C - 2) - mean(var)) and each class keeps
+    s^2 / (s^2 + var_y) of it; the slope keeps max(0, slope^2 - se^2) / slope^2 with
+    se^2 = Sum_y u_y^2 var_y.  A calibrated model (pure noise) collapses to a constant (uniform
+    p0); real deviations survive.  Returns (shrunk x, s^2)."""
+    x, var = x.double(), var.double()
+    k = x.numel()
+    fit = torch.full_like(x, float(x.mean()))
+    dof = k - 1
+    vc = v.double() - v.double().mean()
+    if float(vc.norm()) > 1e-9 and k > 2:
+        u = vc / vc.norm()
+        slope = float(x @ u)
+        se2 = float((u * u) @ var)
+        keep_slope = max(0.0, slope * slope - se2) / (slope * slope) if slope != 0 else 0.0
+        fit = fit + slope * u
+        dof = k - 2
+    else:
+        keep_slope, u = 0.0, torch.zeros_like(x)
+    d = x - fit
+    signal = max(0.0, float((d * d).sum()) / max(dof, 1) - float(var.mean()))
+    keep = signal / (signal + var) if signal > 0 else torch.zeros_like(x)
+    out = fit - (1.0 - keep_slope) * float(x @ u) * u + keep * d
+    return out, signal
+
+
+def _log_mean_variance(probs: torch.Tensor) -> torch.Tensor:
+    """Sampling variance of log(mean_n probs[n, y]) by the delta method: Var_n(p_ny) / (N mean_y^2)."""
+    mean = probs.mean(0)
+    return (probs.var(0, unbiased=True) / (probs.shape[0] * mean.clamp_min(1e-300) ** 2)).cpu()
+
+
+def trend_slope(x: torch.Tensor, v: torch.Tensor) -> float:
+    """Least-squares slope of a per-class vector on v (x ≈ c + slope * v); 0 if v is constant."""
+    vc = v.double() - v.double().mean()
+    den = float(vc @ vc)
+    return float((x.double() - x.double().mean()) @ vc) / den if den > 1e-12 else 0.0
+
+
 def golden_section_max(fn: Callable[[float], float], lo: float, hi: float, tol: float = 1e-6) -> float:
     """Maximiser of a unimodal ``fn`` on [lo, hi] by golden-section search."""
     a, b = lo, hi
@@ -137,22 +180,38 @@ def golden_section_max(fn: Callable[[float], float], lo: float, hi: float, tol: 
     return 0.5 * (a + b)
 
 
-def lambda_log_likelihood(log_ratio: torch.Tensor, v: torch.Tensor, lam: float) -> float:
-    """Sum_n log Sum_y p~(y|x_n) pi(y)^lambda / (Z(lambda) p0(y)) (notes §5b.2), given
-    ``log_ratio = log p~(y|x) - log p0(y)`` [N, C]."""
-    lv = lam * v
-    return float(torch.logsumexp(log_ratio + lv, 1).sum() - log_ratio.shape[0] * torch.logsumexp(lv, 0))
+class LambdaLikelihood:
+    """L(lambda) = Sum_n log Sum_y p~(y|x_n) pi(y)^lambda / (Z(lambda) p0(y)) (notes §5b.2), given
+    ``log_ratio = log p~(y|x) - log p0(y)`` [N, C].
+
+    Each row is shifted by its max once (E = exp(log_ratio - rowmax) in (0, 1]), so one evaluation
+    is a mat-vec: L = Sum_n [m_n + c + log(E_n . exp(lambda v - c))] - N logsumexp(lambda v) with
+    c = max(lambda v).  Exact, and stable: each row of E holds a 1 and lambda v - c >= -|lambda| range(v)."""
+
+    def __init__(self, log_ratio: torch.Tensor, v: torch.Tensor):
+        self.row_max = log_ratio.max(1).values
+        self.shifted = torch.exp(log_ratio - self.row_max[:, None])
+        self.sum_row_max = float(self.row_max.sum())
+        self.n = log_ratio.shape[0]
+        self.v = v.to(log_ratio)
+
+    def __call__(self, lam: float) -> float:
+        lv = lam * self.v
+        c = lv.max()
+        inner = torch.log(self.shifted @ torch.exp(lv - c)).sum()
+        return float(self.sum_row_max + self.n * c + inner - self.n * torch.logsumexp(lv, 0))
 
 
 def mle_lambda(log_ratio: torch.Tensor, v: torch.Tensor, lo: float = -2.0, hi: float = 2.0,
-               grid: int = 41) -> float:
+               grid: int = 17, tol: float = 1e-5) -> float:
     """1-D MLE of lambda on [lo, hi] (notes §5b.2): a coarse grid to bracket the best point (the
     likelihood need not be concave in lambda), then golden-section search inside the bracket."""
+    fn = LambdaLikelihood(log_ratio, v)
     lams = np.linspace(lo, hi, grid)
-    lls = [lambda_log_likelihood(log_ratio, v, float(lam)) for lam in lams]
+    lls = [fn(float(lam)) for lam in lams]
     i = int(np.argmax(lls))
     a, b = lams[max(i - 1, 0)], lams[min(i + 1, grid - 1)]
-    return golden_section_max(lambda lam: lambda_log_likelihood(log_ratio, v, lam), float(a), float(b))
+    return golden_section_max(fn, float(a), float(b), tol)
 
 
 def em_prior(log_ratio: torch.Tensor, init: torch.Tensor, pseudo_counts: torch.Tensor,
@@ -239,11 +298,14 @@ class TauSelector:
             it (weight of EM ~ (N/K) / (N/K + shrinkage)).
         min_samples_per_class: below this N/K the unlabelled mode uses the 1-D fit alone.
         lambda_range: search interval of the 1-D MLE (notes: [-2, 2]).
+        shrink_source: empirical-Bayes shrinkage of the source-fitted p0 and BCTS biases
+            (False: the raw mean posterior and BCTS biases of notes §5b.1).
     """
 
-    def __init__(self, class_counts: Sequence[int] | torch.Tensor, calibration: str = "bcts",
+    def __init__(self, class_counts: Sequence[int] | torch.Tensor, calibration: str = "ts",
                  smoothing: float = 1.0, shrinkage: float = 20.0, min_samples_per_class: float = 20.0,
-                 lambda_range: tuple[float, float] = (-2.0, 2.0), em_tol: float = 1e-6, em_max_iter: int = 100):
+                 lambda_range: tuple[float, float] = (-2.0, 2.0), em_tol: float = 1e-6, em_max_iter: int = 100,
+                 shrink_source: bool = True):
         if calibration not in CALIBRATIONS:
             raise BalpoeError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         if smoothing < 0 or shrinkage < 0:
@@ -258,6 +320,8 @@ class TauSelector:
         self.min_samples_per_class = float(min_samples_per_class)
         self.lambda_range = (float(lambda_range[0]), float(lambda_range[1]))
         self.em_tol, self.em_max_iter = float(em_tol), int(em_max_iter)
+        self.shrink_source = bool(shrink_source)
+        self.source_info: dict[str, Any] = {}
         # Filled by fit_source.
         self.temperature = 1.0
         self.bias: torch.Tensor | None = None
@@ -284,7 +348,10 @@ class TauSelector:
         ``"train"`` for a holdout of the long-tailed training set, or class weights ``[C]``.
         The calibrated model is scored as ``softmax(f̄/T + b + log p_s)``, and
         p0 ∝ mean_n softmax(f̄/T + b + log p_s) / p_s (the mean calibrated posterior of the
-        balanced head; ≈ uniform for a calibrated model)."""
+        balanced head; ≈ uniform for a calibrated model).  With ``shrink_source`` (default) the
+        per-class parts of log p0 and of the BCTS biases, which carry the sampling noise of a
+        small source set (~10% per class at 20 images/class), are shrunk by
+        :func:`shrink_class_offsets`; the head/tail trend is kept."""
         _check_logits(logits, self.num_classes, "source logits")
         labels = _check_labels(labels, logits.shape[0], self.num_classes)
         if source_prior is None:
@@ -296,9 +363,14 @@ class TauSelector:
         else:
             log_ps = torch.log(normalize_prior(source_prior, self.num_classes, "source_prior").clamp_min(PRIOR_FLOOR))
         offset = None if log_ps is None else log_ps.to(logits.device)
+        info: dict[str, Any] = {"n_source": int(labels.numel()), "calibration": self.calibration}
         if self.calibration == "bcts":
             self.temperature, bias = fit_bcts(logits, labels, offset=offset)
-            self.bias = bias.cpu()
+            if self.shrink_source:
+                probs = torch.softmax(apply_calibration(logits.double(), self.temperature, bias)
+                                      + (0.0 if offset is None else offset.double()), 1)
+                bias, info["bias_signal_var"] = shrink_class_offsets(bias.cpu(), _log_mean_variance(probs), self.v)
+            self.bias = (bias - bias.mean()).cpu()
         elif self.calibration == "ts":
             self.temperature, self.bias = fit_temperature(logits, labels, offset=offset), None
         else:
@@ -306,11 +378,17 @@ class TauSelector:
         cal = self._calibrate(logits)
         if offset is not None:
             cal = cal + offset.to(cal)
-        p0 = torch.softmax(cal, 1).mean(0).cpu()
+        probs = torch.softmax(cal, 1)
+        log_p0 = torch.log(probs.mean(0).clamp_min(1e-300)).cpu()
         if log_ps is not None:
-            p0 = p0 / torch.exp(log_ps)
-        p0 = p0.clamp_min(PRIOR_FLOOR)
+            log_p0 = log_p0 - log_ps
+        info["p0_raw"] = torch.softmax(log_p0, 0)
+        if self.shrink_source:
+            log_p0, info["p0_signal_var"] = shrink_class_offsets(log_p0, _log_mean_variance(probs), self.v)
+        p0 = torch.softmax(log_p0, 0).clamp_min(PRIOR_FLOOR)
         self.p0 = p0 / p0.sum()
+        info["temperature"] = self.temperature
+        self.source_info = info
         return self
 
     def _calibrate(self, logits: torch.Tensor) -> torch.Tensor:
@@ -358,7 +436,10 @@ class TauSelector:
             q, info["em_iterations"] = em_prior(log_ratio, p0.to(cal), pseudo, self.em_tol, self.em_max_iter)
             info["estimator"] = "em"
             info["lambda_em"] = best_lambda(q.cpu(), self.v)
-        out = (cal + torch.log(q.clamp_min(PRIOR_FLOOR)) - log_p0).to(logits.dtype)
+        bias = torch.log(q.clamp_min(PRIOR_FLOOR)) - log_p0
+        applied = bias.cpu() + (self.bias if self.bias is not None else 0.0)
+        info["tau_effective"] = 1.0 - trend_slope(applied, self.v)
+        out = (cal + bias).to(logits.dtype)
         return SelectorResult(out, "unlabelled", 1.0 - lam, q.cpu(), self.temperature, info)
 
     def labelled(self, logits: torch.Tensor, target_logits: torch.Tensor, target_labels: torch.Tensor,
@@ -382,9 +463,13 @@ class TauSelector:
             uniform = torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
             return SelectorResult(logits, "none", 1.0, uniform, 1.0, {})
         if mode == "known":
+            if kwargs.get("prior") is None:
+                raise BalpoeError("selector mode 'known' needs the target prior (prior=...)")
             return self.known(logits, kwargs["prior"])
         if mode == "unlabelled":
             return self.unlabelled(logits)
         if mode == "labelled":
+            if kwargs.get("target_logits") is None or kwargs.get("target_labels") is None:
+                raise BalpoeError("selector mode 'labelled' needs target_logits and target_labels")
             return self.labelled(logits, kwargs["target_logits"], kwargs["target_labels"])
         raise BalpoeError(f"unknown selector mode {mode!r}: expected one of {MODES}")

@@ -40,7 +40,7 @@ def freeze_backbone(model: nn.Module) -> nn.Module:
     heads = _lws_heads(model)
     if not heads:
         raise BalpoeError("stage 2 needs LWSDeltaHead classifiers; call convert_heads_to_lws(model, mode) first")
-    pass
+    model.requires_grad_(False)
     for head in heads:
         for p in head.parameters():
             p.requires_grad_(True)

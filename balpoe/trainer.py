@@ -117,7 +117,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         loss_sum += loss.detach() * x.shape[0]
         images += x.shape[0]
         if progress is not None:
-            progress.advance(task, x.shape[0])
+            progress.advance(task, x.shape[0] * dist.world_size())  # global images (rank 0's bar)
     loss_sum = dist.all_reduce_sum(loss_sum)
     total = dist.all_reduce_sum(torch.tensor(float(images), device=device))
     return {"loss": (loss_sum / total).item(), "images": int(total.item()), "seconds": time.perf_counter() - start}
@@ -157,32 +157,29 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
     from balpoe.evaluate import evaluate_model, print_report
 
     out = Path(out_dir)
-    rank, world_size, local_rank = dist.init_distributed()
-    is_main = rank == 0
-    resume_from = prepare_output_dir(out, recipe, resume) if is_main else (out / "last.pt" if resume else None)
-    dist.barrier()
-
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     device = resolve_device(recipe.train.device)
-    if device.type == "cuda" and world_size > 1:
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    # Under torchrun: join the process group (gloo on CPU; NCCL with one GPU per process, cuda:LOCAL_RANK).
+    rank, world_size, device = dist.init_distributed(device)
+    is_main = rank == 0
+    resume_from = prepare_output_dir(out, recipe, resume)  # every rank checks, so all fail alike
+    dist.barrier()
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
 
     # data -> loader
     bundle = build_data(recipe.data, device, seed=recipe.seed)
     tc = recipe.train
-    train_loader = build_loader(bundle, "train", recipe.optim.batch_size // world_size, recipe.data, train=True,
-                                seed=recipe.seed, rank=rank, world_size=world_size,
+    train_loader = build_loader(bundle, "train", dist.local_batch_size(recipe.optim.batch_size, world_size),
+                                recipe.data, train=True, seed=recipe.seed, rank=rank, world_size=world_size,
                                 channels_last=tc.channels_last)
 
     # model -> loss
     taus = expert_taus(recipe)
     if recipe.stage == 1:
         model = build_model(recipe, bundle.num_classes, bundle.in_chans)
-        if recipe.model.num_experts > 1 or taus != [0.0]:
+        if is_main and (recipe.model.num_experts > 1 or taus != [0.0]):
             warn_unbalanced_tau(taus)
         criterion = BalPoELoss(bundle.class_counts, taus)
         params = model.parameters()
@@ -201,7 +198,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
     start_epoch = 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
-        if ckpt["recipe"] != recipe.to_dict():
+        if is_main and ckpt["recipe"] != recipe.to_dict():
             warnings.warn(f"--resume: the recipe differs from the one '{resume_from}' was trained with; "
                           "continuing with the new recipe", stacklevel=2)
         model.load_state_dict(ckpt["model"])
@@ -220,9 +217,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
     progress = training_progress() if (show_progress and is_main) else None
     task = None
     if progress is not None:
-        per_epoch = getattr(train_loader, "num_samples", None) or len(train_loader.loader.dataset) // world_size
-        task = progress.add_task(f"epoch {start_epoch + 1}/{epochs}", total=per_epoch * (epochs - start_epoch),
-                                 loss="…", lr="…")
+        per_rank = getattr(train_loader, "num_samples", None) or len(train_loader.loader.sampler)
+        task = progress.add_task(f"epoch {start_epoch + 1}/{epochs}",
+                                 total=per_rank * world_size * (epochs - start_epoch), loss="…", lr="…")
         progress.start()
     metrics_path = out / "metrics.jsonl"
     try:
@@ -265,6 +262,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
         print_report(report, title=f"{recipe.name}: balanced test set")
         console.print(f"saved {out / 'last.pt'}, {out / 'eval.json'}, {metrics_path}")
     dist.barrier()
+    dist.shutdown()
     return report
 
 

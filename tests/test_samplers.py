@@ -36,7 +36,8 @@ def lt_labels(num_classes=20, n_max=500, imb=100, seed=0) -> torch.Tensor:
 
 def class_uniformity_stat(drawn_labels: torch.Tensor, classes: torch.Tensor) -> tuple[float, int]:
     obs = torch.bincount(drawn_labels, minlength=int(classes.max()) + 1)[classes]
-    return chi2_statistic(obs, torch.full_like(obs, len(drawn_labels), dtype=torch.float64) / len(classes)), len(classes) - 1
+    expected = torch.full((len(classes),), len(drawn_labels) / len(classes), dtype=torch.float64)
+    return chi2_statistic(obs, expected), len(classes) - 1
 
 
 def test_wilson_hilferty_matches_table():

