@@ -1,0 +1,95 @@
+"""Temperature scaling, BCTS and the stratified holdout split."""
+
+import numpy as np
+import pytest
+import torch
+
+from balpoe.calibration import apply_calibration, fit_bcts, fit_temperature, holdout_split
+from balpoe.errors import BalpoeError
+from balpoe.metrics import expected_calibration_error, negative_log_likelihood
+
+
+def calibrated_sample(n: int, num_classes: int, seed: int, scale: float = 2.0, offset=None):
+    """Logits z and labels drawn from softmax(z + offset): z is calibrated by construction."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, num_classes, generator=g, dtype=torch.float64) * scale
+    shift = 0.0 if offset is None else offset
+    labels = torch.multinomial(torch.softmax(z + shift, 1), 1, generator=g).squeeze(1)
+    return z, labels
+
+
+@pytest.mark.parametrize("true_t", [3.0, 0.5])
+def test_temperature_scaling_recovers_t_and_lowers_nll(true_t):
+    z, y = calibrated_sample(20000, 10, seed=0)
+    distorted = z * true_t  # over-confident for T > 1, under-confident for T < 1
+    t = fit_temperature(distorted, y)
+    assert t == pytest.approx(true_t, rel=0.03)
+    fixed = apply_calibration(distorted, t)
+    assert negative_log_likelihood(fixed, y) < negative_log_likelihood(distorted, y) - 0.05
+    assert expected_calibration_error(fixed, y) < 2.0 < expected_calibration_error(distorted, y)
+    # float32 input gives the same fit (computations run in float64)
+    assert fit_temperature(distorted.float(), y) == pytest.approx(t, rel=1e-4)
+
+
+def test_temperature_with_offset():
+    """Balanced logits scored on a long-tailed holdout: softmax(z / T + log pi)."""
+    log_pi = torch.log(torch.softmax(torch.linspace(2, -2, 10, dtype=torch.float64), 0))
+    z, y = calibrated_sample(20000, 10, seed=1, offset=log_pi)
+    assert fit_temperature(z * 2.0, y, offset=log_pi) == pytest.approx(2.0, rel=0.03)
+    # ignoring the offset gives a different (wrong) temperature
+    assert abs(fit_temperature(z * 2.0, y) - 2.0) > 0.1
+
+
+def test_bcts_recovers_temperature_and_biases():
+    num_classes = 10
+    bias = torch.linspace(-1, 1, num_classes, dtype=torch.float64)
+    z, y = calibrated_sample(40000, num_classes, seed=2)
+    distorted = (z - bias) * 1.5  # true model: distorted / 1.5 + bias
+    t, b = fit_bcts(distorted, y)
+    assert t == pytest.approx(1.5, rel=0.03)
+    assert b.shape == (num_classes,) and abs(float(b.mean())) < 1e-9
+    assert (b - bias).abs().max() < 0.06
+    nll_ts = negative_log_likelihood(apply_calibration(distorted, fit_temperature(distorted, y)), y)
+    assert negative_log_likelihood(apply_calibration(distorted, t, b), y) < nll_ts
+
+
+def test_bcts_with_an_absent_class_stays_finite():
+    z, y = calibrated_sample(3000, 5, seed=3)
+    keep = y != 4
+    t, b = fit_bcts(z[keep], y[keep])
+    assert np.isfinite(t) and torch.isfinite(b).all() and b[4] < b[:4].min()
+
+
+def test_calibration_errors():
+    z, y = calibrated_sample(10, 3, seed=0)
+    with pytest.raises(BalpoeError):
+        fit_temperature(z, y[:5])
+    with pytest.raises(BalpoeError):
+        fit_temperature(z[:, :2], y.clamp_min(2))
+    with pytest.raises(BalpoeError):
+        fit_temperature(z, y, offset=torch.zeros(4))
+    with pytest.raises(BalpoeError):
+        apply_calibration(z, 0.0)
+    with pytest.raises(BalpoeError):
+        apply_calibration(z, 1.0, torch.zeros(4))
+    z[0, 0] = float("nan")
+    with pytest.raises(BalpoeError):
+        fit_bcts(z, y)
+
+
+def test_holdout_split_is_stratified_and_disjoint():
+    counts = [500, 200, 50, 10, 5, 1]
+    labels = torch.from_numpy(np.random.default_rng(0).permutation(np.repeat(np.arange(6), counts)))
+    kept, held = holdout_split(labels, 0.2, seed=0)
+    assert kept.dtype == held.dtype == torch.int64
+    assert len(set(kept.tolist()) & set(held.tolist())) == 0
+    assert sorted(kept.tolist() + held.tolist()) == list(range(len(labels)))
+    held_counts = torch.bincount(labels[held], minlength=6).tolist()
+    assert held_counts == [100, 40, 10, 2, 1, 0]  # round(0.2 n_c); the single image stays in training
+    kept2, held2 = holdout_split(labels, 0.2, seed=0)
+    assert torch.equal(held, held2)
+    assert not torch.equal(held, holdout_split(labels, 0.2, seed=1)[1])
+    _, held_min = holdout_split(labels, 0.01, seed=0, min_per_class=2)
+    assert torch.bincount(labels[held_min], minlength=6).tolist() == [5, 2, 2, 2, 2, 0]
+    with pytest.raises(BalpoeError):
+        holdout_split(labels, 1.0)
