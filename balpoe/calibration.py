@@ -45,8 +45,8 @@ def _offset(offset: torch.Tensor | None, z: torch.Tensor) -> torch.Tensor | floa
 
 
 def _lbfgs(params: list[torch.Tensor], closure_loss, max_iter: int) -> None:
-    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-10,
-                            tolerance_change=1e-14, history_size=20, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=max_iter, tolerance_grad=1e-7,
+                            tolerance_change=1e-10, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
         opt.zero_grad()
@@ -69,12 +69,15 @@ def fit_temperature(logits: torch.Tensor, labels: torch.Tensor, offset: torch.Te
 
 
 def fit_bcts(logits: torch.Tensor, labels: torch.Tensor, offset: torch.Tensor | None = None,
-             l2: float = 1e-5, max_iter: int = 500) -> tuple[float, torch.Tensor]:
-    """BCTS: (T, b) minimising mean NLL of ``softmax(logits / T + b + offset)`` (notes §3).
+             l2: float | None = None, max_iter: int = 200) -> tuple[float, torch.Tensor]:
+    """BCTS: (T, b) minimising mean NLL of ``softmax(logits / T + b + offset)`` + ``l2 |b|^2`` (notes §3).
 
-    ``b`` (float64 [C]) has mean 0 (the NLL does not see a common shift).  A tiny ``l2 * |b|^2``
-    keeps b finite for a class absent from the held-out labels."""
+    ``b`` (float64 [C]) has mean 0 (the NLL does not see a common shift).  The default
+    ``l2 = 1 / (2N)`` is a unit-Gaussian prior on each bias (MAP; worth about one sample), which
+    keeps b finite for a class absent from the held-out labels and tames classes with 1-2 images."""
     z, y = _check(logits, labels)
+    if l2 is None:
+        l2 = 0.5 / z.shape[0]
     off = _offset(offset, z)
     t = torch.zeros((), dtype=torch.float64, device=z.device, requires_grad=True)
     b = torch.zeros(z.shape[1], dtype=torch.float64, device=z.device, requires_grad=True)

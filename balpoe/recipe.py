@@ -118,6 +118,9 @@ class Stage2Config:
     eps_k: float = _f(0.0, min=0, max=1, doc="LAS smoothing of the rarest class")
     las_form: str = _f("concave", choices=("concave", "linear", "convex", "power"))
     las_power: Union[float, None] = _f(None, gt=0, doc="exponent p of the power form (Eq. 7)")
+    expert_adjust: str = _f("relative", choices=("relative", "absolute", "none"),
+                            doc="logit offset of expert k in the stage-2 loss: relative (tau_k - mean tau), "
+                                "absolute (tau_k, as stage 1) or none; 0 for E = 1 with relative")
 
 
 @dataclass

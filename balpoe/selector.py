@@ -125,9 +125,8 @@ def shrink_class_offsets(x: torch.Tensor, var: torch.Tensor, v: torch.Tensor) ->
     estimates, e.g. log p0 or BCTS biases, with sampling variances ``var`` [C].
 
     x = mean + slope * u + d with u = centred, unit-norm v (the head/tail trend).  The per-class
-    residual d has signal variance s^2 = max(0, |d|^2 / (C - 2) - mean(var)) and each class keeps
-    s^2 / (s^2 + var_y) of it; the slope keeps max(0, slope^2 - se^2) / slope^2 with
-    se^2 = Sum_y u_y^2 var_y.  A calibrated model (pure noise) collapses to a constant (uniform
+    residual d is shrunk by :func:`eb_shrink_residual` (each class keeps s^2 / (s^2 + var_y));
+    the slope keeps max(0, slope^2 - se^2) / slope^2 with se^2 = Sum_y u_y^2 var_y.  A calibrated model (pure noise) collapses to a constant (uniform
     p0); real deviations survive.  Returns (shrunk x, s^2)."""
     x, var = x.double(), var.double()
     k = x.numel()
@@ -143,11 +142,39 @@ def shrink_class_offsets(x: torch.Tensor, var: torch.Tensor, v: torch.Tensor) ->
         dof = k - 2
     else:
         keep_slope, u = 0.0, torch.zeros_like(x)
-    d = x - fit
-    signal = max(0.0, float((d * d).sum()) / max(dof, 1) - float(var.mean()))
-    keep = signal / (signal + var) if signal > 0 else torch.zeros_like(x)
-    out = fit - (1.0 - keep_slope) * float(x @ u) * u + keep * d
+    shrunk_d, signal = eb_shrink_residual(x - fit, var, dof)
+    out = fit - (1.0 - keep_slope) * float(x @ u) * u + shrunk_d
     return out, signal
+
+
+def eb_shrink_residual(d: torch.Tensor, var: torch.Tensor, dof: int | None = None) -> tuple[torch.Tensor, float]:
+    """Empirical Bayes for a residual d_y = signal_y + noise_y with known noise variances ``var_y``
+    and signal_y ~ N(0, s^2): s^2 maximises Sum_y log N(d_y; 0, s^2 + var_y) (score equation
+    Sum_y (d_y^2 - s^2 - var_y) / (s^2 + var_y)^2 = 0, solved by bisection; precision-weighted, so
+    a few very noisy classes do not hide the signal of the others), then
+    d_y <- d_y s^2 / (s^2 + var_y) (posterior mean).  ``dof`` rescales for fitted parameters
+    (degrees of freedom / C).  Returns (shrunk d, s^2)."""
+    d, var = d.double(), var.double().to(d.device)
+    scale = d.numel() / max(dof if dof is not None else d.numel(), 1)
+    d2 = d * d
+
+    def score(s2: float) -> float:
+        tot = s2 + var
+        return float(((d2 - tot / scale) / (tot * tot)).sum())
+
+    if score(0.0) <= 0:
+        return torch.zeros_like(d), 0.0
+    lo, hi = 0.0, float(d2.max()) + 1e-12
+    while score(hi) > 0:
+        hi *= 2.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if score(mid) > 0:
+            lo = mid
+        else:
+            hi = mid
+    signal = 0.5 * (lo + hi)
+    return d * (signal / (signal + var)), signal
 
 
 def _log_mean_variance(probs: torch.Tensor) -> torch.Tensor:
@@ -218,16 +245,19 @@ def em_prior(log_ratio: torch.Tensor, init: torch.Tensor, pseudo_counts: torch.T
              tol: float = 1e-6, max_iter: int = 100) -> tuple[torch.Tensor, int]:
     """Saerens et al. (2002) EM for the target prior with Dirichlet-MAP pseudo-counts (notes §3, §5b.3).
 
-    E-step in log space: ``r_ny = softmax_y(log p~(y|x_n) - log p0(y) + log q(y))``;
-    M-step: ``q <- (Sum_n r_ny + a_y) / (N + Sum_y a_y)``.  Stops when every |dq_y| <= ``tol`` or
-    after ``max_iter`` iterations; returns (q, iterations).  ``init`` is p0 for the classic start."""
+    E-step ``r_ny = softmax_y(log p~(y|x_n) - log p0(y) + log q(y))``, M-step
+    ``q <- (Sum_n r_ny + a_y) / (N + Sum_y a_y)``; stops when every |dq_y| <= ``tol`` or after
+    ``max_iter`` iterations.  Log-space stabilised once: with E = exp(log_ratio - rowmax) (each row
+    holds a 1), Sum_n r_ny = q_y (E^T (1 / (E q)))_y, two mat-vecs per iteration, exact.
+    ``init`` is p0 for the classic start.  Returns (q, iterations)."""
     n = log_ratio.shape[0]
+    shifted = torch.exp(log_ratio - log_ratio.max(1, keepdim=True).values)
     q = init.to(log_ratio)
     a = pseudo_counts.to(log_ratio)
     denom = n + float(a.sum())
     it = 0
     for it in range(1, max_iter + 1):
-        r_sum = torch.softmax(log_ratio + torch.log(q), 1).sum(0)
+        r_sum = q * (shifted.T @ (1.0 / (shifted @ q).clamp_min(1e-300)))
         q_new = (r_sum + a) / denom
         done = float((q_new - q).abs().max()) <= tol
         q = q_new
@@ -293,9 +323,12 @@ class TauSelector:
         class_counts: training images per class ``[C]`` (pi_train = counts / sum).
         calibration: ``"bcts"`` (T and per-class biases), ``"ts"`` or ``"none"``; fitted on
             labelled source data by :meth:`fit_source` (needed by the unlabelled mode).
-        smoothing: EM's Dirichlet-MAP pseudo-count per class, a in (Sum r + a)/(N + K a).
-        shrinkage: extra pseudo-counts per class placed on the 1-D fit, so EM is shrunk toward
-            it (weight of EM ~ (N/K) / (N/K + shrinkage)).
+        smoothing: EM's Dirichlet-MAP pseudo-count per class, a in (Sum r + a)/(N + K a) (§5b.3).
+        shrinkage: optional extra pseudo-counts per class placed on the 1-D fit (a fixed-strength
+            pull of EM toward it; 0 by default, the empirical-Bayes step below adapts instead).
+        shrink_em: shrink log q_em - log q_1d by empirical Bayes (:func:`eb_shrink_residual`,
+            noise = 1/Sum_n r_ny^2 - 1/Sum_n r_ny): "EM shrunk toward the 1-D fit" (§5b.4) with a
+            data-driven strength, so a target without off-family shift gets ~the 1-D fit.
         min_samples_per_class: below this N/K the unlabelled mode uses the 1-D fit alone.
         lambda_range: search interval of the 1-D MLE (notes: [-2, 2]).
         shrink_source: empirical-Bayes shrinkage of the source-fitted p0 and BCTS biases
@@ -303,9 +336,9 @@ class TauSelector:
     """
 
     def __init__(self, class_counts: Sequence[int] | torch.Tensor, calibration: str = "ts",
-                 smoothing: float = 1.0, shrinkage: float = 20.0, min_samples_per_class: float = 20.0,
+                 smoothing: float = 1.0, shrinkage: float = 0.0, min_samples_per_class: float = 20.0,
                  lambda_range: tuple[float, float] = (-2.0, 2.0), em_tol: float = 1e-6, em_max_iter: int = 100,
-                 shrink_source: bool = True):
+                 shrink_source: bool = True, shrink_em: bool = True):
         if calibration not in CALIBRATIONS:
             raise BalpoeError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
         if smoothing < 0 or shrinkage < 0:
@@ -321,6 +354,7 @@ class TauSelector:
         self.lambda_range = (float(lambda_range[0]), float(lambda_range[1]))
         self.em_tol, self.em_max_iter = float(em_tol), int(em_max_iter)
         self.shrink_source = bool(shrink_source)
+        self.shrink_em = bool(shrink_em)
         self.source_info: dict[str, Any] = {}
         # Filled by fit_source.
         self.temperature = 1.0
@@ -408,9 +442,13 @@ class TauSelector:
         return SelectorResult(out, "known", 1.0 - lam, q, 1.0, {"lambda": lam, "kl_to_family": kl})
 
     def unlabelled(self, logits: torch.Tensor) -> SelectorResult:
-        """Unlabelled target logits (notes §5b): calibrate, fit the 1-D MLE lambda, then (if
-        N/K >= ``min_samples_per_class``) smoothed EM shrunk toward the 1-D fit; returns
-        ``f̄/T + b + log q̂ - log p0`` and tau' = 1 - lambdâ (of the 1-D fit)."""
+        """Unlabelled target logits (notes §5b): calibrate, fit the 1-D MLE lambda (§5b.2), then
+        if N/K >= ``min_samples_per_class`` smoothed EM (§5b.3) shrunk toward the 1-D fit by
+        empirical Bayes (§5b.4); returns ``f̄/T + b + log q_hat - log p0``.
+
+        ``tau`` = 1 - lambda_hat of the 1-D fit (the target prior's exponent, comparable with the
+        notes §0 table); ``info["tau_effective"]`` = 1 - the slope on v of the bias actually added
+        to f̄/T (b + log q_hat - log p0); they differ by the model's own head/tail trend in p0."""
         _check_logits(logits, self.num_classes)
         if self.p0 is None:
             if self.calibration != "none":
@@ -435,6 +473,18 @@ class TauSelector:
             pseudo = self.smoothing + self.shrinkage * k * q1d
             q, info["em_iterations"] = em_prior(log_ratio, p0.to(cal), pseudo, self.em_tol, self.em_max_iter)
             info["estimator"] = "em"
+            if self.shrink_em:
+                # Noise of log q_y given the target labels: 1 / Sum_n r_ny^2 (diagonal observed
+                # information) minus the multinomial part 1 / Sum_n r_ny (the deviation of the
+                # test set's own label counts is signal); 0 for a perfect classifier.  Keep the
+                # part of log q_em - log q_1d that exceeds that noise (eb_shrink_residual).
+                log_q = torch.log(q.clamp_min(1e-300))
+                r = torch.softmax(log_ratio + log_q, 1)
+                var = (1.0 / (r * r).sum(0).clamp_min(1e-12) - 1.0 / r.sum(0).clamp_min(1e-12)).clamp_min(0.0)
+                d = log_q - torch.log(q1d)
+                d = d - d.mean()
+                d, info["em_signal_var"] = eb_shrink_residual(d, var, k - 1)
+                q = torch.softmax(torch.log(q1d) + d, 0)
             info["lambda_em"] = best_lambda(q.cpu(), self.v)
         bias = torch.log(q.clamp_min(PRIOR_FLOOR)) - log_p0
         applied = bias.cpu() + (self.bias if self.bias is not None else 0.0)

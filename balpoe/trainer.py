@@ -184,7 +184,8 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
         criterion = BalPoELoss(bundle.class_counts, taus)
         params = model.parameters()
     else:
-        model = stage2.build_stage2_model(recipe, bundle)
+        model = stage2.build_stage2_model(recipe, bundle)  # takes model/loss sections from the stage-1 checkpoint
+        taus = expert_taus(recipe)                          # so: the stage-1 experts' taus
         criterion = stage2.build_stage2_criterion(recipe, bundle.class_counts)
         params = stage2.stage2_param_groups(model, recipe.optim.lr, recipe.stage2.delta_lr_factor,
                                             recipe.optim.weight_decay)

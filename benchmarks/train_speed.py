@@ -132,30 +132,40 @@ def peak_memory_mib(device: torch.device) -> tuple[float, str]:
     return rss / (2**20 if sys.platform == "darwin" else 1024), "rss_high_water_mark_process_lifetime"
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children (DataLoader workers joined at epoch end)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
 def timed_epochs(run_epoch, warmup: int, epochs: int, device: torch.device) -> list[dict]:
-    """Run ``warmup + epochs`` epochs; the timed ones return ``{'seconds', 'images', 'loss'}``."""
+    """Run ``warmup + epochs`` epochs; the timed ones give ``{'seconds', 'cpu_seconds', 'images', 'loss'}``.
+
+    ``cpu_seconds`` (all threads) hardly depends on other load on the machine: on a shared CPU,
+    ``cpu_seconds / threads`` estimates the wall time the epoch would take on idle cores."""
     rows = []
     for epoch in range(warmup + epochs):
         sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), cpu_seconds()
         stats = run_epoch(epoch)
         sync(device)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
         if epoch >= warmup:
-            rows.append({"seconds": seconds, "images": int(stats["images"]), "loss": float(stats["loss"])})
+            rows.append({"seconds": seconds, "cpu_seconds": cpu, "images": int(stats["images"]),
+                         "loss": float(stats["loss"])})
     return rows
 
 
-def loader_seconds(loader, device: torch.device, epoch: int = 0) -> float:
-    """One epoch of the loader alone (reading, augmenting, normalising; no model)."""
+def loader_seconds(loader, device: torch.device, epoch: int = 0) -> dict:
+    """One epoch of the loader alone (reading, augmenting, normalising; no model): wall and CPU seconds."""
     if hasattr(loader, "set_epoch"):
         loader.set_epoch(epoch)
     sync(device)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), cpu_seconds()
     for x, _ in loader:
         x = x.to(device)
     sync(device)
-    return time.perf_counter() - start
+    return {"loader_s_per_epoch": time.perf_counter() - start, "loader_cpu_s_per_epoch": cpu_seconds() - cpu_start}
 
 
 def summarise(rows: list[dict], device: torch.device, extra: dict) -> dict:
@@ -164,7 +174,8 @@ def summarise(rows: list[dict], device: torch.device, extra: dict) -> dict:
     peak, kind = peak_memory_mib(device)
     s = float(np.mean(seconds)) if seconds else float("nan")
     return {"s_per_epoch": s, "img_per_s": images / s if s > 0 else float("nan"), "images_per_epoch": images,
-            "epoch_seconds": seconds, "peak_mem_mib": peak, "peak_mem_kind": kind,
+            "epoch_seconds": seconds, "cpu_s_per_epoch": float(np.mean([r["cpu_seconds"] for r in rows])),
+            "peak_mem_mib": peak, "peak_mem_kind": kind,
             "final_loss": rows[-1]["loss"] if rows else float("nan"), **extra}
 
 
@@ -205,7 +216,7 @@ def run_fast(bundle, recipe, device, args) -> dict:
     extra = {"settings": {"loader": type(loader).__name__, "amp_bf16": amp, "channels_last": channels_last,
                           "compile": compile_, "foreach": args.foreach}}
     if args.breakdown:
-        extra["loader_s_per_epoch"] = loader_seconds(loader, device)
+        extra.update(loader_seconds(loader, device))
     return summarise(rows, device, extra)
 
 
@@ -232,7 +243,7 @@ def run_reference(bundle, recipe, device, args) -> dict:
     extra = {"settings": {"loader": f"DataLoader(PIL, workers={args.ref_workers})", "amp_bf16": False,
                           "channels_last": False, "compile": False, "foreach": "default"}}
     if args.breakdown:
-        extra["loader_s_per_epoch"] = loader_seconds(loader, device)
+        extra.update(loader_seconds(loader, device))
     return summarise(rows, device, extra)
 
 
@@ -264,7 +275,8 @@ def print_results(result: dict) -> None:
     title = (f"{result['recipe']}: {data['dataset']}, {data['images_per_epoch']:,} images/epoch on "
              f"{result['device']}" + (" [bold red](SYNTHETIC data)[/]" if data["synthetic"] else ""))
     table = Table(title=title)
-    for col in ("mode", "settings", "s/epoch", "img/s", "peak mem (MiB)", "loader s/epoch", "final loss"):
+    for col in ("mode", "settings", "s/epoch", "img/s", "CPU s/epoch", "peak mem (MiB)", "loader s/epoch",
+                "final loss"):
         table.add_column(col, justify="left" if col in ("mode", "settings") else "right")
     for mode, r in result["modes"].items():
         st = r["settings"]
@@ -272,6 +284,7 @@ def print_results(result: dict) -> None:
                              + ([f"foreach={st['foreach']}"] if st["foreach"] != "default" else []))
         loader_s = r.get("loader_s_per_epoch")
         table.add_row(mode, settings, f"{r['s_per_epoch']:.3f}", f"{r['img_per_s']:,.0f}",
+                      f"{r['cpu_s_per_epoch']:.2f}",
                       f"{r['peak_mem_mib']:,.0f}" + ("" if r["peak_mem_kind"] == "cuda_max_allocated" else " RSS"),
                       "-" if loader_s is None else f"{loader_s:.3f}", f"{r['final_loss']:.4f}")
     console.print(table)

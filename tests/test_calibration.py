@@ -93,3 +93,34 @@ def test_holdout_split_is_stratified_and_disjoint():
     assert torch.bincount(labels[held_min], minlength=6).tolist() == [5, 2, 2, 2, 2, 0]
     with pytest.raises(BalpoeError):
         holdout_split(labels, 1.0)
+
+
+def test_reliability_diagram_writes_a_png_of_the_expected_size(tmp_path):
+    import importlib.util
+
+    from PIL import Image
+
+    from balpoe.reliability import reliability_data, reliability_diagram
+
+    z, y = calibrated_sample(3000, 10, seed=4)
+    logits = (z * 2.5).float()  # over-confident
+    data = reliability_data(logits, y)
+    assert data.ece == pytest.approx(expected_calibration_error(logits, y), abs=1e-9)
+    assert sum(data.count) == 3000 and len(data.edges) == 16
+    for backend, size in (("pil", (480, 480)), ("auto", (640, 400))):
+        path = reliability_diagram(logits, y, tmp_path / backend / "rel.png", title="synthetic", size=size,
+                                   backend=backend)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.size == size
+            # not blank: the accuracy bars' blue is there
+            assert (59, 111, 182) in {c for _, c in img.convert("RGB").getcolors(1 << 20)} or backend == "auto"
+    if importlib.util.find_spec("matplotlib") is None:
+        with pytest.raises(BalpoeError, match="matplotlib"):
+            reliability_diagram(logits, y, tmp_path / "m.png", backend="matplotlib")
+    with pytest.raises(BalpoeError):
+        reliability_diagram(logits, y, tmp_path / "x.png", size=(50, 50))
+    with pytest.raises(BalpoeError):
+        reliability_diagram(logits, y, tmp_path / "x.png", backend="svg")

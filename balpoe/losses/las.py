@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
+from balpoe.losses.logit_adjusted import log_prior
 
 FORMS = ("concave", "linear", "convex", "power")
 
@@ -118,3 +119,35 @@ class LabelAwareSmoothingLoss(nn.Module):
     def extra_repr(self) -> str:
         p = f", power={self.power}" if self.power is not None else ""
         return f"num_classes={self.num_classes}, eps_1={self.eps_1}, eps_K={self.eps_K}, form={self.form!r}{p}"
+
+
+class ExpertLabelAwareSmoothingLoss(LabelAwareSmoothingLoss):
+    """Label-aware smoothing of per-expert logits with a fixed logit offset per expert:
+    ``mean_k LAS(f_k + delta_k * log pi_train, y)`` for logits ``[E, B, C]``.
+
+    ``expert_offsets`` (``delta_k``, one per expert) say which prior each expert's *raw* logits
+    ``f_k`` keep after training on the sampled stream; see
+    :func:`balpoe.stage2.stage2_expert_offsets` for the stage-2 choice.  With every offset 0 this
+    is exactly :class:`LabelAwareSmoothingLoss` (the logits are passed through untouched).
+    """
+
+    def __init__(self, class_counts: torch.Tensor | Sequence[int], expert_offsets: Sequence[float],
+                 eps_1: float, eps_K: float, form: str = "concave", power: float | None = None):
+        super().__init__(class_counts, eps_1, eps_K, form, power)
+        offsets = torch.tensor([float(d) for d in expert_offsets], dtype=torch.float32)
+        if offsets.dim() != 1 or offsets.numel() < 1 or not bool(torch.isfinite(offsets).all()):
+            raise BalpoeError(f"expert_offsets must be a non-empty list of finite numbers, got {list(expert_offsets)}")
+        self.register_buffer("expert_offsets", offsets)
+        self.register_buffer("log_prior", log_prior(class_counts))
+        self.adjusts = bool((offsets != 0).any())
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        E = self.expert_offsets.numel()
+        if logits.dim() != 3 or logits.shape[0] != E:
+            raise ValueError(f"expected expert logits [E={E}, B, C], got {tuple(logits.shape)}")
+        if self.adjusts:
+            logits = logits.float() + self.expert_offsets[:, None, None] * self.log_prior
+        return super().forward(logits, target)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", expert_offsets={self.expert_offsets.tolist()}"

@@ -1,0 +1,171 @@
+"""MiSLAS on real Fashion-MNIST-LT (imbalance ratio 100) at CPU-demo size: the paper's Table 2
+ablation, cRT / LWS, and BalPoE's 3-expert model with the same stage 2.
+
+One command reproduces the table (about 10 minutes on 2 shared CPU cores)::
+
+    python benchmarks/mislas_fmnist.py                      # -> runs/mislas_fmnist/results.json
+
+Runs (every one through ``balpoe.train`` with a shipped recipe plus ``--set``-style overrides):
+
+* MiSLAS stage 1 once: ``recipes/mislas/fashion_mnist_lt_ir100_cpu_demo_stage1.yaml`` (small_cnn,
+  E = 1, linear head, cross-entropy + mixup alpha 1).
+* Stage 2 from it with ``recipes/mislas/fashion_mnist_lt_ir100_cpu_demo_stage2.yaml``:
+  cRT, LWS (both as Kang et al.: cross-entropy, no shifted BN) and the Table 2 steps
+  stage 2 (LWS + dW, CE, BN frozen) -> + shifted BN -> + LAS (= full MiSLAS).
+* BalPoE: ``recipes/balpoe/fashion_mnist_lt_ir100_cpu_demo.yaml`` (3 experts, tau 0/1/2), then the
+  same full MiSLAS stage 2 (per-expert LWS + dW, shifted BN, LAS) with the default per-expert
+  offsets ``tau_k - mean tau`` and, for comparison, ``tau_k`` (``stage2.expert_adjust``).
+
+Accuracy is top-1 on the balanced Fashion-MNIST test set (10,000 images, 1,000 per class), i.e.
+balanced accuracy; ECE is 15-bin top-label ECE in %.  A completed run (its ``eval.json``) is reused
+unless ``--fresh``; one seed, so differences of a few tenths of a point are within noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from balpoe import load_recipe, train  # noqa: E402
+from balpoe.console import console  # noqa: E402
+
+MISLAS_S1 = REPO / "recipes/mislas/fashion_mnist_lt_ir100_cpu_demo_stage1.yaml"
+MISLAS_S2 = REPO / "recipes/mislas/fashion_mnist_lt_ir100_cpu_demo_stage2.yaml"
+BALPOE_S1 = REPO / "recipes/balpoe/fashion_mnist_lt_ir100_cpu_demo.yaml"
+
+CE = ["stage2.eps_1=0", "stage2.eps_k=0"]
+NO_SBN = ["stage2.shifted_bn=false"]
+
+#: key, label, recipe, stage-1 run it starts from (None: a stage-1 run), overrides, compared with
+RUNS = [
+    ("mislas_s1", "stage 1 only (CE + mixup)", MISLAS_S1, None, [], None),
+    ("crt", "cRT (CE, BN frozen)", MISLAS_S2, "mislas_s1", ["stage2.classifier=crt", *CE, *NO_SBN], "mislas_s1"),
+    ("lws", "LWS (CE, BN frozen)", MISLAS_S2, "mislas_s1", ["stage2.classifier=lws", *CE, *NO_SBN], "mislas_s1"),
+    ("abl_stage2", "+ stage 2: LWS+dW, CE, BN frozen", MISLAS_S2, "mislas_s1", [*CE, *NO_SBN], "mislas_s1"),
+    ("abl_shifted_bn", "+ shifted BN", MISLAS_S2, "mislas_s1", CE, "abl_stage2"),
+    ("mislas", "+ LAS = MiSLAS", MISLAS_S2, "mislas_s1", [], "abl_shifted_bn"),
+    ("balpoe_s1", "BalPoE stage 1 (3 experts, tau 0/1/2)", BALPOE_S1, None, [], None),
+    ("balpoe_mislas", "+ MiSLAS stage 2, offsets tau_k - mean tau", MISLAS_S2, "balpoe_s1", [], "balpoe_s1"),
+    ("balpoe_mislas_abs", "+ MiSLAS stage 2, offsets tau_k", MISLAS_S2, "balpoe_s1",
+     ["stage2.expert_adjust=absolute"], "balpoe_s1"),
+]
+SECTIONS = {"mislas_s1": "MiSLAS (E = 1): decoupling classifiers and the Table 2 ablation",
+            "balpoe_s1": "BalPoE (E = 3) + the same stage 2"}
+
+
+def run_one(key: str, recipe_path: Path, init: str | None, overrides: list[str], out: Path, fresh: bool,
+            progress: bool) -> dict:
+    run_dir = out / key
+    if init is not None:
+        overrides = [f"stage2.init_checkpoint={out / init / 'last.pt'}", *overrides]
+    done = run_dir / "eval.json"
+    if done.is_file() and not fresh:
+        console.print(f"[dim]{key}: reusing {done}[/dim]")
+        saved = json.loads((run_dir / "benchmark_run.json").read_text()) if (run_dir / "benchmark_run.json").is_file() \
+            else {}
+        return {"report": json.loads(done.read_text()), "seconds": saved.get("seconds"), "overrides": overrides,
+                "recipe": str(recipe_path.relative_to(REPO)), "reused": True}
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # an unfinished run of this script
+    recipe = load_recipe(recipe_path, overrides)
+    console.rule(f"{key}: {recipe.name} {' '.join(overrides)}")
+    start = time.perf_counter()
+    report = train(recipe, run_dir, show_progress=progress)
+    seconds = time.perf_counter() - start
+    (run_dir / "benchmark_run.json").write_text(json.dumps({"seconds": seconds, "overrides": overrides}) + "\n")
+    return {"report": report, "seconds": seconds, "overrides": overrides,
+            "recipe": str(recipe_path.relative_to(REPO)), "reused": False}
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.2f}"
+
+
+def findings(results: dict) -> dict:
+    """Yes/no answers with the numbers behind them (accuracy up? ECE down?)."""
+    def delta(a: str, b: str) -> dict:
+        ra, rb = results[a]["report"], results[b]["report"]
+        return {"d_acc": ra["acc"] - rb["acc"], "d_ece": ra["ece"] - rb["ece"],
+                "acc_up": ra["acc"] > rb["acc"], "ece_down": ra["ece"] < rb["ece"]}
+    return {
+        "stage2_helps (LWS+dW vs stage 1)": delta("abl_stage2", "mislas_s1"),
+        "shifted_bn_helps": delta("abl_shifted_bn", "abl_stage2"),
+        "las_helps": delta("mislas", "abl_shifted_bn"),
+        "mislas_vs_stage1": delta("mislas", "mislas_s1"),
+        "mislas_vs_crt": delta("mislas", "crt"),
+        "mislas_vs_lws": delta("mislas", "lws"),
+        "balpoe_stage2 (tau_k - mean tau) vs balpoe stage 1": delta("balpoe_mislas", "balpoe_s1"),
+        "balpoe_stage2 (tau_k) vs balpoe stage 1": delta("balpoe_mislas_abs", "balpoe_s1"),
+        "balpoe_stage2 vs mislas": delta("balpoe_mislas", "mislas"),
+    }
+
+
+def results_table(results: dict):
+    from rich.table import Table
+    t = Table(title="MiSLAS / BalPoE stage 2 on Fashion-MNIST-LT IR100 (CPU demo, balanced test set)")
+    for c in ("run", "acc", "many", "medium", "few", "ECE", "NLL", "vs", "d acc", "d ECE", "s"):
+        t.add_column(c, justify="left" if c in ("run", "vs") else "right")
+    for key, label, _, _, _, ref in RUNS:
+        if key in SECTIONS:
+            t.add_section()
+            t.add_row(f"[bold]{SECTIONS[key]}[/bold]")
+        r = results[key]["report"]
+        vs, da, de = "", "", ""
+        if ref is not None:
+            rr = results[ref]["report"]
+            vs, da, de = ref, _signed(r["acc"] - rr["acc"]), _signed(r["ece"] - rr["ece"])
+        secs = results[key]["seconds"]
+        t.add_row(label, f"{r['acc']:.2f}", f"{r['many']:.2f}", f"{r['medium']:.2f}", f"{r['few']:.2f}",
+                  f"{r['ece']:.2f}", f"{r['nll']:.3f}", vs, da, de, "" if secs is None else f"{secs:.0f}")
+    return t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default=str(REPO / "runs" / "mislas_fmnist"), help="run directories")
+    p.add_argument("--json", default=None, help="results JSON (default: OUT/results.json)")
+    p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
+    p.add_argument("--progress", action="store_true", help="show the per-run progress bars")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {}
+    for key, label, recipe, init, overrides, ref in RUNS:
+        results[key] = {"label": label, "compared_with": ref,
+                        **run_one(key, recipe, init, overrides, out, args.fresh, args.progress)}
+    table = results_table(results)
+    console.print(table)
+    found = findings(results)
+    for name, f in found.items():
+        console.print(f"{name}: accuracy {_signed(f['d_acc'])} ({'up' if f['acc_up'] else 'not up'}), "
+                      f"ECE {_signed(f['d_ece'])} ({'down' if f['ece_down'] else 'not down'})")
+    payload = {
+        "command": "python benchmarks/mislas_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "dataset": "Fashion-MNIST-LT, imbalance ratio 100 (real IDX files), balanced 10,000-image test set",
+        "metrics": "acc/many/medium/few: top-1 %; ece: 15-bin top-label ECE %; nll: mean NLL",
+        "host": {"python": platform.python_version(), "torch": torch.__version__,
+                 "threads": torch.get_num_threads(), "machine": platform.machine()},
+        "total_seconds": time.perf_counter() - started,
+        "runs": results,
+        "findings": found,
+    }
+    json_path = Path(args.json) if args.json else out / "results.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(payload, indent=2) + "\n")
+    console.print(f"saved {json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
