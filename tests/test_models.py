@@ -120,3 +120,16 @@ def test_pretrained_file_is_loaded_into_the_backbone(tmp_path):
     assert torch.equal(net.trunk.conv1.weight, src.conv1.weight)
     for k in range(2):  # every expert branch starts from the file too
         assert torch.equal(net.branches[k].layer3[0].conv1.weight, src.layer3[0].conv1.weight)
+
+
+def test_stage_split_keeps_timm_dropout():
+    net = build_multi_expert("resnet18", 4, num_experts=2, split="layer3", kwargs={"drop_rate": 0.5})
+    names = [n for n, _ in net.branches[0].named_children()]
+    assert names == ["layer4", "global_pool", "head_drop", "fc"]
+    x = torch.randn(3, 3, 32, 32)
+    net.train()
+    feats = net.expert_features(x)[0]
+    assert (feats == 0).float().mean() > 0.2  # dropout active in training
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net.expert_features(x)[0], net.expert_features(x)[0])

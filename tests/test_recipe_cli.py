@@ -57,29 +57,28 @@ def test_shipped_recipes_validate(path):
     assert recipe_from_dict(r.to_dict()) == r  # the resolved recipe round-trips
 
 
-def test_balpoe_warmup_then_multistep_schedule_matches_official():
-    r = recipe_from_dict({"optim": {"lr": 0.1, "epochs": 200, "warmup_epochs": 5, "milestones": [160, 180]}})
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+def _epoch_lrs(optim: dict) -> list[float]:
+    """The learning rate of each epoch under the recipe's schedule (stepped once per epoch)."""
+    r = recipe_from_dict({"optim": optim})
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=r.optim.lr)
     sched = build_scheduler(r, opt)
     lrs = []
-    for _ in range(200):
+    for _ in range(r.optim.epochs):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         sched.step()
+    return lrs
+
+
+def test_balpoe_warmup_then_multistep_schedule_matches_official():
+    lrs = _epoch_lrs({"lr": 0.1, "epochs": 200, "warmup_epochs": 5, "milestones": [160, 180]})
     expected = [0.1 * (e + 1) / 5 if e < 5 else 0.1 * (0.1 if e >= 160 else 1) * (0.1 if e >= 180 else 1)
                 for e in range(200)]
     assert lrs == pytest.approx(expected, rel=1e-9)
 
 
 def test_cosine_schedule_without_warmup():
-    r = recipe_from_dict({"optim": {"lr": 0.2, "epochs": 10, "warmup_epochs": 0, "schedule": "cosine"}})
-    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.2)
-    sched = build_scheduler(r, opt)
-    lrs = []
-    for _ in range(10):
-        lrs.append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
+    lrs = _epoch_lrs({"lr": 0.2, "epochs": 10, "warmup_epochs": 0, "schedule": "cosine"})
     import math
     assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 10)) for e in range(10)], rel=1e-6)
 

@@ -100,7 +100,14 @@ def split_children(model: nn.Module, split: str) -> tuple[nn.Sequential, nn.Sequ
         raise BalpoeError(f"model.split '{split}' is not a top-level stage of this backbone "
                           f"(choose 'head' or one of: {', '.join(names)})")
     i = names.index(split)
-    return nn.Sequential(OrderedDict(children[: i + 1])), nn.Sequential(OrderedDict(children[i + 1:]))
+    tail = children[i + 1:]
+    # timm applies ``drop_rate`` functionally inside ``forward_head`` (before the classifier), not as a
+    # child module: keep it as an explicit Dropout after the pooling so splitting does not drop it.
+    drop = float(getattr(model, "drop_rate", 0.0) or 0.0)
+    if drop > 0:
+        pos = next((j for j, (n, _) in enumerate(tail) if n in ("fc", "head", "classifier")), len(tail))
+        tail.insert(pos, ("head_drop", nn.Dropout(drop)))
+    return nn.Sequential(OrderedDict(children[: i + 1])), nn.Sequential(OrderedDict(tail))
 
 
 def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, split: str = "head",
