@@ -32,7 +32,28 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=None)
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a key of the checkpoint's recipe, e.g. --set data.root=/data")
-    e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint)")
+    e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint); with the "
+                   "test-shift options below: the output directory (default: the checkpoint's)")
+    s = e.add_argument_group("test label shift (any of these switches to shift_eval.json/.md + reliability PNGs)")
+    s.add_argument("--test-dists", metavar="DISTS",
+                   help="'all' (forward50..uniform..backward50) or names, e.g. forward50,uniform,backward5; "
+                   "the test logits are computed once and every distribution is indexed from them")
+    s.add_argument("--prior", action="append", metavar="SPEC",
+                   help="a target prior: comma-separated class weights, or dirichlet:<profile>:<concentration>:"
+                   "<seed> (e.g. dirichlet:forward10:100:0); repeatable")
+    s.add_argument("--adapt", metavar="MODE",
+                   help="test-time tau selector: none | known (oracle class frequencies) | unlabelled "
+                   "(transductive EM/MLE after calibration on source data) | labelled (k labels per class "
+                   "from each target set, evaluated on the rest)")
+    s.add_argument("--calibration", default="bcts", metavar="CAL",
+                   help="calibrator of --adapt unlabelled: bcts (default) | ts | none")
+    s.add_argument("--source", default="auto", metavar="SRC",
+                   help="labelled source data for calibration: auto (default: the recipe's held-out slice, else a "
+                   "slice of the seen training split, with a warning) | holdout | train")
+    s.add_argument("--labels-per-class", type=int, default=5, metavar="K",
+                   help="labelled images per class for --adapt labelled (default 5)")
+    s.add_argument("--seed", type=int, default=0, help="seed of user-prior subsets and labelled draws")
+    s.add_argument("--no-plots", action="store_true", help="no reliability diagrams")
     return p
 
 
@@ -46,8 +67,14 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     from balpoe.evaluate import evaluate_checkpoint
-    evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                        overrides=args.overrides, out=args.out)
+    if args.test_dists is None and args.prior is None and args.adapt is None:
+        evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
+                            overrides=args.overrides, out=args.out)
+        return
+    evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
+                        out=args.out, test_dists=args.test_dists, prior=args.prior, adapt=args.adapt,
+                        calibration=args.calibration, source=args.source, labels_per_class=args.labels_per_class,
+                        seed=args.seed, plots=not args.no_plots)
 
 
 COMMANDS = {"train": _train, "eval": _eval}

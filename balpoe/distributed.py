@@ -112,8 +112,8 @@ def wrap_model(model: nn.Module, device: torch.device, sync_bn: bool = False) ->
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     ids = [device.index] if device.type == "cuda" else None
     # Stage 2 freezes most parameters; DDP must not wait for gradients that never come.
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids,
-                                               find_unused_parameters=not all(p.requires_grad for p in model.parameters()))
+    frozen = not all(p.requires_grad for p in model.parameters())
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=frozen)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

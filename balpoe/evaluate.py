@@ -70,10 +70,11 @@ def load_model(checkpoint: str | Path | dict, device: torch.device | str = "cpu"
     return model.to(device).eval(), recipe, ckpt
 
 
-def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int | None = None,
-                        overrides: list[str] | None = None, out: str | Path | None = None) -> dict:
-    """``balpoe eval CHECKPOINT``: top-1, many/medium/few, ECE, MCE, NLL, Brier on the balanced test
-    set; prints a table and writes ``eval.json`` next to the checkpoint (or to ``out``)."""
+def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None = None,
+                  overrides: list[str] | None = None):
+    """Checkpoint -> ``(model, recipe, ckpt, bundle, device)`` for evaluation: recipe overrides
+    applied, the data rebuilt as in training (same seed, so the same LT split and holdout) and
+    ``bundle.class_counts`` taken from the checkpoint."""
     from balpoe.recipe import apply_overrides
     from balpoe.trainer import resolve_device
     ckpt = load_checkpoint(path)
@@ -85,6 +86,25 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int 
         recipe.train.eval_batch_size = batch_size
     bundle = build_data(recipe.data, dev, seed=recipe.seed)
     bundle.class_counts = torch.tensor(ckpt["class_counts"])
+    return model, recipe, ckpt, bundle, dev
+
+
+def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int | None = None,
+                        overrides: list[str] | None = None, out: str | Path | None = None, *,
+                        test_dists=None, prior=None, adapt: str | None = None, **shift_options) -> dict:
+    """``balpoe eval CHECKPOINT``: top-1, many/medium/few, ECE, MCE, NLL, Brier on the balanced test
+    set; prints a table and writes ``eval.json`` next to the checkpoint (or to ``out``).
+
+    With ``test_dists`` (``"all"`` or names), ``prior`` (a spec or a list of specs) or ``adapt``
+    (``none|known|unlabelled|labelled``) it evaluates under test label shift instead
+    (:func:`balpoe.shift_eval.evaluate_shift`; ``out`` is then a directory and ``shift_options``
+    are its keywords ``calibration``, ``source``, ``labels_per_class``, ``seed``, ``plots``)."""
+    if test_dists is not None or prior is not None or adapt is not None or shift_options:
+        from balpoe.shift_eval import evaluate_shift
+        priors = [prior] if isinstance(prior, str) else prior
+        return evaluate_shift(path, test_dists=test_dists, priors=priors, adapt_mode=adapt or "none",
+                              device=device, batch_size=batch_size, overrides=overrides, out=out, **shift_options)
+    model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
     report = evaluate_model(model, bundle, recipe, dev)
     report["checkpoint"] = str(path)
     report["epoch"] = ckpt["epoch"]

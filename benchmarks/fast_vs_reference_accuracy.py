@@ -71,7 +71,8 @@ def run_reference(recipe, workers: int) -> dict:
     torch.manual_seed(recipe.seed)          # the trainer's order: seed, data, model
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
-    loader = reference_loader(bundle, recipe, recipe.optim.batch_size, workers, recipe.seed)
+    loader = reference_loader(bundle, recipe, recipe.optim.batch_size, workers, recipe.seed,
+                              pin_memory=device.type == "cuda")
     model = build_model(recipe, bundle.num_classes, bundle.in_chans).to(device)
     optimizer = reference_optimizer(model, recipe)
     scheduler = build_scheduler(recipe, optimizer)

@@ -33,13 +33,13 @@ from balpoe.data.build import ArrayImageDataset, ImageArrays, array_transforms
 from balpoe.losses.logit_adjusted import log_prior
 
 
-def reference_loader(bundle, recipe, batch_size: int, workers: int, seed: int,
+def reference_loader(bundle, recipe, batch_size: int, workers: int, seed: int, pin_memory: bool = False,
                      train: ImageArrays | None = None) -> torch.utils.data.DataLoader:
     """The official-style DataLoader over ``train`` (default: ``bundle.train``)."""
     dataset = ArrayImageDataset(train if train is not None else bundle.train,
                                 array_transforms(bundle, recipe.data, train=True))
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                                       pin_memory=torch.cuda.is_available(), drop_last=False,
+                                       pin_memory=pin_memory, drop_last=False,
                                        generator=torch.Generator().manual_seed(seed))
 
 

@@ -32,6 +32,7 @@ plus noise, NOT the real CIFAR-100: use it for speed, never for accuracy.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import pickle
 import platform
@@ -108,7 +109,9 @@ def sync(device: torch.device) -> None:
 
 
 def reset_peak_memory(device: torch.device) -> None:
+    gc.collect()  # the previous mode's model and optimizer
     if device.type == "cuda":
+        torch.cuda.empty_cache()
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return
@@ -230,7 +233,8 @@ def run_reference(bundle, recipe, device, args) -> dict:
     reset_peak_memory(device)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
-    loader = reference_loader(bundle, recipe, recipe.optim.batch_size, args.ref_workers, recipe.seed)
+    loader = reference_loader(bundle, recipe, recipe.optim.batch_size, args.ref_workers, recipe.seed,
+                              pin_memory=device.type == "cuda")
     model = build_model(recipe, bundle.num_classes, bundle.in_chans).to(device)
     optimizer = reference_optimizer(model, recipe)
     counts = bundle.class_counts

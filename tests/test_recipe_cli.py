@@ -83,22 +83,29 @@ def test_cosine_schedule_without_warmup():
     assert lrs == pytest.approx([0.1 * (1 + math.cos(math.pi * e / 10)) for e in range(10)], rel=1e-6)
 
 
-def _cli(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "balpoe.cli", *args], capture_output=True, text=True, cwd=cwd)
-
-
-def test_cli_bad_input_is_one_line_exit_2(tmp_path):
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    from balpoe.cli import main
     p = tmp_path / "r.yaml"
     p.write_text("optim: {lr: fast}\n")
-    res = _cli("train", str(p), "--out", str(tmp_path / "o"))
+    # One real process: exit status and stderr exactly as a user sees them, no traceback.
+    res = subprocess.run([sys.executable, "-m", "balpoe.cli", "train", str(p), "--out", str(tmp_path / "o")],
+                         capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip() == "error: recipe key 'optim.lr' must be a number, got 'fast'"
-    res = _cli("train", str(tmp_path / "nope.yaml"))
-    assert res.returncode == 2 and res.stderr.strip().startswith("error: recipe file") and "Traceback" not in res.stderr
-    res = _cli("eval", str(tmp_path / "missing.pt"))
-    assert res.returncode == 2 and "checkpoint" in res.stderr and "missing.pt" in res.stderr
+    assert not (tmp_path / "o").exists()
+
+    def run(*args):
+        code = main(list(args))
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err
+        return code, err
+
+    code, err = run("train", str(tmp_path / "nope.yaml"))
+    assert code == 2 and err.startswith("error: recipe file") and "nope.yaml" in err
+    code, err = run("eval", str(tmp_path / "missing.pt"))
+    assert code == 2 and "checkpoint" in err and "missing.pt" in err
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    res = _cli("eval", str(tmp_path / "junk.pt"))
-    assert res.returncode == 2 and "junk.pt" in res.stderr and "Traceback" not in res.stderr
-    res = _cli("train", str(p), "--set", "optim")
-    assert res.returncode == 2 and "--set expects key=value" in res.stderr
+    code, err = run("eval", str(tmp_path / "junk.pt"))
+    assert code == 2 and "junk.pt" in err
+    code, err = run("train", str(p), "--set", "optim")
+    assert code == 2 and "--set expects key=value" in err

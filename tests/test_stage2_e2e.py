@@ -151,23 +151,30 @@ def test_crt_and_lws_stage2(mislas_stage1, cifar_root, tmp_path, classifier):
     assert again["acc"] == pytest.approx(report["acc"]) and again["ece"] == pytest.approx(report["ece"])
 
 
-def test_cli_stage2_train_eval_and_missing_init_checkpoint(mislas_stage1, cifar_root, tmp_path, capsys):
+def test_cli_stage1_then_stage2_eval_and_missing_init_checkpoint(cifar_root, tmp_path, capsys):
     from balpoe.cli import main
+    # Stage 1 through the CLI's entry point (in process: one interpreter start is enough).
+    s1 = tmp_path / "s1.yaml"
+    s1.write_text(yaml.safe_dump(_stage1(cifar_root, "cli_s1", {"num_experts": 1, "split": "head", "head": "linear"},
+                                         [0])))
+    assert main(["train", str(s1), "--out", str(tmp_path / "s1"), "--no-progress"]) == 0
     # The stage-2 recipe names a checkpoint that does not exist: exit 2 with one line.
     s2 = tmp_path / "s2.yaml"
     s2.write_text(yaml.safe_dump(_stage2(cifar_root, "runs/nowhere/last.pt")))
+    capsys.readouterr()
     assert main(["train", str(s2), "--out", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.strip().count("\n") == 0
     assert "stage2.init_checkpoint" in err and "runs/nowhere/last.pt" in err
-    # `balpoe train STAGE2_RECIPE --set stage2.init_checkpoint=...` (a real process: the installed CLI).
+    # `balpoe train STAGE2_RECIPE --set stage2.init_checkpoint=...` in a real process.
+    init = tmp_path / "s1" / "last.pt"
     res = subprocess.run([sys.executable, "-m", "balpoe.cli", "train", str(s2), "--out", str(tmp_path / "s2"),
-                          "--no-progress", "--set", f"stage2.init_checkpoint={mislas_stage1 / 'last.pt'}"],
+                          "--no-progress", "--set", f"stage2.init_checkpoint={init}"],
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert "taken from the stage-1 checkpoint" in res.stderr and "balanced test set" in res.stderr
     trained = json.loads((tmp_path / "s2" / "eval.json").read_text())
-    assert load_recipe(tmp_path / "s2" / "recipe.yaml").stage2.init_checkpoint == str(mislas_stage1 / "last.pt")
+    assert load_recipe(tmp_path / "s2" / "recipe.yaml").stage2.init_checkpoint == str(init)
     # `balpoe eval` on the stage-2 checkpoint matches the training-time report.
     assert main(["eval", str(tmp_path / "s2" / "last.pt"), "--device", "cpu", "--out", str(tmp_path / "e.json")]) == 0
     evaluated = json.loads((tmp_path / "e.json").read_text())
