@@ -1,9 +1,10 @@
 """``torch.distributed`` through ``torchrun``: DDP on the model, rank-0-only logging/checkpoints.
 
-``torchrun --nproc_per_node N balpoe train RECIPE`` (or ``torchrun ... -m balpoe.cli train RECIPE``
-from a checkout) sets ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``/``MASTER_ADDR``/``MASTER_PORT``;
-without them everything here is a no-op and training runs in one process.  The backend follows the
-training device: NCCL on CUDA (process ``r`` on ``cuda:LOCAL_RANK``), gloo on CPU.
+``torchrun --nproc_per_node N --no-python balpoe train RECIPE`` (the installed console script) or
+``torchrun --nproc_per_node N -m balpoe train RECIPE`` sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT``; without them everything here is a no-op and training runs in
+one process.  The backend follows the training device: NCCL on CUDA (process ``r`` on
+``cuda:LOCAL_RANK``), gloo on CPU.
 
 What a DDP run means here:
 
@@ -16,6 +17,11 @@ What a DDP run means here:
 * BatchNorm normalises each rank's shard (as the official code's ``DataParallel`` does per
   replica) and DDP broadcasts rank 0's running statistics before every forward; with
   ``train.sync_bn`` (CUDA only) BN statistics are computed over the global batch instead;
+* augmentation and mixup use per-rank generators seeded identically on every rank (one mixup
+  lambda per global step, as in one process); the j-th sample of every rank's batch gets the same
+  crop/flip/rotation and mixup partner position -- identically distributed, but not sample for
+  sample the single-process run, so exact 1-vs-N equivalence holds with both switched off
+  (``tests/test_distributed.py``);
 * metrics, progress, warnings, checkpoints and the final evaluation come from rank 0 only; every
   rank loads the checkpoint on ``--resume``.
 """

@@ -472,8 +472,8 @@ def _columns(report: dict) -> list[tuple[str, str, int]]:
     cols = [("n", "n", 0), ("acc", "acc", 2), ("many", "many", 2), ("medium", "medium", 2), ("few", "few", 2),
             ("ece", "ECE", 2), ("nll", "NLL", 3)]
     if report["adapt"] != "none":
-        cols += [("acc_before", "acc (no adapt)", 2), ("ece_before", "ECE (no adapt)", 2), ("tau", "tau'", 3),
-                 ("tau_star", "tau*", 3), ("temperature", "T", 3)]
+        cols += [("acc_before", "acc0", 2), ("ece_before", "ECE0", 2), ("tau", "tau'", 3), ("tau_star", "tau*", 3),
+                 ("temperature", "T", 3)]
     return cols
 
 
@@ -498,11 +498,12 @@ def _adapt_line(report: dict) -> str:
 
 
 def print_shift_report(report: dict, console) -> None:
+    from rich import box
     from rich.table import Table
     cols = _columns(report)
-    title = f"{report['recipe']} (epoch {report['epoch']}): test label distributions — {report['adapt']}"
-    table = Table(title=title)
-    table.add_column("distribution", style="bold")
+    title = f"{report['recipe']} (epoch {report['epoch']}): test label distributions, adapt = {report['adapt']}"
+    table = Table(title=title, box=box.SIMPLE_HEAD)
+    table.add_column("distribution", style="bold", no_wrap=True)
     for _, label, _ in cols:
         table.add_column(label, justify="right")
     for name, r in report["distributions"].items():
@@ -512,6 +513,9 @@ def print_shift_report(report: dict, console) -> None:
         table.add_row("mean", *[_fmt(m.get(k), d) if k in m else "" for k, _, d in cols], style="italic")
     console.print(table)
     console.print(_adapt_line(report))
+    if report["adapt"] != "none":
+        console.print("acc0 / ECE0: the same images without adaptation; tau': the selector's tau' (1 - lambda); "
+                      "tau*: tau' of the KL projection of the true class frequencies on pi^lambda; T: temperature")
     console.print(f"test logits computed once: {report['n_test']} images, forward {report['forward_seconds']:.2f} s; "
                   f"all {len(report['distributions'])} distributions derived by indexing in "
                   f"{report['derive_seconds']:.2f} s")
@@ -547,8 +551,9 @@ def markdown_report(report: dict) -> str:
         m = _mean_row(report["distributions"])
         lines.append("| *mean* | " + " | ".join(_fmt(m[k], d) if k in m else "" for k, _, d in cols) + " |")
     lines += ["", "Accuracy and group accuracies in %, ECE in % (15 bins), NLL in nats. "
-              "tau* = tau' of the KL projection of the target set's class frequencies on the family "
-              "pi_train^(1-tau') (test-shift notes §5a)."]
+              "acc0 / ECE0: the same images without adaptation. tau': the selector's choice (1 - lambda); "
+              "tau*: tau' of the KL projection of the target set's class frequencies on the family "
+              "pi_train^(1-tau') (test-shift notes §5a); T: the temperature dividing the logits."]
     c = report.get("post_hoc_calibration")
     if c:
         lines += ["", "## Post-hoc calibration (balanced test set)", "",

@@ -98,8 +98,10 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
                     progress=None, task=None) -> dict:
     """One pass over ``loader``; returns ``{'loss', 'images', 'seconds'}`` (one host sync)."""
     device = next(model.parameters()).device
-    mix_rng = np.random.default_rng(epoch_seed(seed, epoch))  # per-epoch stream: resumable
-    mix_gen = torch.Generator(device=device).manual_seed(epoch_seed(seed + 1, epoch))
+    # Per-epoch streams (exactly resumable). lambda is shared by all ranks (one lambda per global
+    # batch, as the official code); the pairing permutation is drawn per rank.
+    mix_rng = np.random.default_rng(epoch_seed(seed, epoch))
+    mix_gen = torch.Generator(device=device).manual_seed(epoch_seed(seed + 1 + 104729 * dist.rank(), epoch))
     loss_sum = torch.zeros((), device=device)
     images, start = 0, time.perf_counter()
     for x, y in loader:

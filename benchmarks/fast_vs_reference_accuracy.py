@@ -144,4 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from balpoe.errors import EXIT_USAGE, BalpoeError
+    try:
+        main()
+    except BalpoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -49,7 +49,9 @@ NO_SBN = ["stage2.shifted_bn=false"]
 #: key, label, recipe, stage-1 run it starts from (None: a stage-1 run), overrides, compared with
 RUNS = [
     ("mislas_s1", "stage 1 only (CE + mixup)", MISLAS_S1, None, [], None),
-    ("crt", "cRT (CE, BN frozen)", MISLAS_S2, "mislas_s1", ["stage2.classifier=crt", *CE, *NO_SBN], "mislas_s1"),
+    # cRT re-trains a fresh classifier (Eq. 4 with a = 0, s = 1): at the full stage-2 lr, as Kang et al.
+    ("crt", "cRT (CE, BN frozen)", MISLAS_S2, "mislas_s1",
+     ["stage2.classifier=crt", "stage2.delta_lr_factor=1", *CE, *NO_SBN], "mislas_s1"),
     ("lws", "LWS (CE, BN frozen)", MISLAS_S2, "mislas_s1", ["stage2.classifier=lws", *CE, *NO_SBN], "mislas_s1"),
     ("abl_stage2", "+ stage 2: LWS+dW, CE, BN frozen", MISLAS_S2, "mislas_s1", [*CE, *NO_SBN], "mislas_s1"),
     ("abl_shifted_bn", "+ shifted BN", MISLAS_S2, "mislas_s1", CE, "abl_stage2"),

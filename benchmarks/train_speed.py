@@ -297,6 +297,8 @@ def print_results(result: dict) -> None:
     console.print(f"timed epochs: {result['epochs']} after {result['warmup_epochs']} warm-up epoch(s)")
     if result.get("speedup") is not None:
         console.print(f"speed-up (fast img/s / reference img/s): {result['speedup']:.2f}x")
+        console.print(f"CPU-time ratio (reference / fast CPU s per epoch, robust to other load on a shared "
+                      f"CPU): {result['cpu_time_ratio']:.2f}x")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -325,6 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from balpoe.data.build import build_data
     from balpoe.data.lt import lt_class_counts
+    from balpoe.errors import BalpoeError
     from balpoe.trainer import resolve_device
 
     recipe = load_bench_recipe(args)
@@ -344,6 +347,9 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if not bundle.in_memory and (args.reference or args.limit):
+        raise BalpoeError(f"--reference and --limit need an in-memory dataset (CIFAR, Fashion-MNIST), "
+                          f"not {bundle.name}")
     if args.limit and args.limit < len(bundle.train):
         keep = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(recipe.seed))[:args.limit]
         bundle.train = bundle.train.subset(keep.sort().values)
@@ -354,9 +360,10 @@ def main(argv: list[str] | None = None) -> dict:
         modes["fast"] = run_fast(bundle, recipe, device, args)
     if args.reference:
         modes["reference"] = run_reference(bundle, recipe, device, args)
-    speedup = None
+    speedup = cpu_ratio = None
     if "fast" in modes and "reference" in modes:
         speedup = modes["fast"]["img_per_s"] / modes["reference"]["img_per_s"]
+        cpu_ratio = modes["reference"]["cpu_s_per_epoch"] / modes["fast"]["cpu_s_per_epoch"]
     result = {
         "benchmark": "train_speed", "recipe": recipe.name, "device": device_description(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
@@ -366,6 +373,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {"backbone": recipe.model.backbone, "num_experts": recipe.model.num_experts,
                   "split": recipe.model.split, "batch_size": recipe.optim.batch_size},
         "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "modes": modes, "speedup": speedup,
+        "cpu_time_ratio": cpu_ratio,
     }
     print_results(result)
     if args.json:
@@ -374,4 +382,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from balpoe.errors import EXIT_USAGE, BalpoeError
+    try:
+        main()
+    except BalpoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

@@ -31,6 +31,7 @@ import torch.multiprocessing as mp
 
 from balpoe import distributed as dist
 from balpoe.data.device_loader import DeviceLoader
+from balpoe.errors import BalpoeError
 from balpoe.losses import BalPoELoss
 from balpoe.models import build_multi_expert
 from balpoe.recipe import Recipe
@@ -118,6 +119,11 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     assert (r, w) == (rank, world) and dist.is_distributed()
     try:
         result = {mode: _train(mode, rank, world) for mode in ("frozen", "per_rank")}
+        try:
+            dist.wrap_model(torch.nn.BatchNorm2d(2), torch.device("cpu"), sync_bn=True)
+            result["sync_bn_error"] = None
+        except BalpoeError as e:
+            result["sync_bn_error"] = str(e)
         torch.save(result, Path(out) / f"rank{rank}.pt")
     finally:
         dist.shutdown()
@@ -181,8 +187,12 @@ def test_loader_shards_match_distributed_sampler_indices():
             assert ours.tolist() == theirs
 
 
-def test_batch_size_must_split_evenly_and_sync_bn_needs_cuda():
-    from balpoe.errors import BalpoeError
+def test_sync_bn_on_cpu_is_a_one_line_user_error(ddp_run):
+    msg = ddp_run[0]["sync_bn_error"]
+    assert msg is not None and "'train.sync_bn' needs CUDA" in msg and "\n" not in msg
+
+
+def test_batch_size_must_split_evenly_and_no_torchrun_is_a_no_op():
     assert dist.local_batch_size(128, 4) == 32
     with pytest.raises(BalpoeError, match="'optim.batch_size' \\(30\\) must be divisible by the number of processes"):
         dist.local_batch_size(30, 4)
@@ -192,7 +202,7 @@ def test_batch_size_must_split_evenly_and_sync_bn_needs_cuda():
 
 
 # ------------------------------------------------------------------------------------------------
-# End to end: torchrun --nproc_per_node 2 -m balpoe.cli train (gloo), then --resume
+# End to end: torchrun --nproc_per_node 2 -m balpoe train (gloo), then --resume
 
 
 RECIPE = """name: ddp_smoke
@@ -213,7 +223,7 @@ train: {{device: cpu, mixup_alpha: 0.4, checkpoint_every: 1, eval_batch_size: 25
 
 def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "balpoe.cli", "train", *args, "--no-progress"]
+           "--master_port", str(free_port()), "-m", "balpoe", "train", *args, "--no-progress"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

@@ -123,3 +123,14 @@ def test_class_balanced_sampler():
     assert len(plain) == len(labels) == len(list(plain))
     loader = torch.utils.data.DataLoader(np.arange(len(labels)), batch_size=64, sampler=plain)
     assert sum(len(b) for b in loader) == len(labels)
+
+
+def test_class_balanced_sampler_shards_one_global_draw_across_ranks():
+    from balpoe.data.samplers import ClassBalancedSampler
+    labels = torch.tensor([0] * 40 + [1] * 7 + [2] * 2)
+    full = list(ClassBalancedSampler(labels, seed=4))
+    shards = [ClassBalancedSampler(labels, seed=4, rank=r, world_size=2) for r in range(2)]
+    a, b = list(shards[0]), list(shards[1])
+    assert len(a) == len(b) == len(shards[0]) == 25
+    padded = full + full[:1]
+    assert a == padded[0::2] and b == padded[1::2]

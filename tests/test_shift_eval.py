@@ -112,7 +112,9 @@ def test_uniform_row_equals_plain_eval(balpoe_ckpt, tmp_path):
 # ----------------------------------------------------------------------------- CLI
 
 
-def test_cli_all_distributions_with_unlabelled_adaptation(balpoe_ckpt, tmp_path, capsys):
+def test_cli_all_distributions_with_unlabelled_adaptation(balpoe_ckpt, tmp_path, capsys, monkeypatch):
+    from balpoe.console import console
+    monkeypatch.setattr(console, "width", 200)
     out = tmp_path / "out"
     rc = main(["eval", str(balpoe_ckpt), "--device", "cpu", "--test-dists", "all", "--prior", PRIOR,
                "--adapt", "unlabelled", "--out", str(out)])

@@ -33,13 +33,14 @@ def test_train_speed_fast_and_reference_smoke(tmp_path):
     assert set(r["modes"]) == {"fast", "reference"} and r["epochs"] == 1
     for mode in r["modes"].values():
         assert mode["images_per_epoch"] == 96 and len(mode["epoch_seconds"]) == 1
-        for key in ("s_per_epoch", "img_per_s", "peak_mem_mib", "loader_s_per_epoch"):
+        for key in ("s_per_epoch", "img_per_s", "cpu_s_per_epoch", "peak_mem_mib", "loader_s_per_epoch"):
             assert isinstance(mode[key], float) and mode[key] > 0
         assert mode["peak_mem_kind"] in ("cuda_max_allocated", "rss_high_water_mark",
                                          "rss_high_water_mark_process_lifetime")
     assert r["modes"]["fast"]["settings"]["loader"] == "DeviceLoader"
     assert r["modes"]["reference"]["settings"]["loader"].startswith("DataLoader")
     assert r["speedup"] == r["modes"]["fast"]["img_per_s"] / r["modes"]["reference"]["img_per_s"]
+    assert r["cpu_time_ratio"] == r["modes"]["reference"]["cpu_s_per_epoch"] / r["modes"]["fast"]["cpu_s_per_epoch"]
 
 
 def test_synthetic_cifar100_is_real_format_and_lt_ir100_size(tmp_path):
