@@ -43,15 +43,19 @@ def _parser() -> argparse.ArgumentParser:
                    "<seed> (e.g. dirichlet:forward10:100:0); repeatable")
     s.add_argument("--adapt", metavar="MODE",
                    help="test-time tau selector: none | known (oracle class frequencies) | unlabelled "
-                   "(transductive EM/MLE after calibration on source data) | labelled (k labels per class "
-                   "from each target set, evaluated on the rest)")
+                   "(transductive EM/MLE after calibration on source data) | labelled (K labels per class on "
+                   "average from each target set, evaluated on the rest)")
     s.add_argument("--calibration", default="bcts", metavar="CAL",
                    help="calibrator of --adapt unlabelled: bcts (default) | ts | none")
+    s.add_argument("--estimator", default="1d", metavar="EST",
+                   help="prior estimator of --adapt unlabelled: 1d (default: MLE of the exponent of pi_train^lambda) "
+                   "| em (smoothed EM shrunk toward it) | auto (em when N/K >= 20)")
     s.add_argument("--source", default="auto", metavar="SRC",
                    help="labelled source data for calibration: auto (default: the recipe's held-out slice, else a "
                    "slice of the seen training split, with a warning) | holdout | train")
-    s.add_argument("--labels-per-class", type=int, default=5, metavar="K",
-                   help="labelled images per class for --adapt labelled (default 5)")
+    s.add_argument("--labels-per-class", type=float, default=5, metavar="K",
+                   help="--adapt labelled: K*C labelled images drawn at random from each target set, i.e. K per "
+                   "class on average (default 5)")
     s.add_argument("--seed", type=int, default=0, help="seed of user-prior subsets and labelled draws")
     s.add_argument("--no-plots", action="store_true", help="no reliability diagrams")
     return p
@@ -73,7 +77,8 @@ def _eval(args) -> None:
         return
     evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
                         out=args.out, test_dists=args.test_dists, prior=args.prior, adapt=args.adapt,
-                        calibration=args.calibration, source=args.source, labels_per_class=args.labels_per_class,
+                        calibration=args.calibration, estimator=args.estimator, source=args.source,
+                        labels_per_class=args.labels_per_class,
                         seed=args.seed, plots=not args.no_plots)
 
 

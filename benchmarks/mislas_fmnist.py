@@ -13,11 +13,13 @@ Runs (every one through ``balpoe.train`` with a shipped recipe plus ``--set``-st
   cRT, LWS (both as Kang et al.: cross-entropy, no shifted BN) and the Table 2 steps
   stage 2 (LWS + dW, CE, BN frozen) -> + shifted BN -> + LAS (= full MiSLAS).
 * BalPoE: ``recipes/balpoe/fashion_mnist_lt_ir100_cpu_demo.yaml`` (3 experts, tau 0/1/2), then the
-  same full MiSLAS stage 2 (per-expert LWS + dW, shifted BN, LAS) with the default per-expert
-  offsets ``tau_k - mean tau`` and, for comparison, ``tau_k`` (``stage2.expert_adjust``).
+  same stage 2 (per-expert LWS + dW, shifted BN) with cross-entropy, with LAS (= the full MiSLAS
+  stage 2) using the default per-expert offsets ``tau_k - mean tau``, and with LAS and offsets
+  ``tau_k`` for comparison (``stage2.expert_adjust``; see ``balpoe.stage2.stage2_expert_offsets``).
 
 Accuracy is top-1 on the balanced Fashion-MNIST test set (10,000 images, 1,000 per class), i.e.
-balanced accuracy; ECE is 15-bin top-label ECE in %.  A completed run (its ``eval.json``) is reused
+balanced accuracy; ECE is 15-bin top-label ECE in %; "conf" is the mean top-1 probability in %
+(above the accuracy: over-confident, below: under-confident).  A completed run (its ``eval.json``) is reused
 unless ``--fresh``; one seed, so differences of a few tenths of a point are within noise.
 """
 
@@ -57,9 +59,11 @@ RUNS = [
     ("abl_shifted_bn", "+ shifted BN", MISLAS_S2, "mislas_s1", CE, "abl_stage2"),
     ("mislas", "+ LAS = MiSLAS", MISLAS_S2, "mislas_s1", [], "abl_shifted_bn"),
     ("balpoe_s1", "BalPoE stage 1 (3 experts, tau 0/1/2)", BALPOE_S1, None, [], None),
-    ("balpoe_mislas", "+ MiSLAS stage 2, offsets tau_k - mean tau", MISLAS_S2, "balpoe_s1", [], "balpoe_s1"),
-    ("balpoe_mislas_abs", "+ MiSLAS stage 2, offsets tau_k", MISLAS_S2, "balpoe_s1",
-     ["stage2.expert_adjust=absolute"], "balpoe_s1"),
+    ("balpoe_stage2_ce", "+ stage 2: LWS+dW per expert, shifted BN, CE", MISLAS_S2, "balpoe_s1", CE, "balpoe_s1"),
+    ("balpoe_mislas", "+ LAS = MiSLAS stage 2 (offsets tau_k - mean tau)", MISLAS_S2, "balpoe_s1", [],
+     "balpoe_stage2_ce"),
+    ("balpoe_mislas_abs", "MiSLAS stage 2 with offsets tau_k instead", MISLAS_S2, "balpoe_s1",
+     ["stage2.expert_adjust=absolute"], "balpoe_mislas"),
 ]
 SECTIONS = {"mislas_s1": "MiSLAS (E = 1): decoupling classifiers and the Table 2 ablation",
             "balpoe_s1": "BalPoE (E = 3) + the same stage 2"}
@@ -89,6 +93,24 @@ def run_one(key: str, recipe_path: Path, init: str | None, overrides: list[str],
             "recipe": str(recipe_path.relative_to(REPO)), "reused": False}
 
 
+class TestSet:
+    """The balanced test set, loaded once: mean top-1 confidence of a checkpoint's ensemble (its
+    sign against accuracy says over- or under-confidence, which ECE alone does not)."""
+
+    def __init__(self):
+        self.loader = None
+
+    def mean_confidence(self, checkpoint: Path) -> float:
+        from balpoe.data.build import build_data, build_loader
+        from balpoe.evaluate import collect_logits, load_model
+        model, recipe, _ = load_model(checkpoint, "cpu")
+        if self.loader is None:
+            bundle = build_data(recipe.data, "cpu", seed=recipe.seed)
+            self.loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)
+        logits, _ = collect_logits(model, self.loader, torch.device("cpu"))
+        return 100.0 * torch.softmax(logits.mean(0), -1).max(-1).values.mean().item()
+
+
 def _signed(x: float) -> str:
     return f"{x:+.2f}"
 
@@ -98,7 +120,9 @@ def findings(results: dict) -> dict:
     def delta(a: str, b: str) -> dict:
         ra, rb = results[a]["report"], results[b]["report"]
         return {"d_acc": ra["acc"] - rb["acc"], "d_ece": ra["ece"] - rb["ece"],
-                "acc_up": ra["acc"] > rb["acc"], "ece_down": ra["ece"] < rb["ece"]}
+                "acc_up": ra["acc"] > rb["acc"], "ece_down": ra["ece"] < rb["ece"],
+                "confidence_minus_acc": [results[b]["mean_confidence"] - rb["acc"],
+                                         results[a]["mean_confidence"] - ra["acc"]]}
     return {
         "stage2_helps (LWS+dW vs stage 1)": delta("abl_stage2", "mislas_s1"),
         "shifted_bn_helps": delta("abl_shifted_bn", "abl_stage2"),
@@ -106,16 +130,18 @@ def findings(results: dict) -> dict:
         "mislas_vs_stage1": delta("mislas", "mislas_s1"),
         "mislas_vs_crt": delta("mislas", "crt"),
         "mislas_vs_lws": delta("mislas", "lws"),
-        "balpoe_stage2 (tau_k - mean tau) vs balpoe stage 1": delta("balpoe_mislas", "balpoe_s1"),
-        "balpoe_stage2 (tau_k) vs balpoe stage 1": delta("balpoe_mislas_abs", "balpoe_s1"),
-        "balpoe_stage2 vs mislas": delta("balpoe_mislas", "mislas"),
+        "balpoe: stage 2 (CE) vs stage 1": delta("balpoe_stage2_ce", "balpoe_s1"),
+        "balpoe: LAS in stage 2": delta("balpoe_mislas", "balpoe_stage2_ce"),
+        "balpoe: MiSLAS stage 2 vs stage 1": delta("balpoe_mislas", "balpoe_s1"),
+        "balpoe: offsets tau_k vs tau_k - mean tau": delta("balpoe_mislas_abs", "balpoe_mislas"),
+        "balpoe + MiSLAS stage 2 vs MiSLAS": delta("balpoe_mislas", "mislas"),
     }
 
 
 def results_table(results: dict):
     from rich.table import Table
     t = Table(title="MiSLAS / BalPoE stage 2 on Fashion-MNIST-LT IR100 (CPU demo, balanced test set)")
-    for c in ("run", "acc", "many", "medium", "few", "ECE", "NLL", "vs", "d acc", "d ECE", "s"):
+    for c in ("run", "acc", "many", "medium", "few", "ECE", "conf", "NLL", "vs", "d acc", "d ECE", "s"):
         t.add_column(c, justify="left" if c in ("run", "vs") else "right")
     for key, label, _, _, _, ref in RUNS:
         if key in SECTIONS:
@@ -128,7 +154,8 @@ def results_table(results: dict):
             vs, da, de = ref, _signed(r["acc"] - rr["acc"]), _signed(r["ece"] - rr["ece"])
         secs = results[key]["seconds"]
         t.add_row(label, f"{r['acc']:.2f}", f"{r['many']:.2f}", f"{r['medium']:.2f}", f"{r['few']:.2f}",
-                  f"{r['ece']:.2f}", f"{r['nll']:.3f}", vs, da, de, "" if secs is None else f"{secs:.0f}")
+                  f"{r['ece']:.2f}", f"{results[key]['mean_confidence']:.2f}", f"{r['nll']:.3f}", vs, da, de,
+                  "" if secs is None else f"{secs:.0f}")
     return t
 
 
@@ -146,16 +173,23 @@ def main(argv: list[str] | None = None) -> int:
     for key, label, recipe, init, overrides, ref in RUNS:
         results[key] = {"label": label, "compared_with": ref,
                         **run_one(key, recipe, init, overrides, out, args.fresh, args.progress)}
+    test_set = TestSet()
+    for key in results:
+        results[key]["mean_confidence"] = test_set.mean_confidence(out / key / "last.pt")
     table = results_table(results)
-    console.print(table)
+    from rich.console import Console
+    Console(stderr=True, width=max(console.width, 150)).print(table)  # readable in a log file too
     found = findings(results)
     for name, f in found.items():
+        gap_before, gap_after = f["confidence_minus_acc"]
         console.print(f"{name}: accuracy {_signed(f['d_acc'])} ({'up' if f['acc_up'] else 'not up'}), "
-                      f"ECE {_signed(f['d_ece'])} ({'down' if f['ece_down'] else 'not down'})")
+                      f"ECE {_signed(f['d_ece'])} ({'down' if f['ece_down'] else 'not down'}); "
+                      f"confidence - accuracy {_signed(gap_before)} -> {_signed(gap_after)}")
     payload = {
         "command": "python benchmarks/mislas_fmnist.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "dataset": "Fashion-MNIST-LT, imbalance ratio 100 (real IDX files), balanced 10,000-image test set",
-        "metrics": "acc/many/medium/few: top-1 %; ece: 15-bin top-label ECE %; nll: mean NLL",
+        "metrics": "acc/many/medium/few: top-1 %; ece: 15-bin top-label ECE %; mean_confidence: mean top-1 "
+                   "softmax probability % (above acc: over-confident, below: under-confident); nll: mean NLL",
         "host": {"python": platform.python_version(), "torch": torch.__version__,
                  "threads": torch.get_num_threads(), "machine": platform.machine()},
         "total_seconds": time.perf_counter() - started,

@@ -19,7 +19,8 @@ from balpoe.checkpoint import load_checkpoint
 from balpoe.errors import BalpoeError
 from balpoe.losses.las import LabelAwareSmoothingLoss
 from balpoe.models.lws import LWSDeltaHead
-from balpoe.stage2 import adopt_stage1_sections, build_stage2_criterion, stage2_expert_offsets
+from balpoe.stage2 import (adopt_stage1_sections, build_stage2_criterion, load_init_checkpoint,
+                           stage2_expert_offsets)
 
 SMALL = {"backbone": "small_cnn", "kwargs": {"widths": [8, 16, 16]}}
 
@@ -122,6 +123,9 @@ def test_mislas_stage1_to_stage2_api_eval_and_what_stage2_changes(mislas_stage1,
     for key in ("acc", "many", "medium", "few", "ece", "mce", "nll", "brier"):
         assert again[key] == pytest.approx(report[key], abs=1e-9), key
     assert again["epoch"] == 2
+    # A stage-2 checkpoint cannot start another stage 2.
+    with pytest.raises(BalpoeError, match="is a stage-2 checkpoint; point it at a stage-1 run"):
+        load_init_checkpoint(str(tmp_path / "s2" / "last.pt"))
 
 
 def test_stage2_without_shifted_bn_changes_only_the_eq4_tensors(mislas_stage1, cifar_root, tmp_path):
@@ -185,8 +189,9 @@ def test_cli_stage1_then_stage2_eval_and_missing_init_checkpoint(cifar_root, tmp
 
 def test_stage2_recipe_errors_are_one_line(mislas_stage1, cifar_root, tmp_path):
     init = mislas_stage1 / "last.pt"
+    missing = tmp_path / "missing.pt"
     cases = [
-        (_stage2(cifar_root, tmp_path / "missing.pt"), f"'stage2.init_checkpoint': checkpoint '{tmp_path / 'missing.pt'}'"),
+        (_stage2(cifar_root, missing), f"'stage2.init_checkpoint': checkpoint '{missing}'"),
         ({**_stage2(cifar_root, init), "model": {"backbone": "resnet20_cifar"}}, "recipe key 'model.backbone'"),
         ({**_stage2(cifar_root, init), "loss": {"tau": [1.0]}}, "recipe key 'loss.tau'"),
         ({**_stage2(cifar_root, init), "data": _data(cifar_root)}, "recipe key 'data.sampler'"),
