@@ -405,7 +405,8 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     counts = bundle.class_counts
     prior_vecs = {n: parse_prior(s, counts) for n, s in zip(prior_names(priors), priors)}
     need_source = adapt_mode == "unlabelled" and calibration != "none"
-    kind = check_source(bundle, source) if need_source else None  # fail before any forward pass
+    if need_source or source != "auto":
+        check_source(bundle, source)  # fail before any forward pass
     lam_model = logit_prior_exponent(recipe)
     out_dir = Path(out) if out else Path(path).parent
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -516,7 +517,7 @@ def _adapt_line(report: dict) -> str:
         est = {"1d": "1-D MLE of the prior exponent", "em": "EM shrunk toward the 1-D MLE",
                "auto": "EM shrunk toward the 1-D MLE when N/K >= 20, else the 1-D MLE"}[report["estimator"]]
         return f"unlabelled, transductive on each whole target set ({est}); {where}"
-    return (f"labelled: {report['labels_per_class']} labels per class on average (k*C images drawn at random from "
+    return (f"labelled: {report['labels_per_class']:g} labels per class on average (k*C images drawn at random from "
             f"each target set, seed {report['seed']}); metrics on the remaining images")
 
 
