@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
@@ -10,7 +11,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.table import Table
 from rich.text import Text
 
-console = Console(stderr=True)
+# Not a terminal (logs, CI): rich would assume 80 columns and truncate the result tables.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 132)
 
 
 class ThroughputColumn(ProgressColumn):
