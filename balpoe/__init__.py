@@ -21,6 +21,8 @@ _LAZY = {
     "balpoe.evaluate": ("evaluate_checkpoint", "evaluate_model", "collect_logits", "load_model", "report_from_logits"),
     "balpoe.data.build": ("build_data", "build_loader"),
     "balpoe.models": ("build_multi_expert", "MultiExpertNet"),
+    "balpoe.shift_eval": ("evaluate_shift", "evaluate_targets", "target_sets"),
+    "balpoe.selector": ("TauSelector",),
 }
 
 
@@ -35,4 +37,5 @@ def __getattr__(name: str):
 
 __all__ = ["BalpoeError", "Recipe", "load_recipe", "recipe_from_dict", "train", "evaluate_checkpoint",
            "evaluate_model", "collect_logits", "load_model", "build_data", "build_loader", "build_model",
-           "build_multi_expert", "MultiExpertNet", "__version__"]
+           "build_multi_expert", "MultiExpertNet", "evaluate_shift", "evaluate_targets", "target_sets",
+           "TauSelector", "__version__"]

@@ -12,3 +12,14 @@ EXIT_USAGE = 2
 
 class BalpoeError(Exception):
     """A one-line, user-facing error (bad input, missing data, invalid recipe)."""
+
+
+def run_reporting_errors(fn, *args, **kwargs):
+    """Run ``fn``; a :class:`BalpoeError` prints ``error: <message>`` on stderr and exits with
+    :data:`EXIT_USAGE` (for scripts such as the benchmarks; the CLI does the same in ``main``)."""
+    import sys
+    try:
+        return fn(*args, **kwargs)
+    except BalpoeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)

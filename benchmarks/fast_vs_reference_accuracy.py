@@ -144,9 +144,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from balpoe.errors import EXIT_USAGE, BalpoeError
-    try:
-        main()
-    except BalpoeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(EXIT_USAGE)
+    from balpoe.errors import run_reporting_errors
+    run_reporting_errors(main)

@@ -1,0 +1,137 @@
+"""Fashion-MNIST reader for the IDX format (Xiao et al. 2017; format of LeCun's MNIST page).
+
+An IDX file is a big-endian header ``magic, dim_0, ..., dim_k`` (uint32 each) followed by the
+uint8 data.  Images: magic 2051, dims ``(N, 28, 28)``; labels: magic 2049, dims ``(N,)``.  The files
+are ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, gzipped (``.gz``) or not.
+
+Where we look, in order: the recipe's ``data.root`` (files directly there or in a
+``fashion-mnist`` / ``FashionMNIST/raw`` subfolder), ``$BALPOE_DATA`` (same three places), and the
+Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from pathlib import Path
+
+import numpy as np
+
+from balpoe.errors import BalpoeError
+
+CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+               "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+ENV_VAR = "BALPOE_DATA"
+SUBDIRS = ("", "fashion-mnist", os.path.join("FashionMNIST", "raw"))
+IMAGES_MAGIC = 2051
+LABELS_MAGIC = 2049
+
+#: split -> (images stem, labels stem)
+_STEMS = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+          False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def _idx_file(folder: Path, stem: str) -> Path | None:
+    """The uncompressed file if present, else the ``.gz`` one, else None."""
+    for name in (stem, stem + ".gz"):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def _complete(folder: Path) -> bool:
+    return all(_idx_file(folder, s) is not None for pair in _STEMS.values() for s in pair)
+
+
+def fashion_mnist_search_paths(root: str | Path | None) -> list[Path]:
+    """Every folder :func:`find_fashion_mnist` tries, in order."""
+    bases = [Path(root).expanduser()] if root else []
+    env = os.environ.get(ENV_VAR)
+    if env:
+        bases.append(Path(env).expanduser())
+    paths = [b / s if s else b for b in bases for s in SUBDIRS]
+    return paths + [DEBIAN_DIR]
+
+
+def find_fashion_mnist(root: str | Path | None) -> Path | None:
+    """The first folder holding all four IDX files: ``root``, then ``$BALPOE_DATA`` (each directly
+    or in ``fashion-mnist`` / ``FashionMNIST/raw``), then ``/usr/share/datasets/fashion-mnist``."""
+    for p in fashion_mnist_search_paths(root):
+        if p.is_dir() and _complete(p):
+            return p
+    return None
+
+
+def read_idx(path: str | Path, magic: int) -> np.ndarray:
+    """Read one IDX file with the expected magic number (2051 images, 2049 labels) as uint8."""
+    path = Path(path)
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                raw = f.read()
+        else:
+            raw = path.read_bytes()
+    except FileNotFoundError:
+        raise BalpoeError(f"Fashion-MNIST file missing: {path}") from None
+    except (OSError, EOFError) as e:  # truncated or not gzip
+        raise BalpoeError(f"cannot read IDX file {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
+    if len(raw) < 8:
+        raise BalpoeError(f"cannot read IDX file {path}: only {len(raw)} bytes")
+    got = int.from_bytes(raw[:4], "big")
+    if got != magic:
+        raise BalpoeError(f"bad magic number {got} in IDX file {path} (expected {magic})")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise BalpoeError(f"cannot read IDX file {path}: truncated header")
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    size = int(np.prod(dims, dtype=np.int64))
+    if len(raw) - header != size:
+        raise BalpoeError(f"IDX file {path} has {len(raw) - header} data bytes, header {dims} says {size}")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _read_split(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:
+    img_stem, lbl_stem = _STEMS[train]
+    img_path = _idx_file(folder, img_stem) or folder / (img_stem + ".gz")
+    lbl_path = _idx_file(folder, lbl_stem) or folder / (lbl_stem + ".gz")
+    images = read_idx(img_path, IMAGES_MAGIC)
+    labels = read_idx(lbl_path, LABELS_MAGIC)
+    if images.ndim != 3 or images.shape[1:] != (28, 28):
+        raise BalpoeError(f"IDX file {img_path} should hold N x 28 x 28 images, header says {list(images.shape)}")
+    if labels.ndim != 1 or len(labels) != len(images):
+        raise BalpoeError(f"IDX file {lbl_path} holds {labels.size} labels for {len(images)} images in {img_path}")
+    if len(labels) and labels.max() >= len(CLASS_NAMES):
+        raise BalpoeError(f"IDX file {lbl_path} has label {int(labels.max())}, Fashion-MNIST has 10 classes")
+    return images.reshape(-1, 1, 28, 28).copy(), labels.astype(np.int64)
+
+
+def load_fashion_mnist(root: str | Path | None, train: bool,
+                       download: bool = False) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Load Fashion-MNIST: images uint8 ``[N, 1, 28, 28]``, labels int64 ``[N]``, class names.
+
+    If no copy is found and ``download`` is true, torchvision downloads it into ``root`` (or
+    ``$BALPOE_DATA``, or ``./data``) under ``FashionMNIST/raw``.
+    """
+    folder = find_fashion_mnist(root)
+    if folder is None:
+        if not download:
+            looked = ", ".join(str(p) for p in fashion_mnist_search_paths(root))
+            raise BalpoeError(
+                f"Fashion-MNIST IDX files not found (looked in: {looked}); install them with "
+                f"`apt-get install dataset-fashion-mnist`, set ${ENV_VAR} to a folder holding them, "
+                f"or set data.download: true")
+        target = Path(root or os.environ.get(ENV_VAR) or "data").expanduser()
+        import torchvision
+
+        try:
+            torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
+        except Exception as e:
+            raise BalpoeError(f"could not download Fashion-MNIST into {target}: "
+                              f"{type(e).__name__}: {e}".replace("\n", " ")) from None
+        folder = target / "FashionMNIST" / "raw"
+        if not _complete(folder):
+            raise BalpoeError(f"Fashion-MNIST download finished but the IDX files are not in {folder}")
+    images, labels = _read_split(folder, train)
+    return images, labels, list(CLASS_NAMES)

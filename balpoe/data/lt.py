@@ -1,0 +1,75 @@
+"""Long-tailed subsampling (Cao et al. 2019, as in the official BalPoE/MiSLAS code) and class groups.
+
+Class ``i`` (0 = head) keeps ``n_i = int(n_max * (1/IF) ** (i / (C - 1)))`` images for the
+exponential profile; the step profile keeps ``n_max`` for the first half of the classes and
+``int(n_max / IF)`` for the rest.  Which images are kept follows the reference construction
+exactly: numpy's legacy global generator is seeded once with 0, then for each class in order
+its indices are shuffled with ``np.random.shuffle`` and the first ``n_i`` are kept.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from balpoe.errors import BalpoeError
+
+PROFILES = ("exp", "step")
+
+
+def lt_class_counts(n_max: int, num_classes: int, imb_factor: float, profile: str = "exp") -> list[int]:
+    """Per-class image counts of a long-tailed split (class 0 is the most frequent).
+
+    ``imb_factor`` is the imbalance ratio N_max / N_min (e.g. 100); ``imb_factor = 1`` is balanced.
+    """
+    if imb_factor < 1:
+        raise BalpoeError(f"imb_factor must be >= 1 (N_max / N_min), got {imb_factor}")
+    if profile not in PROFILES:
+        raise BalpoeError(f"imbalance profile must be one of {PROFILES}, got {profile!r}")
+    ratio = 1.0 / imb_factor
+    if profile == "exp":
+        if num_classes == 1:
+            return [int(n_max)]
+        return [int(n_max * ratio ** (i / (num_classes - 1.0))) for i in range(num_classes)]
+    half = num_classes // 2
+    return [int(n_max) if i < half else int(n_max * ratio) for i in range(num_classes)]
+
+
+def lt_subsample_indices(labels: np.ndarray | Sequence[int], counts: Sequence[int], seed: int = 0) -> np.ndarray:
+    """Indices of the images kept for a long-tailed split, exactly as the reference code picks them.
+
+    ``np.random.seed(seed)`` is called once (the reference calls it with 0, which also resets
+    numpy's global stream; we save and restore that state so callers are unaffected), then for
+    class ``c = 0, 1, ...`` the indices of that class are shuffled with ``np.random.shuffle`` and
+    the first ``counts[c]`` are kept.  The result is in that order (class by class).
+    """
+    labels = np.asarray(labels)
+    saved = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        kept = []
+        for c, n_c in enumerate(counts):
+            idx = np.where(labels == c)[0]
+            if n_c > len(idx):
+                raise BalpoeError(f"class {c} has {len(idx)} images, the long-tailed split asks for {n_c}")
+            np.random.shuffle(idx)
+            kept.append(idx[:n_c])
+    finally:
+        np.random.set_state(saved)
+    return np.concatenate(kept) if kept else np.zeros(0, dtype=np.int64)
+
+
+def class_groups(class_counts: torch.Tensor | Sequence[int], many_threshold: int = 100,
+                 few_threshold: int = 20) -> torch.Tensor:
+    """Group of each class by its training count: 0 = many (> many_threshold),
+    1 = medium (few_threshold..many_threshold), 2 = few (< few_threshold)."""
+    counts = torch.as_tensor(class_counts)
+    groups = torch.ones_like(counts, dtype=torch.long)
+    groups[counts > many_threshold] = 0
+    groups[counts < few_threshold] = 2
+    return groups
+
+
+GROUP_NAMES = ("many", "medium", "few")
