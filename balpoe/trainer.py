@@ -29,7 +29,7 @@ from balpoe.errors import BalpoeError
 from balpoe.losses import BalPoELoss, make_tau_list
 from balpoe.mixup import mixup_batch, mixup_targets
 from balpoe.models import MultiExpertNet, build_multi_expert
-from balpoe.recipe import Recipe, recipe_from_dict, warn_unbalanced_tau
+from balpoe.recipe import Recipe, warn_unbalanced_tau
 
 
 # ------------------------------------------------------------------------------------------------
@@ -267,10 +267,6 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
     dist.barrier()
     dist.shutdown()
     return report
-
-
-def load_recipe_from_checkpoint(ckpt: dict) -> Recipe:
-    return recipe_from_dict(ckpt["recipe"])
 
 
 __all__ = ["build_model", "build_optimizer", "build_scheduler", "expert_taus", "train", "train_one_epoch",
