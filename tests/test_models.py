@@ -133,3 +133,10 @@ def test_stage_split_keeps_timm_dropout():
     net.eval()
     with torch.no_grad():
         assert torch.equal(net.expert_features(x)[0], net.expert_features(x)[0])
+
+
+def test_flat_logits_is_the_sample_major_layout():
+    net = build_multi_expert("small_cnn", 5, num_experts=3, split="layer1", in_chans=1).eval()
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(net.flat_logits(x), net(x).transpose(0, 1))

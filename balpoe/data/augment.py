@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -30,8 +31,8 @@ def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch
         cols = torch.where(flips, cols.flip(1), cols)
     if not padding and not flip:
         return x
-    out = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # [B, H, W, C]
-    return out.permute(0, 3, 1, 2)
+    out = x[torch.arange(b, device=dev)[:, None, None], :, rows[:, :, None], cols[:, None, :]]
+    return rearrange(out, "b h w c -> b c h w")  # advanced indexing put the channel axis last
 
 
 def random_rotation(x: torch.Tensor, degrees: float, generator: torch.Generator) -> torch.Tensor:

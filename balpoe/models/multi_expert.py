@@ -22,6 +22,7 @@ from pathlib import Path
 import timm
 import torch
 import torch.nn as nn
+from einops import rearrange
 
 from balpoe.errors import BalpoeError
 from balpoe.models.heads import build_head
@@ -54,6 +55,10 @@ class MultiExpertNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Per-expert logits ``[E, B, C]``."""
         return torch.stack([head(f) for head, f in zip(self.heads, self.expert_features(x))])
+
+    def flat_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-expert logits laid out sample-major, ``[B, E, C]`` (the official code's ``logits``)."""
+        return rearrange(self(x), "e b c -> b e c")
 
     @staticmethod
     def ensemble(expert_logits: torch.Tensor) -> torch.Tensor:
