@@ -23,6 +23,7 @@ import torch
 
 from balpoe.calibration import apply_calibration, fit_bcts, fit_temperature
 from balpoe.errors import BalpoeError
+from balpoe.test_dists import check_prior
 
 PRIOR_FLOOR = 1e-8
 MODES = ("none", "known", "unlabelled", "labelled")
@@ -76,17 +77,8 @@ def _check_labels(labels: torch.Tensor, n: int, num_classes: int) -> torch.Tenso
 
 
 def normalize_prior(prior: Any, num_classes: int, what: str = "prior") -> torch.Tensor:
-    """Class weights -> float64 probability vector [C]; one-line BalpoeError if invalid."""
-    q = torch.as_tensor(prior, dtype=torch.float64).detach().cpu()
-    if q.ndim != 1:
-        raise BalpoeError(f"{what} must be a 1-D vector of class weights, got shape {tuple(q.shape)}")
-    if q.numel() != num_classes:
-        raise BalpoeError(f"{what} has {q.numel()} entries, expected one per class ({num_classes})")
-    if not torch.isfinite(q).all() or (q < 0).any():
-        raise BalpoeError(f"{what} weights must be finite and non-negative")
-    if q.sum() <= 0:
-        raise BalpoeError(f"{what} weights sum to 0")
-    return q / q.sum()
+    """Class weights -> float64 probability vector [C] (validated by :func:`check_prior`)."""
+    return torch.from_numpy(check_prior(prior, num_classes, what))
 
 
 def log_train_prior(class_counts: Any) -> torch.Tensor:

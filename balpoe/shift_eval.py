@@ -308,10 +308,6 @@ def adapt(selector: TauSelector, mode: str, logits: torch.Tensor, labels: torch.
     raise BalpoeError(f"--adapt must be one of {ADAPT_MODES}, got {mode!r}")
 
 
-def _row(logits, labels, class_counts, many, few) -> dict[str, Any]:
-    return classification_report(logits, labels, class_counts, many, few)
-
-
 def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_counts, targets: dict[str, TargetSet],
                      *, adapt_mode: str = "none", selector: TauSelector | None = None, lam_model: float = 0.0,
                      labels_per_class: int = 5, seed: int = 0, many_threshold: int = 100,
@@ -339,7 +335,7 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
         q_emp = empirical_prior(y, num_classes)
         tau_star = selector.best_tau(q_emp)
         if adapt_mode == "none":
-            row.update(_row(z, y, counts, many_threshold, few_threshold))
+            row.update(classification_report(z, y, counts, many_threshold, few_threshold))
             row["expert_acc"] = [float((e[idx].argmax(-1) == y).double().mean() * 100) for e in expert_logits]
             row.update({"tau": 1.0 - lam_model, "tau_star": tau_star})
             if keep is not None and t.name in keep:
@@ -351,8 +347,8 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
             seconds = time.perf_counter() - start
             y_eval = y if rest is None else y[rest]
             z_eval = z if rest is None else z[rest]
-            row.update(_row(res.logits, y_eval, counts, many_threshold, few_threshold))
-            before = _row(z_eval, y_eval, counts, many_threshold, few_threshold)
+            row.update(classification_report(res.logits, y_eval, counts, many_threshold, few_threshold))
+            before = classification_report(z_eval, y_eval, counts, many_threshold, few_threshold)
             row.update({"acc_before": before["acc"], "ece_before": before["ece"], "nll_before": before["nll"],
                         "tau": res.tau, "tau_star": tau_star, "temperature": res.temperature,
                         "seconds": seconds, "prior_used": [float(p) for p in res.prior]})

@@ -127,7 +127,9 @@ def test_subsets(labels: ArrayLike, class_counts: ArrayLike,
     return {n: test_subset_indices(labels, class_counts, n) for n in expanded}
 
 
-def _check_prior(prior: ArrayLike, num_classes: int | None = None, what: str = "prior") -> np.ndarray:
+def check_prior(prior: ArrayLike, num_classes: int | None = None, what: str = "prior") -> np.ndarray:
+    """Class weights -> float64 probability vector ``[C]``; one-line BalpoeError naming ``what`` if
+    the vector is not 1-D, has the wrong length, has negative/non-finite weights or sums to 0."""
     q = _as_numpy(prior, np.float64)
     if q.ndim != 1 or q.size == 0:
         raise BalpoeError(f"{what} must be a non-empty 1-D vector, got shape {tuple(q.shape)}")
@@ -152,7 +154,7 @@ def prior_subset_indices(labels: ArrayLike, prior: ArrayLike, seed: int = 0,
     labels = _as_numpy(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise BalpoeError("labels must be a non-empty 1-D vector")
-    q = _check_prior(prior)
+    q = check_prior(prior)
     num_classes = q.size
     if labels.min() < 0 or labels.max() >= num_classes:
         raise BalpoeError(f"labels must lie in [0, {num_classes}) to match a prior of length {num_classes}")
@@ -179,7 +181,7 @@ def dirichlet_prior(base_prior: ArrayLike, concentration: float, seed: int = 0) 
     """A Dirichlet perturbation of a prior profile (DirMixE protocol, notes §4):
     q ~ Dir(alpha) with alpha = base / sum(base) * concentration.  float64 [C], sums to 1.
     Classes with zero base weight get 0.  Own ``np.random.default_rng(seed)``."""
-    base = _check_prior(base_prior, what="base_prior")
+    base = check_prior(base_prior, what="base_prior")
     if not np.isfinite(concentration) or concentration <= 0:
         raise BalpoeError(f"Dirichlet concentration must be > 0, got {concentration}")
     alpha = base * concentration
