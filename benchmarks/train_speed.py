@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import pickle
 import platform
 import resource
 import sys
@@ -49,6 +48,8 @@ for p in (str(HERE.parent), str(HERE)):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from balpoe.data.cifar import save_cifar  # noqa: E402
 
 DEFAULT_RECIPE = {  # CIFAR-100-LT IR100 BalPoE, standard training (official config; balpoe-notes.md §3)
     "name": "cifar100_lt_ir100_balpoe",
@@ -82,20 +83,10 @@ def write_synthetic_cifar100(root: Path, train_counts: list[int], test_per_class
         labels = np.repeat(np.arange(num_classes), counts)
         rng.shuffle(labels)
         x = protos[labels] + rng.integers(-25, 26, size=(len(labels), 3, 32, 32), dtype=np.int16)
-        return np.clip(x, 0, 255).astype(np.uint8).reshape(len(labels), 3072), labels
+        return np.clip(x, 0, 255).astype(np.uint8), labels
 
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True, exist_ok=True)
-    for name, counts in (("train", train_counts), ("test", [test_per_class] * num_classes)):
-        data, labels = split(counts)
-        obj = {b"filenames": [b"%s_%06d.png" % (name.encode(), i) for i in range(len(labels))],
-               b"batch_label": name.encode(), b"fine_labels": labels.tolist(),
-               b"coarse_labels": (labels // 5).tolist(), b"data": data}
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f, protocol=2)
-    with open(folder / "meta", "wb") as f:
-        pickle.dump({b"fine_label_names": [b"synthetic_%02d" % c for c in range(num_classes)],
-                     b"coarse_label_names": [b"superclass_%02d" % c for c in range(20)]}, f, protocol=2)
+    data = [split(counts) for counts in (train_counts, [test_per_class] * num_classes)]
+    save_cifar(root, num_classes, *data, class_names=[f"synthetic_{c:02d}" for c in range(num_classes)])
     return root
 
 

@@ -14,7 +14,6 @@ only on the class index and image shape, so train and test share them.
 from __future__ import annotations
 
 import gzip
-import pickle
 from pathlib import Path
 from typing import Sequence
 
@@ -72,50 +71,14 @@ def _labels(counts: list[int], rng: np.random.Generator) -> np.ndarray:
     return labels
 
 
-def _dump(obj: dict, path: Path) -> None:
-    """Pickle protocol 2, as the original (Python 2) CIFAR files."""
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
 def write_cifar_arrays(root: str | Path, num_classes: int, train: tuple[np.ndarray, np.ndarray],
                        test: tuple[np.ndarray, np.ndarray], class_names: Sequence[str] | None = None) -> Path:
     """Write given ``(images uint8 [N, 3, 32, 32], labels [N])`` in the CIFAR-10/100 pickle layout
-    under ``root``; returns ``root``.  CIFAR-10's training set is split into five batches."""
-    if num_classes not in (10, 100):
-        raise ValueError("CIFAR has 10 or 100 classes")
-    root = Path(root)
-    (train_x, train_y), (test_x, test_y) = [(np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), 3072),
-                                            np.asarray(y, dtype=np.int64)) for x, y in (train, test)]
-    if class_names is None:
-        class_names = CIFAR10_NAMES if num_classes == 10 else [f"class_{c:02d}" for c in range(100)]
-    label_names = [n.encode() for n in class_names]
-
-    def names(prefix: bytes, n: int) -> list[bytes]:
-        return [b"%s_%06d.png" % (prefix, i) for i in range(n)]
-
-    if num_classes == 10:
-        folder = root / "cifar-10-batches-py"
-        folder.mkdir(parents=True, exist_ok=True)
-        parts = np.array_split(np.arange(len(train_y)), 5)
-        for i, idx in enumerate(parts, start=1):
-            _dump({b"batch_label": b"training batch %d of 5" % i, b"labels": train_y[idx].tolist(),
-                   b"data": train_x[idx], b"filenames": names(b"train%d" % i, len(idx))},
-                  folder / f"data_batch_{i}")
-        _dump({b"batch_label": b"testing batch 1 of 1", b"labels": test_y.tolist(),
-               b"data": test_x, b"filenames": names(b"test", len(test_y))}, folder / "test_batch")
-        _dump({b"num_cases_per_batch": len(parts[0]), b"num_vis": 3072, b"label_names": label_names},
-              folder / "batches.meta")
-    else:
-        folder = root / "cifar-100-python"
-        folder.mkdir(parents=True, exist_ok=True)
-        for split, y, x in (("train", train_y, train_x), ("test", test_y, test_x)):
-            _dump({b"filenames": names(split.encode(), len(y)), b"batch_label": split.encode(),
-                   b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x},
-                  folder / split)
-        _dump({b"fine_label_names": label_names,
-               b"coarse_label_names": [b"superclass_%02d" % c for c in range(20)]}, folder / "meta")
-    return root
+    under ``root`` (``balpoe.data.cifar.save_cifar``); returns ``root``."""
+    from balpoe.data.cifar import save_cifar
+    if class_names is None and num_classes == 10:
+        class_names = CIFAR10_NAMES
+    return save_cifar(root, num_classes, train, test, list(class_names) if class_names else None)
 
 
 def write_cifar(root: str | Path, num_classes: int, train_per_class: int | Sequence[int],

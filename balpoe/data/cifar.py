@@ -104,3 +104,48 @@ def load_cifar(root: str | Path, num_classes: int, train: bool,
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise BalpoeError(f"CIFAR-{num_classes} labels in {folder} fall outside 0..{num_classes - 1}")
     return images, labels, names
+
+
+def _dump(obj: dict, path: Path) -> None:
+    """Pickle protocol 2, as the original (Python 2) CIFAR files."""
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+def save_cifar(root: str | Path, num_classes: int, train: tuple[np.ndarray, np.ndarray],
+               test: tuple[np.ndarray, np.ndarray], class_names: list[str] | None = None) -> Path:
+    """Write ``(images uint8 [N, 3, 32, 32], labels [N])`` splits in the CIFAR-10/100 pickle layout
+    under ``root`` (the inverse of :func:`load_cifar`; CIFAR-10's training set in five batches,
+    CIFAR-100 with coarse labels ``fine // 5``); returns ``root``.  Used for synthetic data in the
+    real format (tests, the speed benchmark)."""
+    if num_classes not in _LAYOUT:
+        raise ValueError("CIFAR has 10 or 100 classes")
+    root = Path(root)
+    (train_x, train_y), (test_x, test_y) = [(np.ascontiguousarray(x, dtype=np.uint8).reshape(len(x), _IMAGE_BYTES),
+                                            np.asarray(y, dtype=np.int64)) for x, y in (train, test)]
+    class_names = class_names or [f"class_{c:02d}" for c in range(num_classes)]
+    label_names = [n.encode() for n in class_names]
+
+    def names(prefix: bytes, n: int) -> list[bytes]:
+        return [b"%s_%06d.png" % (prefix, i) for i in range(n)]
+
+    folder = root / _LAYOUT[num_classes][0]
+    folder.mkdir(parents=True, exist_ok=True)
+    if num_classes == 10:
+        parts = np.array_split(np.arange(len(train_y)), 5)
+        for i, idx in enumerate(parts, start=1):
+            _dump({b"batch_label": b"training batch %d of 5" % i, b"labels": train_y[idx].tolist(),
+                   b"data": train_x[idx], b"filenames": names(b"train%d" % i, len(idx))},
+                  folder / f"data_batch_{i}")
+        _dump({b"batch_label": b"testing batch 1 of 1", b"labels": test_y.tolist(),
+               b"data": test_x, b"filenames": names(b"test", len(test_y))}, folder / "test_batch")
+        _dump({b"num_cases_per_batch": len(parts[0]), b"num_vis": _IMAGE_BYTES, b"label_names": label_names},
+              folder / "batches.meta")
+    else:
+        for split, y, x in (("train", train_y, train_x), ("test", test_y, test_x)):
+            _dump({b"filenames": names(split.encode(), len(y)), b"batch_label": split.encode(),
+                   b"fine_labels": y.tolist(), b"coarse_labels": (y // 5).tolist(), b"data": x},
+                  folder / split)
+        _dump({b"fine_label_names": label_names,
+               b"coarse_label_names": [b"superclass_%02d" % c for c in range(20)]}, folder / "meta")
+    return root
