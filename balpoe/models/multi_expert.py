@@ -10,6 +10,10 @@
   branch comes from an independently initialised copy of the model, as in the official code where
   every expert's layers are created separately.
 
+With ``batched=True`` (recipe ``model.batched_experts``) the E branches run as one network of
+grouped convolutions (:class:`~balpoe.models.grouped.GroupedBranches`): same maths, same
+state-dict keys, one kernel per layer instead of E.
+
 ``forward`` returns per-expert logits ``[E, B, C]``; the ensemble logit is their mean
 (BalPoE: the product of the experts' softmax distributions, re-normalised).
 """
@@ -25,6 +29,7 @@ import torch.nn as nn
 from einops import rearrange
 
 from balpoe.errors import BalpoeError
+from balpoe.models.grouped import GroupedBranches
 from balpoe.models.heads import build_head
 
 # Importing registers our models in timm's registry.
@@ -33,15 +38,24 @@ from balpoe.models import small_cnn as _small_cnn  # noqa: F401
 
 
 class MultiExpertNet(nn.Module):
-    """Shared ``trunk`` -> per-expert ``branches[k]`` -> per-expert ``heads[k]``."""
+    """Shared ``trunk`` -> per-expert ``branches[k]`` -> per-expert ``heads[k]``.
 
-    def __init__(self, trunk: nn.Module, branches: list[nn.Module], heads: list[nn.Module]):
+    ``branches`` is a list of modules (run in a loop) or one :class:`GroupedBranches` (run at once).
+    """
+
+    def __init__(self, trunk: nn.Module, branches: list[nn.Module] | GroupedBranches, heads: list[nn.Module]):
         super().__init__()
-        if len(branches) != len(heads):
+        num_branches = branches.num_experts if isinstance(branches, GroupedBranches) else len(branches)
+        if num_branches != len(heads):
             raise ValueError("one branch per head")
         self.trunk = trunk
-        self.branches = nn.ModuleList(branches)
+        self.branches = branches if isinstance(branches, GroupedBranches) else nn.ModuleList(branches)
         self.heads = nn.ModuleList(heads)
+
+    @property
+    def batched(self) -> bool:
+        """Whether the expert branches run together as grouped convolutions."""
+        return isinstance(self.branches, GroupedBranches)
 
     @property
     def num_experts(self) -> int:
@@ -50,6 +64,8 @@ class MultiExpertNet(nn.Module):
     def expert_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Pooled features ``[B, D]`` of each expert."""
         shared = self.trunk(x)
+        if self.batched:
+            return list(self.branches(shared).unbind(0))
         return [branch(shared) for branch in self.branches]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,8 +133,12 @@ def split_children(model: nn.Module, split: str) -> tuple[nn.Sequential, nn.Sequ
 
 def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, split: str = "head",
                        head: str = "cosine", scale: float = 30.0, in_chans: int = 3,
-                       pretrained_file: str | None = None, kwargs: dict | None = None) -> MultiExpertNet:
-    """Build a :class:`MultiExpertNet` from a timm model name."""
+                       pretrained_file: str | None = None, kwargs: dict | None = None,
+                       batched: bool = False) -> MultiExpertNet:
+    """Build a :class:`MultiExpertNet` from a timm model name.
+
+    The branches are built (and initialised) one by one in both modes, so a seed gives the same
+    initial weights with ``batched`` on or off."""
     kwargs = dict(kwargs or {})
     first = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
     # timm: pooled pre-logit width is ``head_hidden_size`` where a model has a pre-logits layer.
@@ -132,4 +152,9 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
             other = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
             branches.append(split_children(other, split)[1])
     heads = [build_head(head, num_features, num_classes, scale) for _ in range(num_experts)]
+    if batched:
+        if split == "head":
+            raise BalpoeError("model.batched_experts needs model.split to name a backbone stage: with split 'head' "
+                              "the experts own only their heads and there are no branches to batch")
+        branches = GroupedBranches(branches)
     return MultiExpertNet(trunk, branches, heads)
