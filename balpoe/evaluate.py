@@ -16,6 +16,7 @@ from balpoe.checkpoint import atomic_write_text, load_checkpoint
 from balpoe.console import console, metrics_table
 from balpoe.data.build import DataBundle, build_data, build_loader
 from balpoe.metrics import accuracy, classification_report
+from balpoe.precision import autocast, use_amp
 from balpoe.recipe import Recipe, recipe_from_dict
 
 REPORT_COLUMNS = ["n", "acc", "many", "medium", "few", "ece", "mce", "nll", "brier"]
@@ -23,11 +24,13 @@ REPORT_COLUMNS = ["n", "acc", "many", "medium", "few", "ece", "mce", "nll", "bri
 
 @torch.no_grad()
 def collect_logits(model: torch.nn.Module, loader, device: torch.device, amp: bool = False):
-    """Per-expert logits ``[E, N, C]`` (float32, CPU) and labels ``[N]`` of everything in ``loader``."""
+    """Per-expert logits ``[E, N, C]`` (float32, CPU) and labels ``[N]`` of everything in ``loader``;
+    ``amp``: bf16 autocast where the device has native bf16 (:func:`balpoe.precision.use_amp`)."""
     model.eval()
+    amp = use_amp(device, amp, warn=False)
     outs, labels = [], []
     for x, y in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and device.type == "cuda"):
+        with autocast(device, amp):
             logits = model(x.to(device, non_blocking=True))
         outs.append(logits.float())
         labels.append(y)

@@ -39,7 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.models.heads import CosineHead
+from balpoe.models.heads import CosineHead, float32_head
 
 MODES = ("mislas", "lws", "crt")
 
@@ -116,11 +116,13 @@ class LWSDeltaHead(nn.Module):
         return self.delta_bias if self.a == 0 else self.bias + self.delta_bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear":
-            z = F.linear(x, self.class_vectors(), self.class_bias())
-        else:
-            z = self.cosine_scale * F.linear(F.normalize(x, dim=-1), self.class_vectors())
-        return z * self.class_scale
+        with float32_head(x):  # float32 under autocast, as the stage-1 heads
+            x = x.to(self.weight.dtype)
+            if self.kind == "linear":
+                z = F.linear(x, self.class_vectors(), self.class_bias())
+            else:
+                z = self.cosine_scale * F.linear(F.normalize(x, dim=-1), self.class_vectors())
+            return z * self.class_scale
 
     def delta_parameters(self) -> list[nn.Parameter]:
         """The learnable ``dW`` tensors (``delta_weight``, ``delta_bias``); empty in lws mode."""
