@@ -67,6 +67,8 @@ class ModelConfig:
     head: str = _f("cosine", choices=("linear", "cosine"))
     scale: float = _f(30.0, gt=0, doc="cosine head scale s")
     pretrained_file: Union[str, None] = _f(None, doc="local state_dict to load into the backbone")
+    batched_experts: bool = _f(False, doc="run the expert branches together as grouped convolutions "
+                                          "(same maths and checkpoint keys; a GPU speed lever)")
     kwargs: dict = _f(default_factory=dict, doc="extra keyword arguments for timm.create_model")
 
 
@@ -97,9 +99,12 @@ class OptimConfig:
 class TrainConfig:
     mixup_alpha: float = _f(0.4, min=0, doc="Beta(alpha, alpha) mixup; 0 turns mixup off")
     device: str = _f("auto", doc="auto, cpu, cuda, cuda:N")
-    amp: bool = _f(False, doc="bf16 autocast on CUDA")
+    amp: bool = _f(False, doc="bf16 autocast where native: CUDA, AVX512-BF16/AMX CPUs (heads, loss in fp32)")
     channels_last: bool = _f(False)
     compile: bool = _f(False, doc="torch.compile the model")
+    compile_mode: str = _f("default", choices=("default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"),
+                           doc="torch.compile mode ('reduce-overhead': CUDA graphs)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under torchrun")
     checkpoint_every: int = _f(10, min=1)
     eval_every: int = _f(0, min=0, doc="evaluate on the test set every N epochs (0: only at the end)")

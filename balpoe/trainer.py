@@ -29,6 +29,7 @@ from balpoe.errors import BalpoeError
 from balpoe.losses import BalPoELoss, make_tau_list
 from balpoe.mixup import mixup_batch, mixup_targets
 from balpoe.models import MultiExpertNet, build_multi_expert
+from balpoe.precision import autocast, use_amp
 from balpoe.recipe import Recipe, warn_unbalanced_tau
 
 
@@ -59,7 +60,7 @@ def build_model(recipe: Recipe, num_classes: int, in_chans: int) -> MultiExpertN
     """The stage-1 multi-expert network described by ``recipe.model``."""
     m = recipe.model
     return build_multi_expert(m.backbone, num_classes, m.num_experts, m.split, m.head, m.scale, in_chans,
-                              m.pretrained_file, m.kwargs)
+                              m.pretrained_file, m.kwargs, batched=m.batched_experts)
 
 
 def build_optimizer(recipe: Recipe, params) -> torch.optim.Optimizer:
@@ -110,7 +111,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         if mixup_alpha > 0:
             x, y_a, y_b, lam = mixup_batch(x, y, mixup_alpha, mix_rng, mix_gen)
             target = mixup_targets(y_a, y_b, lam, num_classes)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with autocast(device, amp):
             logits = model(x)
         loss = criterion(logits, target)
         optimizer.zero_grad(set_to_none=True)
@@ -201,6 +202,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
     start_epoch = 0
     if resume_from is not None:
         ckpt = load_checkpoint(resume_from, map_location=device)
+        was_batched = bool(ckpt["recipe"].get("model", {}).get("batched_experts", False))
+        if recipe.stage == 1 and was_batched != recipe.model.batched_experts:
+            # the weights would load (same keys) but the optimizer state is per parameter tensor
+            raise BalpoeError(f"--resume: recipe key 'model.batched_experts' is {recipe.model.batched_experts} but "
+                              f"'{resume_from}' was trained with {was_batched}; resume with the same setting")
         if is_main and ckpt["recipe"] != recipe.to_dict():
             warnings.warn(f"--resume: the recipe differs from the one '{resume_from}' was trained with; "
                           "continuing with the new recipe", stacklevel=2)
@@ -213,9 +219,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
         atomic_write_text(recipe.to_yaml(), out / "recipe.yaml")
 
     model = dist.wrap_model(model, device, sync_bn=tc.sync_bn)
-    train_model = torch.compile(model) if tc.compile else model
+    # static shapes: the last, smaller batch gets its own graph instead of a slower dynamic one
+    train_model = torch.compile(model, mode=tc.compile_mode, dynamic=False) if tc.compile else model
     epochs = recipe.optim.epochs
-    amp = tc.amp and device.type == "cuda"
+    amp = use_amp(device, tc.amp, warn=is_main)  # bf16 where native (CUDA; AVX512-BF16 / AMX CPUs)
 
     progress = training_progress() if (show_progress and is_main) else None
     task = None
