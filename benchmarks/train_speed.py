@@ -18,10 +18,31 @@ counts the main process only, not DataLoader workers.
 * **fast**: the library's trainer pieces -- ``build_data`` / ``build_loader`` (the device-resident
   loader with batched augmentation for in-memory datasets), ``build_model``, ``BalPoELoss``,
   ``build_optimizer`` and ``train_one_epoch`` (one host sync per epoch) -- with optional
-  ``--amp`` (bf16 autocast, CUDA only, as the trainer), ``--channels-last``, ``--compile``.
+  ``--amp`` (bf16 autocast where the trainer uses it), ``--channels-last``, ``--compile``
+  (``--compile-mode``).
 * **reference** (``--reference``): ``reference_balpoe.py``, a plain-PyTorch re-implementation of
   the official BalPoE step (PIL/torchvision DataLoader with 4 workers, fp32, NCHW, no compile,
   global-RNG mixup, per-expert loss loop, ``.item()`` every step).
+
+Tuning and explaining (issue #5):
+
+* ``--compile-mode {default,reduce-overhead,max-autotune,max-autotune-no-cudagraphs}``: the mode of
+  ``--compile`` (a mode other than ``default`` implies ``--compile``; ``reduce-overhead`` = CUDA graphs);
+* ``--levers``: the fast path several times in one process on the same data, switching speed levers
+  on cumulatively -- eager fp32 NCHW, +bf16 autocast (where the trainer uses it), +channels_last,
+  +batched experts (recipe key ``model.batched_experts``, skipped with a note where the recipe has no
+  such key),
+  +torch.compile, +compile mode reduce-overhead (CUDA) -- one table with s/epoch, img/s, peak memory
+  and the speed-up vs the previous row, the first row and (``--reference``) the reference;
+  ``--skip-levers compile,reduce-overhead`` leaves some out;
+* ``--profile N``: after the timed epochs, N training steps under ``torch.profiler``
+  (``profile_step.py``): the top ops/kernels by self device time (CUDA) or self CPU time (CPU), the
+  time by category and, on CUDA, the GPU busy fraction and kernel launches per step; ``--trace
+  PATH`` (``.json`` or ``.json.gz``) writes the chrome trace.  With ``--levers`` every lever is
+  profiled and the fastest one's tables are printed;
+* ``--write-synthetic DIR``: write the synthetic CIFAR-100-LT below and exit, for an end-to-end
+  ``python -m balpoe train recipes/balpoe/cifar100_lt_ir100.yaml --set data.root=DIR --set
+  data.download=false``.
 
 ``--synthetic`` writes CIFAR-100 in the real python-pickle layout (``cifar-100-python/{train,
 test,meta}``) with exactly the CIFAR-100-LT counts of ``data.imb_factor`` (IR100: 10,847 training
@@ -32,14 +53,18 @@ plus noise, NOT the real CIFAR-100: use it for speed, never for accuracy.
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import gc
 import json
 import platform
 import resource
+import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 HERE = Path(__file__).resolve().parent
 for p in (str(HERE.parent), str(HERE)):
@@ -132,8 +157,10 @@ def cpu_seconds() -> float:
     return time.process_time() + children.ru_utime + children.ru_stime
 
 
-def timed_epochs(run_epoch, warmup: int, epochs: int, device: torch.device) -> list[dict]:
-    """Run ``warmup + epochs`` epochs; the timed ones give ``{'seconds', 'cpu_seconds', 'images', 'loss'}``.
+def timed_epochs(run_epoch, warmup: int, epochs: int, device: torch.device,
+                 warmup_seconds: list[float] | None = None) -> list[dict]:
+    """Run ``warmup + epochs`` epochs; the timed ones give ``{'seconds', 'cpu_seconds', 'images', 'loss'}``
+    (the warm-up epochs' wall seconds -- compilation included -- go to ``warmup_seconds``).
 
     ``cpu_seconds`` (all threads) hardly depends on other load on the machine: on a shared CPU,
     ``cpu_seconds / threads`` estimates the wall time the epoch would take on idle cores."""
@@ -144,6 +171,8 @@ def timed_epochs(run_epoch, warmup: int, epochs: int, device: torch.device) -> l
         stats = run_epoch(epoch)
         sync(device)
         seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
+        if epoch < warmup and warmup_seconds is not None:
+            warmup_seconds.append(seconds)
         if epoch >= warmup:
             rows.append({"seconds": seconds, "cpu_seconds": cpu, "images": int(stats["images"]),
                          "loss": float(stats["loss"])})
@@ -174,18 +203,83 @@ def summarise(rows: list[dict], device: torch.device, extra: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# Recipe helpers
+
+
+def recipe_has_key(recipe, dotted: str) -> bool:
+    """Whether the recipe dataclasses declare ``dotted`` (e.g. ``model.batched_experts``)."""
+    node = recipe
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            return False
+        node = getattr(node, part)
+    return True
+
+
+def amp_enabled(device: torch.device, requested: bool) -> bool:
+    """bf16 autocast as the trainer decides it (:func:`balpoe.precision.use_amp`: bf16 where native)."""
+    from balpoe.precision import use_amp
+    return use_amp(device, requested, warn=False)
+
+
+def with_overrides(recipe, overrides: list[str]):
+    """A validated copy of ``recipe`` with ``key=value`` overrides applied."""
+    from balpoe.recipe import apply_overrides, recipe_from_dict
+    if not overrides:
+        return recipe
+    return recipe_from_dict(apply_overrides(recipe.to_dict(), overrides))
+
+
+# ------------------------------------------------------------------------------------------------
 # The two modes
 
 
-def run_fast(bundle, recipe, device, args) -> dict:
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+BATCHED_KEY = "model.batched_experts"
+
+
+class FastSettings(NamedTuple):
+    """The speed switches of one fast-mode run (``batched_experts=None``: the recipe's own)."""
+    amp: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    compile_mode: str = "default"
+    foreach: str = "default"
+    batched_experts: bool | None = None
+
+
+class StepLoader:
+    """The first ``steps`` batches of ``loader``, going on into the next epochs when it runs out."""
+
+    def __init__(self, loader, steps: int, first_epoch: int):
+        self.loader, self.steps, self.first_epoch = loader, steps, first_epoch
+
+    def __iter__(self):
+        done, epoch = 0, self.first_epoch
+        while done < self.steps:
+            self.loader.set_epoch(epoch)
+            before = done
+            for batch in self.loader:
+                yield batch
+                done += 1
+                if done == self.steps:
+                    return
+            if done == before:  # an empty loader
+                return
+            epoch += 1
+
+
+def run_fast(bundle, recipe, device, args, settings: FastSettings, trace: str | None = None) -> dict:
+    """Time the library's training path with ``settings``; ``args.profile`` steps are profiled after it."""
     from balpoe.data.build import build_loader
     from balpoe.losses import BalPoELoss
     from balpoe.trainer import build_model, build_optimizer, expert_taus, train_one_epoch
 
     tc = recipe.train
-    amp = (args.amp or tc.amp) and device.type == "cuda"   # as the trainer: bf16 autocast on CUDA only
-    channels_last = args.channels_last or tc.channels_last
-    compile_ = args.compile or tc.compile
+    if settings.batched_experts is not None:
+        recipe = with_overrides(recipe, [f"{BATCHED_KEY}={str(settings.batched_experts).lower()}"])
+    amp = amp_enabled(device, settings.amp)   # as the trainer
+    channels_last, compile_ = settings.channels_last, settings.compile
     reset_peak_memory(device)
     torch.manual_seed(recipe.seed)
     loader = build_loader(bundle, "train", recipe.optim.batch_size, recipe.data, train=True, seed=recipe.seed,
@@ -195,10 +289,15 @@ def run_fast(bundle, recipe, device, args) -> dict:
         model = model.to(memory_format=torch.channels_last)
     criterion = BalPoELoss(bundle.class_counts, expert_taus(recipe)).to(device)
     optimizer = build_optimizer(recipe, model.parameters())
-    if args.foreach != "default":
+    if settings.foreach != "default":
         for group in optimizer.param_groups:
-            group["foreach"] = args.foreach == "on"
-    train_model = torch.compile(model) if compile_ else model
+            group["foreach"] = settings.foreach == "on"
+    if compile_:
+        torch._dynamo.reset()  # a fresh cache per run: no stale guards, no recompile limit from earlier runs
+        # as the trainer: static shapes (the last, smaller batch gets its own graph)
+        train_model = torch.compile(model, mode=settings.compile_mode, dynamic=False)
+    else:
+        train_model = model
 
     def epoch_fn(epoch):
         loader.set_epoch(epoch)
@@ -206,12 +305,30 @@ def run_fast(bundle, recipe, device, args) -> dict:
         return train_one_epoch(train_model, loader, criterion, optimizer, bundle.num_classes, tc.mixup_alpha,
                                recipe.seed, epoch, amp)
 
-    rows = timed_epochs(epoch_fn, args.warmup_epochs, args.epochs, device)
-    extra = {"settings": {"loader": type(loader).__name__, "amp_bf16": amp, "channels_last": channels_last,
-                          "compile": compile_, "foreach": args.foreach}}
+    warmup_seconds: list[float] = []
+    rows = timed_epochs(epoch_fn, args.warmup_epochs, args.epochs, device, warmup_seconds)
+    extra = {"warmup_epoch_seconds": warmup_seconds,
+             "settings": {"loader": type(loader).__name__, "amp_bf16": amp, "channels_last": channels_last,
+                          "compile": compile_, "compile_mode": settings.compile_mode if compile_ else None,
+                          "foreach": settings.foreach,
+                          "batched_experts": getattr(recipe.model, "batched_experts", None)}}
     if args.breakdown:
         extra.update(loader_seconds(loader, device))
-    return summarise(rows, device, extra)
+    result = summarise(rows, device, extra)  # before profiling: the profiler's memory is not the run's
+    result["steps_per_epoch"] = len(loader)
+    if args.profile:
+        from profile_step import profile_steps
+
+        next_epoch = args.warmup_epochs + args.epochs
+
+        def run_steps(n: int) -> None:
+            model.train()
+            train_one_epoch(train_model, StepLoader(loader, n, next_epoch), criterion, optimizer, bundle.num_classes,
+                            tc.mixup_alpha, recipe.seed, next_epoch, amp)
+
+        result["profile"] = profile_steps(run_steps, args.profile, device, top=args.profile_top,
+                                          trace=trace)
+    return result
 
 
 def run_reference(bundle, recipe, device, args) -> dict:
@@ -243,6 +360,87 @@ def run_reference(bundle, recipe, device, args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------
+# Levers: the fast path with the speed switches turned on one after the other
+
+#: (key for --skip-levers, row label, the switch it adds)
+LEVERS: tuple[tuple[str, str, dict], ...] = (
+    ("eager", "eager fp32 NCHW", {}),
+    ("amp", "+bf16 autocast", {"amp": True}),
+    ("channels_last", "+channels_last", {"channels_last": True}),
+    ("batched_experts", "+batched experts", {"batched_experts": True}),
+    ("compile", "+torch.compile", {"compile": True}),
+    ("reduce-overhead", "+compile mode reduce-overhead", {"compile_mode": "reduce-overhead"}),
+)
+LEVER_KEYS = tuple(k for k, _, _ in LEVERS)
+
+
+def lever_plan(recipe, device: torch.device, skip: set[str], foreach: str = "default"):
+    """``([(key, label, FastSettings)], [{'lever', 'reason'}])``: the cumulative settings of every
+    applicable lever, and the levers left out with the reason."""
+    has_batched = recipe_has_key(recipe, BATCHED_KEY)
+    settings = FastSettings(foreach=foreach, batched_experts=False if has_batched else None)
+    plan, skipped = [], []
+    for key, label, change in LEVERS:
+        reason = None
+        if key in skip:
+            reason = "left out by --skip-levers"
+        elif key == "amp" and not amp_enabled(device, True):
+            reason = f"no native bf16 on this {device.type} device (the trainer would run fp32)"
+        elif key == "batched_experts" and not has_batched:
+            reason = f"the recipe has no key '{BATCHED_KEY}' (balpoe.recipe.ModelConfig) in this checkout"
+        elif key == "reduce-overhead" and device.type != "cuda":
+            reason = "CUDA only (CUDA graphs)"
+        elif key == "reduce-overhead" and not settings.compile:
+            reason = "needs the torch.compile lever"
+        if reason:
+            skipped.append({"lever": label, "key": key, "reason": reason})
+            continue
+        settings = settings._replace(**change)
+        plan.append((key, label, settings))
+    return plan, skipped
+
+
+def print_levers(result: dict, console) -> None:
+    from rich.table import Table
+    rows = result["levers"]
+    data = result["data"]
+    epochs = result["recipe_epochs"]
+    profiled = any("profile" in r for r in rows)
+    on_cuda = any(r["peak_mem_kind"] == "cuda_max_allocated" for r in rows)
+    title = (f"speed levers, cumulative: {data['dataset']}, {data['images_per_epoch']:,} images/epoch on "
+             f"{result['device']}" + (" [bold red](SYNTHETIC data)[/]" if data["synthetic"] else ""))
+    table = Table(title=title)
+    cols = ["lever", "s/epoch", "img/s", "peak mem (MiB)", "vs previous", "vs first"]
+    if result["modes"].get("reference"):
+        cols.append("vs reference")
+    if profiled:
+        cols += ["ms/step", "GPU busy", "kernels/step"] if on_cuda else ["ms/step", "op CPU/wall"]
+    if data["limit"] is None:
+        cols.append(f"{epochs} epochs")
+    for col in cols:
+        table.add_column(col, justify="left" if col == "lever" else "right")
+    for r in rows:
+        cells = [r["lever"], f"{r['s_per_epoch']:.3f}", f"{r['img_per_s']:,.0f}",
+                 f"{r['peak_mem_mib']:,.0f}" + ("" if r["peak_mem_kind"] == "cuda_max_allocated" else " RSS"),
+                 f"{r['speedup_vs_previous']:.2f}x", f"{r['speedup_vs_first']:.2f}x"]
+        if "vs reference" in cols:
+            cells.append(f"{r['speedup_vs_reference']:.2f}x")
+        if profiled:
+            p = r.get("profile") or {}
+            cells.append(f"{p['wall_ms_per_step']:.2f}" if p else "-")
+            if on_cuda:
+                cells += [f"{p['gpu_busy_fraction']:.0%}" if p else "-", f"{p['kernels_per_step']:.0f}" if p else "-"]
+            else:
+                cells.append(f"{p['op_cpu_fraction']:.0%}" if p else "-")
+        if data["limit"] is None:
+            cells.append(f"{r['projected_run_s']:.0f} s")
+        table.add_row(*cells)
+    console.print(table)
+    for s in result["levers_skipped"]:
+        console.print(f"not in the table: {s['lever']} ({s['reason']})")
+
+
+# ------------------------------------------------------------------------------------------------
 
 
 def load_bench_recipe(args):
@@ -252,7 +450,6 @@ def load_bench_recipe(args):
         overrides += ["data.dataset=cifar100"]
     if args.recipe:
         return load_recipe(args.recipe, overrides)
-    import copy
     return recipe_from_dict(apply_overrides(copy.deepcopy(DEFAULT_RECIPE), overrides))
 
 
@@ -262,10 +459,24 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def print_results(result: dict) -> None:
+def make_console():
     from rich.console import Console
+    return Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping when piped
+
+
+def settings_text(st: dict) -> str:
+    flags = [k for k in ("amp_bf16", "channels_last") if st.get(k)]
+    if st.get("batched_experts"):
+        flags.append("batched_experts")
+    if st.get("compile"):
+        mode = st.get("compile_mode") or "default"
+        flags.append("compile" if mode == "default" else f"compile({mode})")
+    return ", ".join([st["loader"]] + flags + ([f"foreach={st['foreach']}"] if st["foreach"] != "default" else []))
+
+
+def print_results(result: dict, console=None) -> None:
     from rich.table import Table
-    console = Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping when piped
+    console = console or make_console()
     data = result["data"]
     title = (f"{result['recipe']}: {data['dataset']}, {data['images_per_epoch']:,} images/epoch on "
              f"{result['device']}" + (" [bold red](SYNTHETIC data)[/]" if data["synthetic"] else ""))
@@ -274,22 +485,79 @@ def print_results(result: dict) -> None:
                 "final loss"):
         table.add_column(col, justify="left" if col in ("mode", "settings") else "right")
     for mode, r in result["modes"].items():
-        st = r["settings"]
-        settings = ", ".join([st["loader"]] + [k for k in ("amp_bf16", "channels_last", "compile") if st[k]]
-                             + ([f"foreach={st['foreach']}"] if st["foreach"] != "default" else []))
         loader_s = r.get("loader_s_per_epoch")
-        table.add_row(mode, settings, f"{r['s_per_epoch']:.3f}", f"{r['img_per_s']:,.0f}",
-                      f"{r['cpu_s_per_epoch']:.2f}",
+        table.add_row(mode + (f" (best lever: {r['lever']})" if r.get("lever") else ""), settings_text(r["settings"]),
+                      f"{r['s_per_epoch']:.3f}", f"{r['img_per_s']:,.0f}", f"{r['cpu_s_per_epoch']:.2f}",
                       f"{r['peak_mem_mib']:,.0f}" + ("" if r["peak_mem_kind"] == "cuda_max_allocated" else " RSS"),
                       "-" if loader_s is None else f"{loader_s:.3f}", f"{r['final_loss']:.4f}")
     console.print(table)
     if data["synthetic"]:
         console.print(f"data: {SYNTHETIC_NOTE}")
     console.print(f"timed epochs: {result['epochs']} after {result['warmup_epochs']} warm-up epoch(s)")
+    for mode, r in result["modes"].items():
+        if r.get("projected_run_s") is not None:
+            console.print(f"{mode}: {result['recipe_epochs']} epochs x {r['s_per_epoch']:.3f} s/epoch = "
+                          f"{r['projected_run_s']:.1f} s ({r['projected_run_s'] / 60:.2f} min) of training steps")
     if result.get("speedup") is not None:
         console.print(f"speed-up (fast img/s / reference img/s): {result['speedup']:.2f}x")
         console.print(f"CPU-time ratio (reference / fast CPU s per epoch, robust to other load on a shared "
                       f"CPU): {result['cpu_time_ratio']:.2f}x")
+
+
+def write_synthetic_main(args, recipe, console) -> dict:
+    """``--write-synthetic DIR``: the synthetic CIFAR-100-LT of the recipe's imbalance, then exit."""
+    from balpoe.data.lt import lt_class_counts
+    counts = lt_class_counts(500, 100, recipe.data.imb_factor, recipe.data.imb_profile)
+    root = write_synthetic_cifar100(Path(args.write_synthetic), counts, args.synthetic_test_per_class,
+                                    seed=recipe.seed)
+    result = {"benchmark": "train_speed", "written": str(root), "folder": str(root / "cifar-100-python"),
+              "train_images": int(sum(counts)), "test_images": 100 * args.synthetic_test_per_class,
+              "imb_factor": recipe.data.imb_factor, "class_counts": counts, "note": SYNTHETIC_NOTE}
+    console.print(f"wrote {result['train_images']:,} training and {result['test_images']:,} test images "
+                  f"(CIFAR-100-LT IR{recipe.data.imb_factor:g}, {SYNTHETIC_NOTE}) to {result['folder']}")
+    console.print(f"train on it: python -m balpoe train recipes/balpoe/cifar100_lt_ir100.yaml "
+                  f"--set data.root={root} --set data.download=false --out runs/synthetic")
+    return result
+
+
+def build_result(args, recipe, bundle, device, modes: dict, levers: list | None, skipped: list,
+                 partial: bool = False) -> dict:
+    """The JSON result (also written after every lever, ``partial: true``, so a killed run leaves data)."""
+    if levers:
+        modes = {"fast": max(levers, key=lambda r: r["img_per_s"]), **{k: v for k, v in modes.items() if k != "fast"}}
+    for r in list(modes.values()) + (levers or []):
+        r["projected_run_s"] = recipe.optim.epochs * r["s_per_epoch"] if not args.limit else None
+    speedup = cpu_ratio = None
+    if "fast" in modes and "reference" in modes:
+        speedup = modes["fast"]["img_per_s"] / modes["reference"]["img_per_s"]
+        cpu_ratio = modes["reference"]["cpu_s_per_epoch"] / modes["fast"]["cpu_s_per_epoch"]
+    result = {
+        "benchmark": "train_speed", "recipe": recipe.name, "device": device_description(device),
+        "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "data": {"dataset": recipe.data.dataset, "synthetic": bool(args.synthetic),
+                 "note": SYNTHETIC_NOTE if args.synthetic else "real data",
+                 "images_per_epoch": len(bundle.train), "limit": args.limit or None},
+        "model": {"backbone": recipe.model.backbone, "num_experts": recipe.model.num_experts,
+                  "split": recipe.model.split, "batch_size": recipe.optim.batch_size,
+                  "batched_experts": getattr(recipe.model, "batched_experts", None)},
+        "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "recipe_epochs": recipe.optim.epochs,
+        "modes": modes, "speedup": speedup, "cpu_time_ratio": cpu_ratio,
+    }
+    if levers is not None:
+        result.update(levers=levers, levers_skipped=skipped,
+                      best_lever=modes["fast"]["lever"] if "fast" in modes else None)
+    if partial:
+        result["partial"] = True
+    return result
+
+
+def _skip_list(text: str) -> set[str]:
+    keys = {k.strip() for k in text.split(",") if k.strip()}
+    unknown = keys - set(LEVER_KEYS)
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown lever(s) {', '.join(sorted(unknown))}; "
+                                         f"choose from {', '.join(LEVER_KEYS)}")
+    return keys
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -299,29 +567,55 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--synthetic", action="store_true", help="write and use synthetic CIFAR-100 (real pickle format)")
     ap.add_argument("--synthetic-test-per-class", type=int, default=10)
+    ap.add_argument("--write-synthetic", metavar="DIR",
+                    help="write the synthetic CIFAR-100-LT into DIR (DIR/cifar-100-python) and exit")
     ap.add_argument("--epochs", type=int, default=2, help="timed epochs per mode")
     ap.add_argument("--warmup-epochs", type=int, default=1, help="untimed epochs first")
     ap.add_argument("--limit", type=int, default=0, help="use only this many training images (smoke tests)")
     ap.add_argument("--device", default=None, help="auto, cpu, cuda, cuda:N (default: the recipe's)")
     ap.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: recipe / torch default)")
-    ap.add_argument("--amp", action="store_true", help="fast mode: bf16 autocast (CUDA)")
+    ap.add_argument("--amp", action="store_true", help="fast mode: bf16 autocast (where the trainer uses it)")
     ap.add_argument("--channels-last", action="store_true", help="fast mode: channels_last model and batches")
     ap.add_argument("--compile", action="store_true", help="fast mode: torch.compile the model")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                    help="torch.compile mode (reduce-overhead: CUDA graphs); a mode other than default implies "
+                         "--compile")
     ap.add_argument("--foreach", choices=("default", "on", "off"), default="default",
                     help="fast mode: SGD foreach (multi-tensor) implementation")
     ap.add_argument("--no-fast", action="store_true", help="skip the fast mode")
+    ap.add_argument("--levers", action="store_true",
+                    help="fast mode once per speed lever, cumulatively (eager -> amp -> channels_last -> batched "
+                         "experts -> compile -> reduce-overhead), one table")
+    ap.add_argument("--skip-levers", type=_skip_list, default=set(), metavar="KEYS",
+                    help=f"comma-separated levers to leave out of --levers ({', '.join(LEVER_KEYS)})")
     ap.add_argument("--reference", action="store_true", help="also run the official-style reference")
     ap.add_argument("--ref-workers", type=int, default=4, help="reference DataLoader workers")
     ap.add_argument("--breakdown", action="store_true", help="also time one epoch of the loader alone")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed epochs, profile N training steps of the fast mode (torch.profiler)")
+    ap.add_argument("--profile-top", type=int, default=15, metavar="K", help="ops/kernels listed by --profile")
+    ap.add_argument("--trace", metavar="PATH", help="with --profile: write a chrome trace (.json or .json.gz)")
     ap.add_argument("--json", help="write the results as JSON here")
     args = ap.parse_args(argv)
+    if args.profile < 0 or args.epochs < 1 or args.warmup_epochs < 0:
+        ap.error("--profile and --warmup-epochs must be >= 0, --epochs >= 1")
+    if args.trace and not args.profile:
+        ap.error("--trace needs --profile N")
+    if args.levers and args.no_fast:
+        ap.error("--levers runs the fast path; drop --no-fast")
 
     from balpoe.data.build import build_data
     from balpoe.data.lt import lt_class_counts
     from balpoe.errors import BalpoeError
     from balpoe.trainer import resolve_device
 
+    console = make_console()
     recipe = load_bench_recipe(args)
+    if args.write_synthetic:
+        result = write_synthetic_main(args, recipe, console)
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        return result
     threads = args.threads or recipe.train.threads
     if threads:
         torch.set_num_threads(threads)
@@ -346,27 +640,63 @@ def main(argv: list[str] | None = None) -> dict:
         bundle.train = bundle.train.subset(keep.sort().values)
         bundle.class_counts = torch.bincount(bundle.train.labels.cpu(), minlength=bundle.num_classes)
 
-    modes = {}
-    if not args.no_fast:
-        modes["fast"] = run_fast(bundle, recipe, device, args)
-    if args.reference:
+    tc = recipe.train
+    # With --levers the trace (if any) is the fastest lever's: each lever writes its own, the best one is kept.
+    trace_dir = tempfile.TemporaryDirectory(prefix="balpoe-trace-") if (args.trace and args.levers) else None
+    modes, levers, skipped = {}, None, []
+    if args.reference:  # first, so that the lever rows can be compared with it
         modes["reference"] = run_reference(bundle, recipe, device, args)
-    speedup = cpu_ratio = None
-    if "fast" in modes and "reference" in modes:
-        speedup = modes["fast"]["img_per_s"] / modes["reference"]["img_per_s"]
-        cpu_ratio = modes["reference"]["cpu_s_per_epoch"] / modes["fast"]["cpu_s_per_epoch"]
-    result = {
-        "benchmark": "train_speed", "recipe": recipe.name, "device": device_description(device),
-        "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "data": {"dataset": recipe.data.dataset, "synthetic": bool(args.synthetic),
-                 "note": SYNTHETIC_NOTE if args.synthetic else "real data",
-                 "images_per_epoch": len(bundle.train), "limit": args.limit or None},
-        "model": {"backbone": recipe.model.backbone, "num_experts": recipe.model.num_experts,
-                  "split": recipe.model.split, "batch_size": recipe.optim.batch_size},
-        "epochs": args.epochs, "warmup_epochs": args.warmup_epochs, "modes": modes, "speedup": speedup,
-        "cpu_time_ratio": cpu_ratio,
-    }
-    print_results(result)
+    try:
+        if args.levers:
+            levers = []
+            plan, skipped = lever_plan(recipe, device, args.skip_levers, args.foreach)
+            for s in skipped:
+                console.print(f"lever {s['lever']!r} skipped: {s['reason']}")
+            if not plan:
+                raise BalpoeError("--levers: every lever is skipped; leave fewer out with --skip-levers")
+            for i, (key, label, settings) in enumerate(plan, 1):
+                console.print(f"lever {i}/{len(plan)}: {label}")
+                trace = (str(Path(trace_dir.name) / f"{i}{''.join(Path(args.trace).suffixes)}")
+                         if trace_dir is not None else None)
+                r = run_fast(bundle, recipe, device, args, settings, trace)
+                prev, first = (levers[-1] if levers else r), (levers[0] if levers else r)
+                r.update({"lever": label, "lever_key": key,
+                          "speedup_vs_previous": r["img_per_s"] / prev["img_per_s"],
+                          "speedup_vs_first": r["img_per_s"] / first["img_per_s"],
+                          "speedup_vs_reference": (r["img_per_s"] / modes["reference"]["img_per_s"]
+                                                   if "reference" in modes else None)})
+                levers.append(r)
+                console.print(f"lever {i}/{len(plan)}: {label}: {r['s_per_epoch']:.3f} s/epoch, "
+                              f"{r['img_per_s']:,.0f} img/s ({r['speedup_vs_previous']:.2f}x vs previous), "
+                              f"warm-up {', '.join(f'{w:.1f}' for w in r['warmup_epoch_seconds']) or '-'} s")
+                if args.json and i < len(plan):
+                    partial = build_result(args, recipe, bundle, device, modes, levers, skipped, partial=True)
+                    Path(args.json).write_text(json.dumps(partial, indent=2) + "\n")
+            best = max(levers, key=lambda r: r["img_per_s"])
+            if trace_dir is not None:
+                Path(args.trace).parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(best["profile"]["trace"], args.trace)  # tmp may be another file system
+                for r in levers:
+                    r["profile"]["trace"] = args.trace if r is best else None
+        elif not args.no_fast:
+            settings = FastSettings(amp=args.amp or tc.amp, channels_last=args.channels_last or tc.channels_last,
+                                    compile=args.compile or tc.compile or args.compile_mode != "default",
+                                    compile_mode=args.compile_mode if args.compile_mode != "default"
+                                    else tc.compile_mode, foreach=args.foreach)
+            modes = {"fast": run_fast(bundle, recipe, device, args, settings, args.trace), **modes}
+    finally:
+        if trace_dir is not None:
+            trace_dir.cleanup()
+
+    result = build_result(args, recipe, bundle, device, modes, levers, skipped)
+    modes = result["modes"]
+    if levers is not None:
+        print_levers(result, console)
+    print_results(result, console)
+    if args.profile and "fast" in modes:
+        from profile_step import print_profile
+        label = f"{modes['fast']['lever']}: " if levers is not None else "fast: "
+        print_profile(modes["fast"]["profile"], console, title=label)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return result

@@ -58,3 +58,126 @@ def test_synthetic_cifar100_is_real_format_and_lt_ir100_size(tmp_path):
     assert len(bundle.train) == 10_847 and bundle.train.images.shape[1:] == (3, 32, 32)
     assert bundle.class_counts[0] == 500 and bundle.class_counts[-1] == 5 and len(bundle.test) == 100
     assert bundle.train.images.dtype == torch.uint8
+
+
+# ------------------------------------------------------------------------------------------------
+# --profile, --levers, --write-synthetic (in-process: main(argv) returns the JSON dict; no --threads,
+# so the test process keeps its torch settings)
+
+TINY = ["--synthetic", "--synthetic-test-per-class", "1", "--limit", "64", "--epochs", "1", "--warmup-epochs", "0",
+        "--device", "cpu", "--set", "model.backbone=small_cnn", "--set", "model.kwargs={widths: [8, 16, 32]}",
+        "--set", "optim.batch_size=32"]
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("train_speed", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _check_top(profile: dict, steps: int) -> None:
+    top = profile["top"]
+    assert profile["steps"] == steps and 0 < len(top) <= 15
+    pcts = [r["pct"] for r in top]
+    assert all(0 < p <= 100 for p in pcts) and sum(pcts) <= 100 + 1e-6
+    assert pcts == sorted(pcts, reverse=True)
+    assert all(r["calls"] >= 1 and r["total_ms"] > 0 and r["name"] for r in top)
+    assert abs(sum(c["pct"] for c in profile["categories"]) - 100) < 1e-6
+    assert profile["wall_ms_per_step"] > 0 and profile["profiled_wall_ms_per_step"] > 0
+
+
+def test_profile_top_ops_cpu(tmp_path, capsys):
+    trace, out = tmp_path / "trace.json.gz", tmp_path / "p.json"
+    r = _load_script().main(TINY + ["--profile", "3", "--trace", str(trace), "--json", str(out)])
+    p = r["modes"]["fast"]["profile"]
+    _check_top(p, 3)
+    assert p["device"] == "cpu" and p["time_kind"] == "self CPU time" and 0 < p["op_cpu_fraction"]
+    assert any(row["name"].startswith("aten::") for row in p["top"])
+    assert json.loads(out.read_text())["modes"]["fast"]["profile"]["top"] == p["top"]
+    import gzip
+    assert "traceEvents" in json.loads(gzip.decompress(trace.read_bytes()))
+    text = capsys.readouterr().out
+    assert "top" in text and "ops by self CPU time over 3 steps" in text and "% of profiled" in text
+
+
+def test_profile_summary_cuda_events():
+    """The CUDA branch of the summary on hand-made events: kernels vs launches vs graph launches."""
+    from types import SimpleNamespace as E
+
+    from torch.autograd import DeviceType
+    sys.path.insert(0, str(SCRIPT.parent))
+    from profile_step import summarise_events
+
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [E(key="void cudnn::bn_fw_tr_1C11_kernel_NCHW", count=20, device_type=cuda, self_cpu_time_total=0,
+                self_device_time_total=2000.0),
+              E(key="sm90_xmma_fprop_implicit_gemm_bf16", count=10, device_type=cuda, self_cpu_time_total=0,
+                self_device_time_total=6000.0),
+              E(key="Memcpy HtoD (Pageable -> Device)", count=2, device_type=cuda, self_cpu_time_total=0,
+                self_device_time_total=0.0),
+              E(key="cudaLaunchKernel", count=30, device_type=cpu, self_cpu_time_total=900, self_device_time_total=0),
+              E(key="cudaGraphLaunch", count=2, device_type=cpu, self_cpu_time_total=50, self_device_time_total=0),
+              E(key="aten::cudnn_convolution", count=10, device_type=cpu, self_cpu_time_total=500,
+                self_device_time_total=6000.0)]
+    p = summarise_events(events, steps=2, on_cuda=True, plain_s=0.010, profiled_s=0.016)
+    _check_top(p, 2)
+    assert [r["name"] for r in p["top"]] == ["sm90_xmma_fprop_implicit_gemm_bf16",
+                                             "void cudnn::bn_fw_tr_1C11_kernel_NCHW"]
+    assert [r["pct"] for r in p["top"]] == [75.0, 25.0]
+    assert p["kernel_ms_per_step"] == 4.0 and p["kernels_per_step"] == 15 and p["launch_calls_per_step"] == 15
+    assert p["graph_launches_per_step"] == 1 and p["gpu_busy_fraction"] == 0.5
+    assert p["gpu_busy_fraction_unprofiled_wall"] == 0.8
+    assert {c["category"] for c in p["categories"]} == {"convolution / matmul", "batch norm"}
+
+
+def test_levers_one_row_per_applicable_lever(capsys):
+    mod = _load_script()
+    r = mod.main(TINY + ["--levers", "--skip-levers", "compile"])
+    from balpoe.recipe import Recipe
+    batched = mod.recipe_has_key(Recipe(), "model.batched_experts")
+    amp = mod.amp_enabled(torch.device("cpu"), True)   # bf16 where the trainer uses it on this CPU
+    expected = ["eager"] + (["amp"] if amp else []) + ["channels_last"] + (["batched_experts"] if batched else [])
+    rows = r["levers"]
+    assert [row["lever_key"] for row in rows] == expected          # reduce-overhead: CUDA only
+    assert all(row["s_per_epoch"] > 0 and row["img_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in rows)
+    assert rows[0]["speedup_vs_first"] == rows[0]["speedup_vs_previous"] == 1.0
+    for prev, row in zip(rows, rows[1:]):
+        assert row["speedup_vs_previous"] == row["img_per_s"] / prev["img_per_s"]
+        assert row["speedup_vs_reference"] is None
+    cl = expected.index("channels_last")
+    assert rows[cl]["settings"]["channels_last"] and not rows[cl - 1]["settings"]["channels_last"]
+    assert [row["settings"]["amp_bf16"] for row in rows] == [amp and k != "eager" for k in expected]
+    assert not any(row["settings"]["compile"] for row in rows)
+    skipped = {s["key"]: s["reason"] for s in r["levers_skipped"]}
+    assert {"compile", "reduce-overhead"} <= set(skipped) and "CUDA only" in skipped["reduce-overhead"]
+    assert amp or "no native bf16" in skipped["amp"]
+    if not batched:
+        assert "model.batched_experts" in skipped["batched_experts"]
+    assert r["modes"]["fast"]["lever"] == r["best_lever"] and r["best_lever"] in {row["lever"] for row in rows}
+    text = capsys.readouterr().out
+    assert "speed levers, cumulative" in text and "eager fp32 NCHW" in text and "+channels_last" in text
+
+
+def test_write_synthetic_is_read_by_the_cifar_loader(tmp_path):
+    r = _load_script().main(["--write-synthetic", str(tmp_path / "syn"), "--synthetic-test-per-class", "1"])
+    assert r["train_images"] == 10_847 and Path(r["folder"]).is_dir()
+    from balpoe.data.build import build_data
+    from balpoe.recipe import load_recipe
+    recipe = load_recipe(ROOT / "recipes" / "balpoe" / "cifar100_lt_ir100.yaml",
+                         [f"data.root={tmp_path / 'syn'}", "data.download=false"])
+    bundle = build_data(recipe.data, "cpu", seed=recipe.seed)
+    counts = bundle.class_counts.tolist()
+    assert len(bundle.train) == 10_847 and counts == r["class_counts"] and len(bundle.test) == 100
+    assert counts[0] == 500 and counts[-1] == 5 and counts == sorted(counts, reverse=True)
+
+
+def test_bad_lever_and_compile_mode_are_usage_errors(capsys):
+    import pytest
+    mod = _load_script()
+    for argv in (["--levers", "--skip-levers", "bogus"], ["--compile-mode", "bogus"], ["--trace", "t.json"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown lever(s) bogus" in err and "invalid choice: 'bogus'" in err and "--trace needs --profile" in err
