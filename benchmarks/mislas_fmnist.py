@@ -58,7 +58,8 @@ RUNS = [
     ("abl_stage2", "+ stage 2: LWS+dW, CE, BN frozen", MISLAS_S2, "mislas_s1", [*CE, *NO_SBN], "mislas_s1"),
     ("abl_shifted_bn", "+ shifted BN", MISLAS_S2, "mislas_s1", CE, "abl_stage2"),
     ("mislas", "+ LAS = MiSLAS", MISLAS_S2, "mislas_s1", [], "abl_shifted_bn"),
-    ("balpoe_s1", "BalPoE stage 1 (3 experts, tau 0/1/2)", BALPOE_S1, None, [], None),
+    # float32 like the MiSLAS rows (the demo recipe itself trains in bf16 where the CPU has it)
+    ("balpoe_s1", "BalPoE stage 1 (3 experts, tau 0/1/2)", BALPOE_S1, None, ["train.amp=false"], None),
     ("balpoe_stage2_ce", "+ stage 2: LWS+dW per expert, shifted BN, CE", MISLAS_S2, "balpoe_s1", CE, "balpoe_s1"),
     ("balpoe_mislas", "+ LAS = MiSLAS stage 2 (offsets tau_k - mean tau)", MISLAS_S2, "balpoe_s1", [],
      "balpoe_stage2_ce"),

@@ -1,7 +1,7 @@
 """Test-time label shift on real Fashion-MNIST-LT (IR 100): does the tau selector close the gap?
 
 One command trains (or reuses) two checkpoints and prints the tables in README's "Test-time label
-shift" section (training about 5 minutes on 2 free CPU cores, when the checkpoints are not cached
+shift" section (training about 2 minutes on 2 free CPU cores, when the checkpoints are not cached
 yet; the evaluation about 1 minute, most of it the 2 x 11 separate forward passes that check the
 logits-once claim, ``--no-forward-check`` skips them)::
 
