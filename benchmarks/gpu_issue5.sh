@@ -92,20 +92,6 @@ run_step() {
   return 0
 }
 
-# has_key DOTTED: the recipe dataclasses declare this key in this checkout (e.g. model.batched_experts).
-has_key() {
-  "$PY" - "$1" <<'EOF'
-import dataclasses, sys
-sys.path.insert(0, ".")
-from balpoe.recipe import Recipe
-node = Recipe()
-for part in sys.argv[1].split("."):
-    if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
-        sys.exit(1)
-    node = getattr(node, part)
-EOF
-}
-
 has_cuda() { "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; }
 
 # ------------------------------------------------------------------------------------------------
@@ -208,11 +194,8 @@ stage_e2e() {
   local epochs=()
   [[ -n "$E2E_EPOCHS" ]] && epochs=(--set "optim.epochs=$E2E_EPOCHS")
   [[ "$SMOKE" == 1 ]] && epochs+=(--set optim.warmup_epochs=1)
-  local tuned=(--set "train.compile=$E2E_COMPILE")
-  if has_key model.batched_experts; then tuned+=(--set model.batched_experts=true)
-  else echo "== e2e: recipe key model.batched_experts not in this checkout; tuned run without it"; fi
-  if has_key train.compile_mode; then tuned+=(--set train.compile_mode=reduce-overhead)
-  else echo "== e2e: recipe key train.compile_mode not in this checkout; torch.compile runs in its default mode"; fi
+  local tuned=(--set "train.compile=$E2E_COMPILE" --set model.batched_experts=true
+               --set train.compile_mode=reduce-overhead)
   echo "== e2e tuned overrides: ${tuned[*]} ${E2E_SET[*]:-}"
   run_step e2e tuned "$CAP_E2E" "$PY" -m balpoe train "$CIFAR_RECIPE" "${data[@]}" ${epochs[@]+"${epochs[@]}"} \
     "${tuned[@]}" ${RUN_SMALL[@]+"${RUN_SMALL[@]}"} ${E2E_SET[@]+"${E2E_SET[@]}"} \

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import json
 import platform
@@ -204,16 +203,6 @@ def summarise(rows: list[dict], device: torch.device, extra: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------------
 # Recipe helpers
-
-
-def recipe_has_key(recipe, dotted: str) -> bool:
-    """Whether the recipe dataclasses declare ``dotted`` (e.g. ``model.batched_experts``)."""
-    node = recipe
-    for part in dotted.split("."):
-        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
-            return False
-        node = getattr(node, part)
-    return True
 
 
 def amp_enabled(device: torch.device, requested: bool) -> bool:
@@ -377,8 +366,7 @@ LEVER_KEYS = tuple(k for k, _, _ in LEVERS)
 def lever_plan(recipe, device: torch.device, skip: set[str], foreach: str = "default"):
     """``([(key, label, FastSettings)], [{'lever', 'reason'}])``: the cumulative settings of every
     applicable lever, and the levers left out with the reason."""
-    has_batched = recipe_has_key(recipe, BATCHED_KEY)
-    settings = FastSettings(foreach=foreach, batched_experts=False if has_batched else None)
+    settings = FastSettings(foreach=foreach, batched_experts=False)
     plan, skipped = [], []
     for key, label, change in LEVERS:
         reason = None
@@ -386,8 +374,6 @@ def lever_plan(recipe, device: torch.device, skip: set[str], foreach: str = "def
             reason = "left out by --skip-levers"
         elif key == "amp" and not amp_enabled(device, True):
             reason = f"no native bf16 on this {device.type} device (the trainer would run fp32)"
-        elif key == "batched_experts" and not has_batched:
-            reason = f"the recipe has no key '{BATCHED_KEY}' (balpoe.recipe.ModelConfig) in this checkout"
         elif key == "reduce-overhead" and device.type != "cuda":
             reason = "CUDA only (CUDA graphs)"
         elif key == "reduce-overhead" and not settings.compile:

@@ -134,10 +134,8 @@ def test_profile_summary_cuda_events():
 def test_levers_one_row_per_applicable_lever(capsys):
     mod = _load_script()
     r = mod.main(TINY + ["--levers", "--skip-levers", "compile"])
-    from balpoe.recipe import Recipe
-    batched = mod.recipe_has_key(Recipe(), "model.batched_experts")
     amp = mod.amp_enabled(torch.device("cpu"), True)   # bf16 where the trainer uses it on this CPU
-    expected = ["eager"] + (["amp"] if amp else []) + ["channels_last"] + (["batched_experts"] if batched else [])
+    expected = ["eager"] + (["amp"] if amp else []) + ["channels_last", "batched_experts"]
     rows = r["levers"]
     assert [row["lever_key"] for row in rows] == expected          # reduce-overhead: CUDA only
     assert all(row["s_per_epoch"] > 0 and row["img_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in rows)
@@ -152,8 +150,8 @@ def test_levers_one_row_per_applicable_lever(capsys):
     skipped = {s["key"]: s["reason"] for s in r["levers_skipped"]}
     assert {"compile", "reduce-overhead"} <= set(skipped) and "CUDA only" in skipped["reduce-overhead"]
     assert amp or "no native bf16" in skipped["amp"]
-    if not batched:
-        assert "model.batched_experts" in skipped["batched_experts"]
+    b = expected.index("batched_experts")
+    assert rows[b]["settings"]["batched_experts"] and not rows[b - 1]["settings"]["batched_experts"]
     assert r["modes"]["fast"]["lever"] == r["best_lever"] and r["best_lever"] in {row["lever"] for row in rows}
     text = capsys.readouterr().out
     assert "speed levers, cumulative" in text and "eager fp32 NCHW" in text and "+channels_last" in text
