@@ -82,8 +82,9 @@ def group_conv2d(convs: list[nn.Conv2d]) -> nn.Conv2d:
 def group_batchnorm2d(bns: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     """E BatchNorm2d(c) -> one BatchNorm2d(E*c): the same per-channel (hence per-expert) statistics."""
     b, e = bns[0], len(bns)
+    tensors = [*b.parameters(), *b.buffers()]
     out = nn.BatchNorm2d(e * b.num_features, b.eps, b.momentum, b.affine, b.track_running_stats,
-                         device=(b.weight if b.affine else b.running_mean).device)
+                         device=tensors[0].device if tensors else None)
     with torch.no_grad():
         if b.affine:
             out.weight.copy_(torch.cat([m.weight for m in bns]))
