@@ -74,6 +74,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from balpoe.data.cifar import save_cifar  # noqa: E402
+from balpoe.precision import use_amp  # noqa: E402
 
 DEFAULT_RECIPE = {  # CIFAR-100-LT IR100 BalPoE, standard training (official config; balpoe-notes.md §3)
     "name": "cifar100_lt_ir100_balpoe",
@@ -205,12 +206,6 @@ def summarise(rows: list[dict], device: torch.device, extra: dict) -> dict:
 # Recipe helpers
 
 
-def amp_enabled(device: torch.device, requested: bool) -> bool:
-    """bf16 autocast as the trainer decides it (:func:`balpoe.precision.use_amp`: bf16 where native)."""
-    from balpoe.precision import use_amp
-    return use_amp(device, requested, warn=False)
-
-
 def with_overrides(recipe, overrides: list[str]):
     """A validated copy of ``recipe`` with ``key=value`` overrides applied."""
     from balpoe.recipe import apply_overrides, recipe_from_dict
@@ -267,7 +262,7 @@ def run_fast(bundle, recipe, device, args, settings: FastSettings, trace: str | 
     tc = recipe.train
     if settings.batched_experts is not None:
         recipe = with_overrides(recipe, [f"{BATCHED_KEY}={str(settings.batched_experts).lower()}"])
-    amp = amp_enabled(device, settings.amp)   # as the trainer
+    amp = use_amp(device, settings.amp, warn=False)   # as the trainer
     channels_last, compile_ = settings.channels_last, settings.compile
     reset_peak_memory(device)
     torch.manual_seed(recipe.seed)
@@ -372,7 +367,7 @@ def lever_plan(recipe, device: torch.device, skip: set[str], foreach: str = "def
         reason = None
         if key in skip:
             reason = "left out by --skip-levers"
-        elif key == "amp" and not amp_enabled(device, True):
+        elif key == "amp" and not use_amp(device, True, warn=False):
             reason = f"no native bf16 on this {device.type} device (the trainer would run fp32)"
         elif key == "reduce-overhead" and device.type != "cuda":
             reason = "CUDA only (CUDA graphs)"

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+from balpoe.precision import use_amp
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "train_speed.py"
 
@@ -134,7 +136,7 @@ def test_profile_summary_cuda_events():
 def test_levers_one_row_per_applicable_lever(capsys):
     mod = _load_script()
     r = mod.main(TINY + ["--levers", "--skip-levers", "compile"])
-    amp = mod.amp_enabled(torch.device("cpu"), True)   # bf16 where the trainer uses it on this CPU
+    amp = use_amp(torch.device("cpu"), True, warn=False)   # bf16 where the trainer uses it on this CPU
     expected = ["eager"] + (["amp"] if amp else []) + ["channels_last", "batched_experts"]
     rows = r["levers"]
     assert [row["lever_key"] for row in rows] == expected          # reduce-overhead: CUDA only

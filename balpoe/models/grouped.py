@@ -113,7 +113,7 @@ def group_modules(mods: list[nn.Module], path: str = "") -> nn.Module:
     if kind in CHANNELWISE:
         return copy.deepcopy(first)
     if kind in CONTAINERS:
-        if any(True for _ in first.named_parameters(recurse=False)) or any(True for _ in first.named_buffers(recurse=False)):
+        if list(first.parameters(recurse=False)) or list(first.buffers(recurse=False)):
             raise BalpoeError(f"model.batched_experts: {kind.__name__}{where} holds its own tensors")
         out = copy.deepcopy(first)  # same attributes (flags, callables); children replaced below
         for name, _ in first.named_children():

@@ -45,12 +45,11 @@ class MultiExpertNet(nn.Module):
 
     def __init__(self, trunk: nn.Module, branches: list[nn.Module] | GroupedBranches, heads: list[nn.Module]):
         super().__init__()
-        num_branches = branches.num_experts if isinstance(branches, GroupedBranches) else len(branches)
-        if num_branches != len(heads):
-            raise ValueError("one branch per head")
         self.trunk = trunk
         self.branches = branches if isinstance(branches, GroupedBranches) else nn.ModuleList(branches)
         self.heads = nn.ModuleList(heads)
+        if (self.branches.num_experts if self.batched else len(self.branches)) != len(heads):
+            raise ValueError("one branch per head")
 
     @property
     def batched(self) -> bool:
