@@ -1,6 +1,7 @@
 """``balpoe`` command line: ``balpoe train RECIPE`` and ``balpoe eval CHECKPOINT``.
 
-User errors print one line (``error: ...``) and exit with status 2; no traceback.
+The only module that names command-line flags.  User errors print one line (``error: ...``) and
+exit with status 2; no traceback.
 """
 
 from __future__ import annotations
@@ -10,17 +11,39 @@ import sys
 import warnings
 from pathlib import Path
 
-from balpoe.errors import EXIT_USAGE, BalpoeError
+from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
+from balpoe.evaluate.build import SOURCES, evaluate_checkpoint
+from balpoe.recipe import load_recipe
+from balpoe.shift.build import evaluate_shift
+from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
+from balpoe.training.build import train
+
+
+class _UsageError(Exception):
+    """A command-line usage error (bad flag or flag value)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors become one line (``error: ...``, exit code 2) instead of usage + message."""
+
+    def error(self, message: str):
+        raise _UsageError(f"{self.prog}: {message}")
+
+
+def _key_value(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert "
-                                "ensembles (BalPoE, MiSLAS).")
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert ensembles "
+                "(BalPoE, MiSLAS).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a recipe (stage 1, or stage 2 when the recipe says stage: 2)")
     t.add_argument("recipe", help="YAML recipe file")
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a recipe key, e.g. --set optim.lr=0.05 (repeatable)")
     t.add_argument("--out", help="output directory (default: runs/<recipe name>)")
     t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
@@ -30,7 +53,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=int, default=None)
-    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a key of the checkpoint's recipe, e.g. --set data.root=/data")
     e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint); with the "
                    "test-shift options below: the output directory (default: the checkpoint's)")
@@ -41,16 +64,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prior", action="append", metavar="SPEC",
                    help="a target prior: comma-separated class weights, or dirichlet:<profile>:<concentration>:"
                    "<seed> (e.g. dirichlet:forward10:100:0); repeatable")
-    s.add_argument("--adapt", metavar="MODE",
-                   help="test-time tau selector: none | known (oracle class frequencies) | unlabelled "
-                   "(transductive EM/MLE after calibration on source data) | labelled (K labels per class on "
-                   "average from each target set, evaluated on the rest)")
-    s.add_argument("--calibration", default="bcts", metavar="CAL",
-                   help="calibrator of --adapt unlabelled: bcts (default) | ts | none")
-    s.add_argument("--estimator", default="1d", metavar="EST",
+    s.add_argument("--adapt", metavar="MODE", choices=list(ADAPT_MODES),
+                   help="test-time tau selector: " + "; ".join(f"{k}: {m.help}" for k, m in ADAPT_MODES.items()))
+    s.add_argument("--calibration", default="bcts", choices=CALIBRATIONS,
+                   help="calibrator of --adapt unlabelled (default bcts)")
+    s.add_argument("--estimator", default="1d", choices=list(ESTIMATORS),
                    help="prior estimator of --adapt unlabelled: 1d (default: MLE of the exponent of pi_train^lambda) "
                    "| em (smoothed EM shrunk toward it) | auto (em when N/K >= 20)")
-    s.add_argument("--source", default="auto", metavar="SRC",
+    s.add_argument("--source", default="auto", choices=SOURCES,
                    help="labelled source data for calibration: auto (default: the recipe's held-out slice, else a "
                    "slice of the seen training split, with a warning) | holdout | train")
     s.add_argument("--labels-per-class", type=float, default=5, metavar="K",
@@ -62,34 +83,41 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _train(args) -> None:
-    from balpoe.recipe import load_recipe
-    from balpoe.trainer import train
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     train(recipe, out, resume=args.resume, show_progress=not args.no_progress)
 
 
 def _eval(args) -> None:
-    from balpoe.evaluate import evaluate_checkpoint
     if args.test_dists is None and args.prior is None and args.adapt is None:
         evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                             overrides=args.overrides, out=args.out)
         return
-    evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
-                        out=args.out, test_dists=args.test_dists, prior=args.prior, adapt=args.adapt,
-                        calibration=args.calibration, estimator=args.estimator, source=args.source,
-                        labels_per_class=args.labels_per_class,
-                        seed=args.seed, plots=not args.no_plots)
+    evaluate_shift(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
+                   out=args.out, test_dists=args.test_dists, priors=args.prior, adapt=args.adapt or "none",
+                   calibration=args.calibration, estimator=args.estimator, source=args.source,
+                   labels_per_class=args.labels_per_class, seed=args.seed, plots=not args.no_plots)
 
 
 COMMANDS = {"train": _train, "eval": _eval}
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except _UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
+    except RunExists as e:
+        print(f"error: output directory '{e.out}' already holds a run; pass --resume to continue it or --out to "
+              "choose another directory", file=sys.stderr)
+        return EXIT_USAGE
+    except NoRunToResume as e:
+        print(f"error: --resume: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except BalpoeError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE

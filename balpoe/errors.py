@@ -7,6 +7,8 @@ Every mistake a user can make (a bad recipe key, a missing file, an out-of-range
 
 from __future__ import annotations
 
+import sys
+
 EXIT_USAGE = 2
 
 
@@ -14,10 +16,26 @@ class BalpoeError(Exception):
     """A one-line, user-facing error (bad input, missing data, invalid recipe)."""
 
 
+class RunExists(BalpoeError):
+    """The output directory already holds a run (``last.pt``) and resuming was not asked for."""
+
+    def __init__(self, out):
+        self.out = out
+        super().__init__(f"output directory '{out}' already holds a run (last.pt); resume it or choose another "
+                         "output directory")
+
+
+class NoRunToResume(BalpoeError):
+    """Resuming was asked for but the output directory holds no ``last.pt``."""
+
+    def __init__(self, out):
+        self.out = out
+        super().__init__(f"no checkpoint to resume in '{out}' (expected last.pt)")
+
+
 def run_reporting_errors(fn, *args, **kwargs):
     """Run ``fn``; a :class:`BalpoeError` prints ``error: <message>`` on stderr and exits with
     :data:`EXIT_USAGE` (for scripts such as the benchmarks; the CLI does the same in ``main``)."""
-    import sys
     try:
         return fn(*args, **kwargs)
     except BalpoeError as e:

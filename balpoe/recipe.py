@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
@@ -30,9 +29,6 @@ def _f(default: Any = None, *, choices: tuple | None = None, min: float | None =
     return field(default=default, metadata=meta)
 
 
-DATASETS = ("cifar10", "cifar100", "fashion_mnist", "imagenet_lt", "places_lt", "inat")
-
-
 @dataclass
 class AugmentConfig:
     """Training augmentation of the in-memory path (torchvision order: crop, flip, rotation)."""
@@ -43,7 +39,8 @@ class AugmentConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = _f("cifar100", choices=DATASETS)
+    dataset: str = _f("cifar100", doc="a registered dataset (balpoe.data.registry): cifar10, cifar100, "
+                                      "fashion_mnist, imagenet_lt, places_lt, inat, ...")
     root: Union[str, None] = _f(None, doc="data directory (default: ./data, or the dataset's usual place)")
     download: bool = _f(False, doc="download through torchvision when the files are missing")
     imb_factor: float = _f(100.0, min=1, doc="imbalance ratio N_max / N_min of the LT training split")
@@ -74,6 +71,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
+    name: str = _f("logit_adjusted", doc="a registered stage-1 loss (balpoe.losses.build.LOSSES)")
     tau: Union[list[float], None] = _f(None, doc="per-expert tau; default: evenly from tau_min..tau_max")
     tau_min: float = _f(0.0)
     tau_max: float = _f(2.0)
@@ -272,11 +270,11 @@ def recipe_from_dict(raw: dict) -> Recipe:
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'optim.lr=0.05'`` -> (['optim', 'lr'], 0.05); the value is parsed as YAML."""
     if "=" not in text:
-        raise BalpoeError(f"--set expects key=value, got {text!r}")
+        raise BalpoeError(f"override expects key=value, got {text!r}")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise BalpoeError(f"--set expects key=value, got {text!r}")
+        raise BalpoeError(f"override expects key=value, got {text!r}")
     try:
         parsed = yaml.safe_load(value) if value.strip() else None
     except yaml.YAMLError:
@@ -290,7 +288,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part, {}), dict):
-                raise BalpoeError(f"--set {text!r}: '{part}' is not a section")
+                raise BalpoeError(f"override {text!r}: '{part}' is not a section")
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return raw
@@ -310,10 +308,3 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise BalpoeError(f"recipe file '{path}' must hold a mapping of sections")
     return recipe_from_dict(apply_overrides(raw, overrides or []))
-
-
-def warn_unbalanced_tau(taus: list[float]) -> None:
-    mean = sum(taus) / len(taus)
-    if abs(mean - 1.0) > 1e-6:
-        warnings.warn(f"mean tau is {mean:g}, not 1: the ensemble is not balanced "
-                      f"(it targets a prior proportional to pi_train^{1 - mean:g})", stacklevel=2)

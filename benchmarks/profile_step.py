@@ -1,6 +1,11 @@
+# profile_step.py -- where the time of a training step goes: the torch.profiler summary behind
+# `speed.py --profile N` (top ops/kernels, time by category, GPU busy fraction, launches per step).
+# How: N training steps timed plainly, then the same N steps under torch.profiler; the summary is
+# computed from the profiler's key averages.
+# Command: python benchmarks/speed.py --synthetic --profile 30 --trace trace.json.gz
 """Profile a few training steps with ``torch.profiler``: where the time of a step goes.
 
-Used by ``train_speed.py --profile N``.  :func:`profile_steps` runs ``run(N)`` (N training steps)
+Used by ``speed.py --profile N``.  :func:`profile_steps` runs ``run(N)`` (N training steps)
 once untimed-by-the-profiler (the plain wall time of those steps) and once under the profiler,
 then summarises:
 
@@ -13,7 +18,7 @@ then summarises:
   against the unprofiled wall time of the same steps), **kernels per step** and CUDA
   **launch calls per step** (``cudaLaunchKernel``-like runtime calls and ``cudaGraphLaunch``).  A
   low busy fraction with many launches per step means the step is latency (launch) bound: the GPU
-  waits for the host to issue small kernels.
+  waits for the host to launch small kernels.
 """
 
 from __future__ import annotations

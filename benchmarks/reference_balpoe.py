@@ -1,8 +1,16 @@
+# reference_balpoe.py -- the official-style BalPoE training step, the baseline of the speed and
+# accuracy benchmarks.
+# What: one epoch of BalPoE training exactly as the official code runs it (PIL/torchvision
+# DataLoader, fp32 NCHW, global-RNG mixup, per-expert loss loop, SGD, loss.item() every step).
+# How: plain PyTorch around the library's multi-expert model, no library training code.
+# Used by: python benchmarks/speed.py --reference; python benchmarks/fast_vs_reference_accuracy.py
 """A plain-PyTorch re-implementation of the official BalPoE training step: the baseline that
-``train_speed.py`` times and ``fast_vs_reference_accuracy.py`` checks accuracy against.
+``speed.py`` times and ``fast_vs_reference_accuracy.py`` checks accuracy against.
 
-Written from the description of the official code (emasa/BalPoE-CalibratedLT; see
-``/work/shared/papers/balpoe-notes.md``), not copied from it.  What makes it "the reference":
+Written from the behaviour of the official implementation (emasa/BalPoE-CalibratedLT, the code of
+Sanchez Aimar et al., "Balanced Product of Calibrated Experts for Long-Tailed Recognition", CVPR
+2023: its CIFAR data loaders, ``BSExpertLoss``, mixup and trainer), not copied from it.  What makes
+it "the reference":
 
 * data: a ``torch.utils.data.DataLoader`` over PIL images with torchvision transforms
   (``RandomCrop(size, padding)``, ``RandomHorizontalFlip``, ``RandomRotation``, ``ToTensor``,
@@ -29,15 +37,20 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from balpoe.data.build import ArrayImageDataset, ImageArrays, array_transforms
-from balpoe.losses.logit_adjusted import log_prior
+from balpoe.data.bundle import ImageArrays
+from balpoe.data.folder_loader import ArrayImageDataset, array_transforms
+from balpoe.losses.priors import log_prior
 
 
 def reference_loader(bundle, recipe, batch_size: int, workers: int, seed: int, pin_memory: bool = False,
                      train: ImageArrays | None = None) -> torch.utils.data.DataLoader:
-    """The official-style DataLoader over ``train`` (default: ``bundle.train``)."""
-    dataset = ArrayImageDataset(train if train is not None else bundle.train,
-                                array_transforms(bundle, recipe.data, train=True))
+    """The official-style DataLoader over ``train`` (default: ``bundle.train``), with the recipe's
+    ``data.augment`` (crop padding, flip, rotation) and the bundle's normalisation."""
+    arrays = train if train is not None else bundle.train
+    a = recipe.data.augment
+    transform = array_transforms(tuple(arrays.images.shape[-2:]), bundle.mean, bundle.std, train=True,
+                                 padding=a.crop_padding, flip=a.flip, rotation=a.rotation)
+    dataset = ArrayImageDataset(arrays, transform)
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
                                        pin_memory=pin_memory, drop_last=False,
                                        generator=torch.Generator().manual_seed(seed))

@@ -5,19 +5,21 @@
 * :func:`write_image_list` -- JPEG/PNG files plus ``path label`` list files (ImageNet-LT,
   Places-LT, iNaturalist 2018 naming).
 
-Images are learnable: every class has a fixed prototype (a class-specific mean brightness plus a
-coarse, left-right symmetric random pattern, so horizontal flips keep the class signal) and each
-image adds Gaussian noise to it.  Everything is deterministic in ``seed``; the prototypes depend
-only on the class index and image shape, so train and test share them.
+Images are learnable class prototypes plus noise (:mod:`balpoe.data.synthetic`); everything is
+deterministic in ``seed``.
 """
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
+
+from balpoe.data.cifar import save_cifar
+from balpoe.data.fashion_mnist import save_fashion_mnist, save_idx
+from balpoe.data.synthetic import synthetic_images, synthetic_labels
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LIST_FILES = {
@@ -34,48 +36,10 @@ def _per_class(n: int | Sequence[int], num_classes: int) -> list[int]:
     return counts
 
 
-def class_prototypes(num_classes: int, channels: int, size: int, grid: int = 4) -> np.ndarray:
-    """float32 ``[num_classes, channels, size, size]`` prototypes in about [20, 235]."""
-    protos = np.empty((num_classes, channels, size, size), dtype=np.float32)
-    half = (grid + 1) // 2
-    for c in range(num_classes):
-        rng = np.random.default_rng(10_007 + c)
-        brightness = 60.0 + 135.0 * (c / max(num_classes - 1, 1))
-        coarse = rng.uniform(-1.0, 1.0, size=(channels, grid, half))
-        coarse = np.concatenate([coarse, coarse[:, :, : grid - half][:, :, ::-1]], axis=2)  # mirror
-        rows = (np.arange(size) * grid) // size
-        protos[c] = brightness + 55.0 * coarse[:, rows][:, :, rows]
-    return protos
-
-
-def synthetic_images(labels: np.ndarray, num_classes: int, channels: int, size: int,
-                     rng: np.random.Generator, noise: int = 20) -> np.ndarray:
-    """uint8 ``[N, channels, size, size]``: the class prototype of each label plus noise (the sum
-    of two uniform integers in ``[-noise, noise]``, std about ``0.82 * noise``; integer noise is
-    ~10x faster than Gaussian for full-size sets)."""
-    protos = np.rint(class_prototypes(num_classes, channels, size)).astype(np.int16)
-    labels = np.asarray(labels, dtype=np.int64)
-    out = np.empty((len(labels), channels, size, size), dtype=np.uint8)
-    for s in range(0, len(labels), 4096):
-        x = protos[labels[s:s + 4096]]
-        x += rng.integers(-noise, noise + 1, size=x.shape, dtype=np.int16)
-        x += rng.integers(-noise, noise + 1, size=x.shape, dtype=np.int16)
-        out[s:s + 4096] = np.clip(x, 0, 255)
-    return out
-
-
-def _labels(counts: list[int], rng: np.random.Generator) -> np.ndarray:
-    """Labels with the given per-class counts, in a shuffled order (like the real files)."""
-    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
-    rng.shuffle(labels)
-    return labels
-
-
 def write_cifar_arrays(root: str | Path, num_classes: int, train: tuple[np.ndarray, np.ndarray],
                        test: tuple[np.ndarray, np.ndarray], class_names: Sequence[str] | None = None) -> Path:
     """Write given ``(images uint8 [N, 3, 32, 32], labels [N])`` in the CIFAR-10/100 pickle layout
     under ``root`` (``balpoe.data.cifar.save_cifar``); returns ``root``."""
-    from balpoe.data.cifar import save_cifar
     if class_names is None and num_classes == 10:
         class_names = CIFAR10_NAMES
     return save_cifar(root, num_classes, train, test, list(class_names) if class_names else None)
@@ -90,38 +54,22 @@ def write_cifar(root: str | Path, num_classes: int, train_per_class: int | Seque
     if num_classes not in (10, 100):
         raise ValueError("CIFAR has 10 or 100 classes")
     rng = np.random.default_rng(seed)
-    train_y = _labels(_per_class(train_per_class, num_classes), rng)
-    test_y = _labels(_per_class(test_per_class, num_classes), rng)
+    train_y = synthetic_labels(_per_class(train_per_class, num_classes), rng)
+    test_y = synthetic_labels(_per_class(test_per_class, num_classes), rng)
     train_x = synthetic_images(train_y, num_classes, 3, 32, rng)
     test_x = synthetic_images(test_y, num_classes, 3, 32, rng)
     return write_cifar_arrays(root, num_classes, (train_x, train_y), (test_x, test_y))
 
 
 def write_idx(path: str | Path, array: np.ndarray, magic: int, gz: bool = True) -> Path:
-    """Write ``array`` (uint8) as an IDX file: big-endian uint32 magic and dims, then the bytes."""
-    array = np.ascontiguousarray(array, dtype=np.uint8)
-    data = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
-    path = Path(path)
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as f:
-            f.write(data)
-    else:
-        path.write_bytes(data)
-    return path
+    """One IDX file (``balpoe.data.fashion_mnist.save_idx``)."""
+    return save_idx(path, array, magic, gz)
 
 
 def write_fashion_mnist_arrays(root: str | Path, train: tuple[np.ndarray, np.ndarray],
                                test: tuple[np.ndarray, np.ndarray], gz: bool = True) -> Path:
-    """Write given ``(images uint8 [N, 28, 28] or [N, 1, 28, 28], labels [N])`` as the four
-    Fashion-MNIST IDX files directly in ``root``; returns ``root``."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    for prefix, (x, y) in (("train", train), ("t10k", test)):
-        x = np.asarray(x, dtype=np.uint8).reshape(len(x), 28, 28)
-        write_idx(root / f"{prefix}-images-idx3-ubyte", x, 2051, gz)
-        write_idx(root / f"{prefix}-labels-idx1-ubyte", np.asarray(y, dtype=np.uint8), 2049, gz)
-    return root
+    """The four Fashion-MNIST IDX files directly in ``root`` (``balpoe.data.fashion_mnist.save_fashion_mnist``)."""
+    return save_fashion_mnist(root, train, test, gz)
 
 
 def write_fashion_mnist(root: str | Path, train_per_class: int | Sequence[int], test_per_class: int,
@@ -131,7 +79,7 @@ def write_fashion_mnist(root: str | Path, train_per_class: int | Sequence[int], 
     rng = np.random.default_rng(seed)
     splits = []
     for per_class in (train_per_class, test_per_class):
-        y = _labels(_per_class(per_class, 10), rng)
+        y = synthetic_labels(_per_class(per_class, 10), rng)
         splits.append((synthetic_images(y, 10, 1, 28, rng), y))
     return write_fashion_mnist_arrays(root, splits[0], splits[1], gz)
 

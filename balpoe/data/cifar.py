@@ -16,6 +16,7 @@ import pickle
 from pathlib import Path
 
 import numpy as np
+import torchvision
 
 from balpoe.errors import BalpoeError
 
@@ -64,8 +65,6 @@ def _read_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _download(root: Path, num_classes: int, train: bool) -> None:
-    import torchvision
-
     cls = torchvision.datasets.CIFAR10 if num_classes == 10 else torchvision.datasets.CIFAR100
     try:
         cls(str(root), train=train, download=True)

@@ -1,8 +1,8 @@
 """Device-resident loader for small datasets (airbench-style).
 
 The whole split lives on the training device as one uint8 tensor ``[N, C, H, W]``; each batch is
-indexed, augmented per sample and normalised there.  Randomness comes from a generator re-seeded
-from ``(seed, epoch)`` at the start of every epoch, so an epoch is reproducible and a resumed run
+indexed, augmented per sample and normalised there.  Randomness comes from the per-epoch streams of
+:mod:`balpoe.runtime.seeding` (``order``, ``augment``), so an epoch is reproducible and a resumed run
 sees exactly the batches an uninterrupted run would.  Under ``torch.distributed`` each rank takes
 the ``rank::world_size`` slice of the epoch's index order (``DistributedSampler`` semantics: the
 order is padded by wrapping so every rank gets the same number of samples).
@@ -16,10 +16,7 @@ import torch
 
 from balpoe.data.augment import augment_batch, normalize
 from balpoe.data.samplers import class_balanced_indices, instance_balanced_indices
-
-
-def epoch_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
+from balpoe.runtime.seeding import torch_stream
 
 
 class DeviceLoader:
@@ -69,11 +66,9 @@ class DeviceLoader:
         return order
 
     def __iter__(self):
-        g = torch.Generator(device=self.device)
-        g.manual_seed(epoch_seed(self.seed, self.epoch))  # the global order: identical on every rank
-        order = self._order(g)
-        aug = torch.Generator(device=self.device)  # augmentation draws: independent per rank
-        aug.manual_seed(epoch_seed(self.seed + 7919 * (self.rank + 1), self.epoch))
+        # the global order is identical on every rank; the augmentation draws are per rank
+        order = self._order(torch_stream(self.seed, self.epoch, "order", device=self.device))
+        aug = torch_stream(self.seed, self.epoch, "augment", self.rank, device=self.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size:(i + 1) * self.batch_size]
             x = self.images[idx]

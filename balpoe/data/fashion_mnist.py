@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import torchvision
 
 from balpoe.errors import BalpoeError
 
@@ -30,6 +31,33 @@ LABELS_MAGIC = 2049
 #: split -> (images stem, labels stem)
 _STEMS = {True: ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           False: ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def save_idx(path: str | Path, array: np.ndarray, magic: int, gz: bool = True) -> Path:
+    """Write ``array`` (uint8) as an IDX file (big-endian uint32 magic and dims, then the bytes);
+    ``gz`` appends ``.gz`` and compresses.  Returns the path written."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    data = magic.to_bytes(4, "big") + b"".join(int(d).to_bytes(4, "big") for d in array.shape) + array.tobytes()
+    path = Path(path)
+    if gz:
+        path = path.with_name(path.name + ".gz")
+        with open(path, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+    return path
+
+
+def save_fashion_mnist(root: str | Path, train: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray],
+                       gz: bool = True) -> Path:
+    """Write ``(images uint8 [N, 28, 28] or [N, 1, 28, 28], labels [N])`` splits as the four
+    Fashion-MNIST IDX files directly in ``root`` (the inverse of :func:`load_fashion_mnist`)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for (img_stem, lbl_stem), (x, y) in ((_STEMS[True], train), (_STEMS[False], test)):
+        save_idx(root / img_stem, np.asarray(x, dtype=np.uint8).reshape(len(x), 28, 28), IMAGES_MAGIC, gz)
+        save_idx(root / lbl_stem, np.asarray(y, dtype=np.uint8), LABELS_MAGIC, gz)
+    return root
 
 
 def _idx_file(folder: Path, stem: str) -> Path | None:
@@ -123,8 +151,6 @@ def load_fashion_mnist(root: str | Path | None, train: bool,
                 f"`apt-get install dataset-fashion-mnist`, set ${ENV_VAR} to a folder holding them, "
                 f"or set data.download: true")
         target = Path(root or os.environ.get(ENV_VAR) or "data").expanduser()
-        import torchvision
-
         try:
             torchvision.datasets.FashionMNIST(str(target), train=train, download=True)
         except Exception as e:

@@ -8,17 +8,17 @@ Transforms follow the official BalPoE data loaders.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 from torchvision import transforms as T
 
+from balpoe.data.bundle import FileSplit
 from balpoe.errors import BalpoeError
 
-KINDS = ("imagenet_lt", "places_lt", "inat")
-
-#: kind -> (train list, test list), the conventional file names
+#: dataset name -> (train list, test list), the conventional file names
 LIST_FILES: dict[str, tuple[str, str]] = {
     "imagenet_lt": ("ImageNet_LT_train.txt", "ImageNet_LT_test.txt"),
     "places_lt": ("Places_LT_train.txt", "Places_LT_test.txt"),
@@ -30,11 +30,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 #: iNaturalist 2018 RGB statistics used by the classifier-balancing / BalPoE loaders
 INAT_MEAN = (0.466, 0.471, 0.380)
 INAT_STD = (0.195, 0.194, 0.192)
-
-
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise BalpoeError(f"image-list dataset kind must be one of {KINDS}, got {kind!r}")
 
 
 def read_image_list(list_file: str | Path) -> tuple[list[str], np.ndarray]:
@@ -65,33 +60,40 @@ def read_image_list(list_file: str | Path) -> tuple[list[str], np.ndarray]:
     return paths, np.asarray(labels, dtype=np.int64)
 
 
-class ImageListDataset(torch.utils.data.Dataset):
-    """``(transform(image), label)`` pairs from a list file; images are opened with PIL as RGB."""
+def list_split(root: str | Path, list_file: str | Path, num_classes: int | None = None) -> FileSplit:
+    """A :class:`FileSplit` from a list file whose paths are relative to ``root``; class names
+    are the label numbers (``"0"``, ``"1"``, ...), ``num_classes`` of them (default: max label + 1)."""
+    rel, labels = read_image_list(list_file)
+    root = Path(root).expanduser()
+    n = num_classes if num_classes is not None else (int(labels.max()) + 1 if len(labels) else 0)
+    return FileSplit([root / p for p in rel], labels, [str(i) for i in range(n)])
 
-    def __init__(self, root: str | Path, list_file: str | Path, transform: Callable | None = None):
-        self.root = Path(root).expanduser()
-        self.list_file = Path(list_file)
-        self.paths, self.labels = read_image_list(self.list_file)
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """``(transform(image), label)`` pairs of a :class:`FileSplit`; images are opened with PIL as RGB."""
+
+    def __init__(self, split: FileSplit, transform: Callable | None = None):
+        self.paths, self.labels = list(split.paths), np.asarray(split.labels, dtype=np.int64)
+        self.class_names = list(split.class_names)
         self.transform = transform
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    @property
-    def num_classes(self) -> int:
-        """``max(label) + 1`` (0 for an empty list)."""
-        return int(self.labels.max()) + 1 if len(self.labels) else 0
+    def subset(self, idx: Sequence[int], transform: Callable | None = None) -> "ImageListDataset":
+        """The images at ``idx``, with ``transform`` (default: this dataset's)."""
+        idx = np.asarray(idx, dtype=np.int64)
+        split = FileSplit([self.paths[i] for i in idx], self.labels[idx], self.class_names)
+        return ImageListDataset(split, self.transform if transform is None else transform)
 
-    def load(self, index: int):
+    def load(self, index: int) -> Image.Image:
         """The PIL RGB image at ``index`` (no transform)."""
-        from PIL import Image
-
-        path = self.root / self.paths[index]
+        path = self.paths[index]
         try:
             with Image.open(path) as im:
                 return im.convert("RGB")
         except FileNotFoundError:
-            raise BalpoeError(f"image listed in {self.list_file} not found: {path}") from None
+            raise BalpoeError(f"image not found: {path}") from None
         except OSError as e:
             raise BalpoeError(f"cannot read image {path}: {e}".replace("\n", " ")) from None
 
@@ -102,31 +104,31 @@ class ImageListDataset(torch.utils.data.Dataset):
         return img, int(self.labels[index])
 
 
-def build_transforms(kind: str, train: bool, image_size: int = 224) -> T.Compose:
+def build_transforms(train: bool, mean: Sequence[float], std: Sequence[float], image_size: int = 224,
+                     color_jitter: bool = True) -> T.Compose:
     """Train / test transforms of the official BalPoE loaders.
 
-    Train: ``RandomResizedCrop`` + flip (+ ``ColorJitter(0.4, 0.4, 0.4, 0)`` for ImageNet-LT and
-    Places-LT).  Test: ``Resize(256)`` + ``CenterCrop(224)`` (scaled by ``image_size / 224``).
-    Then ``ToTensor`` and ``Normalize`` (ImageNet statistics; iNaturalist 2018 statistics for iNat).
+    Train: ``RandomResizedCrop`` + flip (+ ``ColorJitter(0.4, 0.4, 0.4, 0)`` where ``color_jitter``:
+    ImageNet-LT and Places-LT).  Test: ``Resize(256)`` + ``CenterCrop(224)`` (scaled by
+    ``image_size / 224``).  Then ``ToTensor`` and ``Normalize(mean, std)``.
     """
-    _check_kind(kind)
-    mean, std = (INAT_MEAN, INAT_STD) if kind == "inat" else (IMAGENET_MEAN, IMAGENET_STD)
     if train:
         ops: list = [T.RandomResizedCrop(image_size), T.RandomHorizontalFlip()]
-        if kind != "inat":
+        if color_jitter:
             ops.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0))
     else:
         ops = [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)]
     return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
 
 
-def default_list_files(kind: str, root: str | Path) -> tuple[Path, Path]:
+def default_list_files(name: str, root: str | Path) -> tuple[Path, Path]:
     """``(train_list, test_list)`` under ``root`` with the conventional names (e.g.
     ``ImageNet_LT_train.txt`` / ``ImageNet_LT_test.txt``); a missing one raises :class:`BalpoeError`."""
-    _check_kind(kind)
+    if name not in LIST_FILES:
+        raise BalpoeError(f"no conventional list files for dataset {name!r} (known: {', '.join(LIST_FILES)})")
     root = Path(root).expanduser()
-    files = tuple(root / name for name in LIST_FILES[kind])
+    files = tuple(root / f for f in LIST_FILES[name])
     for p in files:
         if not p.is_file():
-            raise BalpoeError(f"{kind} list file not found: {p} (put the '<path> <label>' list there)")
+            raise BalpoeError(f"{name} list file not found: {p} (put the '<path> <label>' list there)")
     return files  # type: ignore[return-value]

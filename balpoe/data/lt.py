@@ -1,4 +1,5 @@
-"""Long-tailed subsampling (Cao et al. 2019, as in the official BalPoE/MiSLAS code) and class groups.
+"""Long-tailed subsampling (Cao et al. 2019, as in the official BalPoE/MiSLAS code), class groups
+and stratified held-out slices.
 
 Class ``i`` (0 = head) keeps ``n_i = int(n_max * (1/IF) ** (i / (C - 1)))`` images for the
 exponential profile; the step profile keeps ``n_max`` for the first half of the classes and
@@ -73,3 +74,26 @@ def class_groups(class_counts: torch.Tensor | Sequence[int], many_threshold: int
 
 
 GROUP_NAMES = ("many", "medium", "few")
+
+
+def stratified_holdout(labels: np.ndarray | Sequence[int] | torch.Tensor, fraction: float, seed: int = 0,
+                       min_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into ``(kept, held_out)`` (both sorted int64), stratified by class.
+
+    Class ``c`` with ``n_c`` images puts ``k_c = min(max(min_per_class, floor(fraction * n_c)), n_c - 1)``
+    of them in the held-out part (so at least one stays), chosen by a random permutation of the
+    class's indices from ``np.random.default_rng(seed)`` (classes in increasing label order)."""
+    if not 0.0 <= fraction < 1.0:
+        raise BalpoeError(f"held-out fraction must be in [0, 1), got {fraction}")
+    y = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if y.ndim != 1:
+        raise BalpoeError(f"labels must be 1-D, got shape {tuple(y.shape)}")
+    rng = np.random.default_rng(seed)
+    keep, hold = [np.zeros(0, dtype=np.int64)], [np.zeros(0, dtype=np.int64)]
+    for c in np.unique(y):
+        idx = np.where(y == c)[0]
+        idx = idx[rng.permutation(len(idx))]
+        k = max(0, min(max(min_per_class, int(np.floor(fraction * len(idx)))), len(idx) - 1))
+        hold.append(idx[:k])
+        keep.append(idx[k:])
+    return np.sort(np.concatenate(keep)).astype(np.int64), np.sort(np.concatenate(hold)).astype(np.int64)

@@ -9,6 +9,8 @@ import math
 
 import torch
 
+from balpoe.runtime.seeding import torch_stream
+
 
 def instance_balanced_indices(num_samples: int, generator: torch.Generator, device=None) -> torch.Tensor:
     """A uniformly random permutation of ``range(num_samples)`` (every image once per epoch)."""
@@ -48,8 +50,7 @@ class ClassBalancedSampler(torch.utils.data.Sampler[int]):
         self.epoch = epoch
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
-        idx = class_balanced_indices(self.labels, self.total, g)
+        idx = class_balanced_indices(self.labels, self.total, torch_stream(self.seed, self.epoch, "order"))
         padded = self.num_samples * self.world_size
         if padded > self.total:
             idx = torch.cat([idx, idx[: padded - self.total]])

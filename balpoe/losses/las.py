@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.losses.logit_adjusted import log_prior
+from balpoe.losses.priors import log_prior
 
 FORMS = ("concave", "linear", "convex", "power")
 
@@ -127,7 +127,7 @@ class ExpertLabelAwareSmoothingLoss(LabelAwareSmoothingLoss):
 
     ``expert_offsets`` (``delta_k``, one per expert) say which prior each expert's *raw* logits
     ``f_k`` keep after training on the sampled stream; see
-    :func:`balpoe.stage2.stage2_expert_offsets` for the stage-2 choice.  With every offset 0 this
+    :func:`balpoe.losses.priors.stage2_expert_offsets` for the stage-2 choice.  With every offset 0 this
     is exactly :class:`LabelAwareSmoothingLoss` (the logits are passed through untouched).
     """
 

@@ -1,9 +1,9 @@
-"""BalPoE's logit-adjusted expert loss (Sanchez Aimar et al., CVPR 2023).
+"""BalPoE's logit-adjusted expert loss (Sanchez Aimar et al., CVPR 2023, Sec. 3).
 
-Expert k is trained with ``l_tau(y, f) = -log softmax(f_k(x) + tau_k * log pi_train)_y`` (poster,
-"logit-adjusted loss for (1 - tau)-expert"); the total loss is the mean over experts.  tau = 0 is
-plain cross-entropy (the head expert), tau = 1 is logit adjustment / Balanced Softmax, tau = 2 the
-tail expert.  The ensemble (mean logits) is balanced when the mean tau is 1.
+Expert k is trained with ``l_tau(y, f) = -log softmax(f_k(x) + tau_k * log pi_train)_y``; the total
+loss is the mean over experts.  tau = 0 is plain cross-entropy (the head expert), tau = 1 is logit
+adjustment / Balanced Softmax (Menon et al. 2021; Ren et al. 2020), tau = 2 the tail expert.  The
+ensemble (mean logits) is balanced when the mean tau is 1.
 """
 
 from __future__ import annotations
@@ -14,27 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def make_tau_list(num_experts: int, tau_min: float = 0.0, tau_max: float = 2.0, spacing: str = "limits") -> list[float]:
-    """Evenly spaced tau values, as the official ``--tau_list`` options.
-
-    ``limits``: tau_i = tau_min + (tau_max - tau_min) * i / (E - 1), both ends included (E = 1: the
-    midpoint); ``uniform``: bin centres tau_min + (tau_max - tau_min) * (i + 0.5) / E.
-    """
-    span = tau_max - tau_min
-    if spacing == "limits":
-        if num_experts == 1:
-            return [tau_min + span / 2]
-        return [tau_min + span * i / (num_experts - 1) for i in range(num_experts)]
-    if spacing == "uniform":
-        return [tau_min + span * (i + 0.5) / num_experts for i in range(num_experts)]
-    raise ValueError(f"unknown tau spacing {spacing!r}")
-
-
-def log_prior(class_counts: torch.Tensor | Sequence[int], eps: float = 1e-9) -> torch.Tensor:
-    """``log pi_train`` with pi_y = n_y / N (``eps`` guards empty classes, as the official code)."""
-    counts = torch.as_tensor(class_counts, dtype=torch.float64)
-    return torch.log(counts / counts.sum() + eps).float()
+from balpoe.losses.priors import log_prior
 
 
 class BalPoELoss(nn.Module):

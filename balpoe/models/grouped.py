@@ -1,8 +1,8 @@
 """Batched experts: E identical expert branches evaluated as one network of grouped convolutions.
 
-The speed lever of issue #5 ("experts evaluated together instead of in a Python loop ... with
-correct per-expert batch-norm").  Expert ``k``'s channels occupy the ``k``-th block of every
-feature map (layout ``b (e c) h w``):
+A speed lever for launch-bound GPU steps: one kernel per layer for all experts instead of a Python
+loop over them, with each expert keeping its own batch-norm statistics.  Expert ``k``'s channels
+occupy the ``k``-th block of every feature map (layout ``b (e c) h w``):
 
 * ``Conv2d(cin, cout, groups=g)`` of each expert -> one ``Conv2d(E*cin, E*cout, groups=E*g)``
   whose weight is the experts' weights concatenated along the output dimension (a grouped

@@ -31,6 +31,7 @@ from einops import rearrange
 from balpoe.errors import BalpoeError
 from balpoe.models.grouped import GroupedBranches
 from balpoe.models.heads import build_head
+from balpoe.models.lws import LWSDeltaHead
 
 # Importing registers our models in timm's registry.
 from balpoe.models import resnet_cifar as _resnet_cifar  # noqa: F401
@@ -77,8 +78,29 @@ class MultiExpertNet(nn.Module):
 
     @staticmethod
     def ensemble(expert_logits: torch.Tensor) -> torch.Tensor:
-        """BalPoE aggregation: the mean of the expert logits ``[B, C]``."""
+        """BalPoE aggregation: the mean of the expert logits ``[E, ..., C]`` -> ``[..., C]`` (the
+        product of the experts' softmax distributions, re-normalised)."""
         return expert_logits.mean(0)
+
+    def param_groups(self, lr: float, weight_decay: float, delta_lr_factor: float = 1.0) -> list[dict]:
+        """Optimizer parameter groups of the trainable parameters (the module that owns the
+        parameters says how they are optimised).
+
+        Stage 1: one group, every parameter at ``lr``.  With MiSLAS Eq. 4 heads
+        (:class:`~balpoe.models.lws.LWSDeltaHead`, stage 2): the ``dW`` tensors at
+        ``lr * delta_lr_factor`` (group ``'delta'``) and the rest (``s``) at ``lr`` (group
+        ``'scale'``); frozen parameters are left out and empty groups dropped."""
+        trainable = [p for p in self.parameters() if p.requires_grad]
+        if not trainable:
+            raise BalpoeError("the model has no trainable parameters")
+        delta_ids = {id(p) for m in self.modules() if isinstance(m, LWSDeltaHead) for p in m.delta_parameters()}
+        if not any(isinstance(m, LWSDeltaHead) for m in self.modules()):
+            return [{"params": trainable, "lr": lr, "weight_decay": weight_decay}]
+        groups = [{"name": "scale", "params": [p for p in trainable if id(p) not in delta_ids], "lr": lr,
+                   "weight_decay": weight_decay},
+                  {"name": "delta", "params": [p for p in trainable if id(p) in delta_ids],
+                   "lr": lr * delta_lr_factor, "weight_decay": weight_decay}]
+        return [g for g in groups if g["params"]]
 
 
 def _load_pretrained(model: nn.Module, path: str) -> None:
@@ -100,9 +122,14 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
-def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwargs: dict) -> nn.Module:
+def check_backbone(name: str) -> None:
+    """``name`` is in timm's model registry (one-line error otherwise)."""
     if not timm.is_model(name):
         raise BalpoeError(f"model.backbone '{name}' is not a timm model name (see timm.list_models())")
+
+
+def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwargs: dict) -> nn.Module:
+    check_backbone(name)
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     except TypeError as e:

@@ -1,0 +1,93 @@
+"""The ``DataLoader`` path: image-file datasets, and in-memory arrays served one PIL image at a time.
+
+:class:`FolderLoader` wraps a ``torch.utils.data.DataLoader`` with the interface of
+:class:`~balpoe.data.device_loader.DeviceLoader` (``set_epoch``, ``num_samples``, ``len``,
+iteration over ``(x, y)`` batches), so the trainer does not care which one it has.
+:class:`ArrayImageDataset` with :func:`array_transforms` is the official code's pipeline for
+CIFAR-style arrays (PIL + torchvision transforms in worker processes): the reference the
+device-resident path is compared against (``data.loader: dataloader``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+
+from balpoe.data.bundle import ImageArrays
+from balpoe.data.samplers import ClassBalancedSampler
+from balpoe.runtime.seeding import stream_seed
+
+
+class ArrayImageDataset(torch.utils.data.Dataset):
+    """In-memory uint8 images ``[N, C, H, W]`` served through PIL and torchvision transforms."""
+
+    def __init__(self, arrays: ImageArrays, transform):
+        self.images, self.labels, self.transform = arrays.images.cpu(), arrays.labels.cpu(), transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self.images[i].permute(1, 2, 0).numpy()
+        img = Image.fromarray(img[:, :, 0] if img.shape[2] == 1 else img)
+        return self.transform(img), self.labels[i]
+
+
+def array_transforms(size: tuple[int, int], mean, std, train: bool, padding: int = 0, flip: bool = False,
+                     rotation: float = 0.0) -> T.Compose:
+    """torchvision twin of the device path: ``RandomCrop(size, padding)`` -> ``RandomHorizontalFlip``
+    -> ``RandomRotation(rotation)`` (train only) -> ``ToTensor`` -> ``Normalize(mean, std)``."""
+    ops = []
+    if train:
+        if padding:
+            ops.append(T.RandomCrop(size, padding=padding))
+        if flip:
+            ops.append(T.RandomHorizontalFlip())
+        if rotation:
+            ops.append(T.RandomRotation(rotation))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+
+
+class FolderLoader:
+    """A ``DataLoader`` over ``dataset`` with per-epoch seeding and DDP sharding.
+
+    Training: shuffled (``sampler='instance'``) or class-balanced (``'class_balanced'``,
+    :class:`~balpoe.data.samplers.ClassBalancedSampler`); under DDP ``DistributedSampler``
+    semantics.  The shuffle and the sampler are re-seeded in :meth:`set_epoch` from the ``order``
+    stream of :mod:`balpoe.runtime.seeding`."""
+
+    def __init__(self, dataset, labels: torch.Tensor, batch_size: int, *, train: bool, sampler: str = "instance",
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+        self.seed, self.world_size = seed, world_size
+        if train and sampler == "class_balanced":
+            self.sampler = ClassBalancedSampler(labels, seed=seed, rank=rank, world_size=world_size)
+        elif world_size > 1:
+            self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
+                                                               shuffle=train, seed=seed)
+        else:
+            self.sampler = None
+        self.generator = torch.Generator().manual_seed(seed)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=train and self.sampler is None, sampler=self.sampler,
+            generator=self.generator, num_workers=num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=num_workers > 0, drop_last=False)
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.generator.manual_seed(stream_seed(self.seed, epoch, "order"))
+
+    @property
+    def num_samples(self) -> int:
+        """Samples this rank sees per epoch."""
+        return len(self.sampler) if self.sampler is not None else math.ceil(len(self.loader.dataset) / self.world_size)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)

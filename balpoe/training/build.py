@@ -1,0 +1,213 @@
+"""Recipe -> :class:`~balpoe.training.trainer.Plan` -> a trained run: ``balpoe train RECIPE``.
+
+:func:`train` reads top to bottom: devices and processes, the output directory, the data, the
+plan (model, loss, optimizer, schedule for the recipe's stage), then the stage-agnostic loop
+(:func:`~balpoe.training.trainer.train_model`).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+from timm.optim import create_optimizer_v2
+from torch.optim import lr_scheduler
+
+from balpoe.data.build import build_data, build_loader
+from balpoe.data.bundle import DataBundle
+from balpoe.errors import BalpoeError, NoRunToResume, RunExists
+from balpoe.evaluate.build import evaluate_model
+from balpoe.evaluate.report import print_report
+from balpoe.data.registry import get_dataset
+from balpoe.losses.build import LOSSES, build_criterion, expert_taus
+from balpoe.losses.priors import warn_unbalanced_tau
+from balpoe.models.build import build_model
+from balpoe.models.multi_expert import check_backbone
+from balpoe.recipe import Recipe, recipe_from_dict
+from balpoe.runtime import distributed as dist
+from balpoe.runtime.checkpoint import load_checkpoint
+from balpoe.runtime.console import console
+from balpoe.runtime.device import resolve_device
+from balpoe.runtime.precision import use_amp
+from balpoe.training.stage2 import adopt_stage1_sections, check_stage2_data, prepare_stage2, set_stage2_mode
+from balpoe.training.trainer import Plan, train_model
+
+
+def build_optimizer(cfg, param_groups) -> torch.optim.Optimizer:
+    """SGD with momentum (Nesterov by default) and weight decay on all parameters (official code),
+    through timm's optimizer factory; ``cfg`` is the recipe's ``optim`` section."""
+    return create_optimizer_v2(param_groups, opt="sgd" if cfg.nesterov else "momentum", lr=cfg.lr,
+                               weight_decay=cfg.weight_decay, momentum=cfg.momentum, filter_bias_and_bn=False)
+
+
+def build_scheduler(cfg, optimizer: torch.optim.Optimizer):
+    """Per-epoch schedule of the ``optim`` section: linear warmup ``lr * (e + 1) / W`` for ``e < W``
+    (official BalPoE), then multistep (x gamma at each milestone epoch), cosine to ``min_lr`` or
+    constant."""
+    w = cfg.warmup_epochs
+    if cfg.schedule == "multistep":
+        main = lr_scheduler.MultiStepLR(optimizer, [m - w for m in cfg.milestones], cfg.gamma)
+    elif cfg.schedule == "cosine":
+        main = lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs - w, eta_min=cfg.min_lr)
+    else:
+        main = lr_scheduler.ConstantLR(optimizer, factor=1.0, total_iters=0)
+    if w == 0:
+        return main
+    warm = lr_scheduler.LinearLR(optimizer, start_factor=1.0 / w, end_factor=1.0, total_iters=max(w - 1, 1))
+    return lr_scheduler.SequentialLR(optimizer, [warm, main], milestones=[w])
+
+
+def load_init_checkpoint(path: str | None) -> tuple[dict, Recipe]:
+    """The stage-1 checkpoint named by ``stage2.init_checkpoint`` and its recipe; every failure is a
+    one-line :class:`BalpoeError` naming the key and the path."""
+    key = "recipe key 'stage2.init_checkpoint'"
+    if not path:
+        raise BalpoeError(f"{key} is required when stage is 2 (the stage-1 run's last.pt)")
+    try:
+        ckpt = load_checkpoint(path)
+    except BalpoeError as e:
+        raise BalpoeError(f"{key}: {e} (train stage 1 first, or set stage2.init_checkpoint to its last.pt)") from None
+    try:
+        stage1 = recipe_from_dict(ckpt["recipe"])
+    except (BalpoeError, KeyError, TypeError) as e:
+        raise BalpoeError(f"{key}: checkpoint '{path}' holds no valid recipe ({e})") from None
+    if stage1.stage != 1:
+        raise BalpoeError(f"{key}: '{path}' is a stage-{stage1.stage} checkpoint; point it at a stage-1 run's last.pt")
+    return ckpt, stage1
+
+
+def resolve_stage2(recipe: Recipe, bundle: DataBundle) -> tuple[Recipe, dict]:
+    """MiSLAS stage 2: the recipe with the stage-1 checkpoint's ``model`` and ``loss`` sections
+    (:func:`~balpoe.training.stage2.adopt_stage1_sections`, a new recipe) and that checkpoint; the data
+    are checked against it (:func:`~balpoe.training.stage2.check_stage2_data`)."""
+    path = recipe.stage2.init_checkpoint
+    init, stage1 = load_init_checkpoint(path)
+    resolved, taken = adopt_stage1_sections(recipe, stage1, path)
+    check_stage2_data(resolved.data.sampler, bundle.num_classes, bundle.in_chans, bundle.class_counts.tolist(),
+                      init, path)
+    if taken and dist.rank() == 0:
+        console.print(f"stage 2: {' and '.join(taken)} section{'s' if len(taken) > 1 else ''} taken from the "
+                      f"stage-1 checkpoint '{path}' (backbone {resolved.model.backbone}, "
+                      f"{resolved.model.num_experts} expert(s), {resolved.model.head} head)")
+    return resolved, init
+
+
+def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank: int = 0,
+               world_size: int = 1) -> Plan:
+    """The :class:`~balpoe.training.trainer.Plan` of ``recipe``'s stage.
+
+    Stage 1: the recipe's model and loss.  Stage 2 (MiSLAS): the stage-1 checkpoint's network with
+    its weights, Eq. 4 heads, a frozen backbone, shifted BN and the label-aware smoothing loss."""
+    tc = recipe.train
+    loader = build_loader(bundle, "train", dist.local_batch_size(recipe.optim.batch_size, world_size), recipe.data,
+                          train=True, seed=recipe.seed, rank=rank, world_size=world_size,
+                          channels_last=tc.channels_last)
+    if recipe.stage == 1:
+        model = build_model(recipe.model, bundle.num_classes, bundle.in_chans)
+        taus = expert_taus(recipe)
+        if rank == 0 and (recipe.model.num_experts > 1 or taus != [0.0]):
+            warn_unbalanced_tau(taus)
+        set_train_mode, delta_lr_factor = nn.Module.train, 1.0
+    else:
+        recipe, init = resolve_stage2(recipe, bundle)
+        model = build_model(recipe.model, init["num_classes"], init["in_chans"], pretrained=False)
+        try:
+            model.load_state_dict(init["model"])
+        except RuntimeError as e:
+            first = str(e).strip().splitlines()[0]
+            raise BalpoeError(f"recipe key 'stage2.init_checkpoint': the weights in '{recipe.stage2.init_checkpoint}' "
+                              f"do not fit its own model section ({first})") from None
+        prepare_stage2(model, recipe.stage2.classifier)
+        taus = expert_taus(recipe)
+        shifted_bn = recipe.stage2.shifted_bn
+
+        def set_train_mode(m: nn.Module) -> None:
+            set_stage2_mode(m, shifted_bn)
+        delta_lr_factor = recipe.stage2.delta_lr_factor
+    criterion = build_criterion(recipe, bundle.class_counts)
+    model, criterion = model.to(device), criterion.to(device)
+    if tc.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(recipe.optim, model.param_groups(recipe.optim.lr, recipe.optim.weight_decay,
+                                                                 delta_lr_factor))
+    scheduler = build_scheduler(recipe.optim, optimizer)
+    meta = {"recipe": recipe.to_dict(), "taus": taus, "class_counts": bundle.class_counts.tolist(),
+            "num_classes": bundle.num_classes, "in_chans": bundle.in_chans, "mean": list(bundle.mean),
+            "std": list(bundle.std), "class_names": bundle.class_names}
+    resolved = recipe
+
+    def evaluate(m: nn.Module) -> dict:
+        return evaluate_model(m, bundle, resolved, device)
+
+    def show(out: Path, report: dict) -> None:
+        print_report(report, title=f"{resolved.name}: balanced test set")
+
+    return Plan(name=recipe.name, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
+                loader=loader, device=device, epochs=recipe.optim.epochs, seed=recipe.seed,
+                num_classes=bundle.num_classes, set_train_mode=set_train_mode, evaluate=evaluate,
+                checkpoint_meta=meta, recipe_yaml=recipe.to_yaml(), mixup_alpha=tc.mixup_alpha,
+                amp=use_amp(device, tc.amp, warn=rank == 0), checkpoint_every=tc.checkpoint_every,
+                eval_every=tc.eval_every, compile=tc.compile, compile_mode=tc.compile_mode, sync_bn=tc.sync_bn,
+                finish=[show])
+
+
+def prepare_output_dir(out: Path, resume: bool) -> Path | None:
+    """Create ``out``; refuse to overwrite an existing run unless resuming.  Returns the checkpoint
+    to resume from, if any."""
+    last = out / "last.pt"
+    if resume:
+        if not last.is_file():
+            raise NoRunToResume(out)
+        return last
+    if last.exists():
+        raise RunExists(out)
+    out.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def check_resume(recipe: Recipe, ckpt: dict, path: Path) -> None:
+    """What may not change when resuming (the optimizer state is per parameter tensor)."""
+    was_batched = bool(ckpt["recipe"].get("model", {}).get("batched_experts", False))
+    if recipe.stage == 1 and was_batched != recipe.model.batched_experts:
+        raise BalpoeError(f"recipe key 'model.batched_experts' is {recipe.model.batched_experts} but '{path}' was "
+                          f"trained with {was_batched}; resume with the same setting")
+
+
+def check_names(recipe: Recipe) -> None:
+    """The recipe's registered names exist: ``data.dataset`` (:data:`balpoe.data.registry.DATASETS`),
+    ``loss.name`` (:data:`balpoe.losses.build.LOSSES`) and ``model.backbone`` (timm's registry)."""
+    get_dataset(recipe.data.dataset)
+    if recipe.loss.name not in LOSSES:
+        raise BalpoeError(f"recipe key 'loss.name' is unknown: {recipe.loss.name!r} (known: {', '.join(LOSSES)})")
+    check_backbone(recipe.model.backbone)
+
+
+def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
+    """Train a (multi-expert) model as the recipe says; returns the final evaluation report."""
+    out = Path(out_dir)
+    check_names(recipe)  # before anything is written
+    if recipe.train.threads:
+        torch.set_num_threads(recipe.train.threads)
+    device = resolve_device(recipe.train.device)
+    # Under torchrun: join the process group (gloo on CPU; NCCL with one GPU per process, cuda:LOCAL_RANK).
+    rank, world_size, device = dist.init_distributed(device)
+    resume_from = prepare_output_dir(out, resume)  # every rank checks, so all fail alike
+    dist.barrier()
+    torch.manual_seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    bundle = build_data(recipe.data, device, seed=recipe.seed)
+    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size)
+    ckpt = None
+    if resume_from is not None:
+        ckpt = load_checkpoint(resume_from, map_location=device)
+        check_resume(recipe, ckpt, resume_from)
+        if rank == 0 and ckpt["recipe"] != plan.checkpoint_meta["recipe"]:
+            warnings.warn(f"resuming: the recipe differs from the one '{resume_from}' was trained with; "
+                          "continuing with the new recipe", stacklevel=2)
+    report = train_model(plan, out, resume=ckpt, show_progress=show_progress)
+    dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group
+    dist.shutdown()
+    return report

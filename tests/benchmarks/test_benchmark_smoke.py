@@ -1,0 +1,224 @@
+"""The benchmark scripts at smoke size: ``benchmarks/speed.py`` runs both modes for one tiny epoch
+on synthetic CIFAR-100 and its output has the promised structure (timings are not asserted); every
+script imports and answers ``--help``; the label-shift rows run on the library's selector."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace as E
+
+import pytest
+import torch
+from torch.autograd import DeviceType
+
+from balpoe.data.build import build_data
+from balpoe.data.lt import lt_class_counts
+from balpoe.recipe import load_recipe, recipe_from_dict
+from balpoe.runtime.precision import use_amp
+
+ROOT = Path(__file__).resolve().parents[2]
+BENCH = ROOT / "benchmarks"
+SCRIPT = BENCH / "speed.py"
+SCRIPTS = ("speed", "fast_vs_reference_accuracy", "label_shift", "mislas_ablation")
+
+
+@pytest.fixture
+def load_script(monkeypatch):
+    """``load_script(name)``: import ``benchmarks/<name>.py`` as ``python benchmarks/<name>.py`` sees
+    it, with its own directory importable (the scripts import their siblings ``profile_step`` and
+    ``reference_balpoe``) and the module registered while it runs (dataclasses look it up)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, mod)
+        spec.loader.exec_module(mod)
+        return mod
+    return load
+
+
+def test_speed_fast_and_reference_smoke(tmp_path):
+    out = tmp_path / "speed.json"
+    cmd = [sys.executable, str(SCRIPT), "--synthetic", "--synthetic-test-per-class", "2", "--limit", "96",
+           "--epochs", "1", "--warmup-epochs", "0", "--reference", "--ref-workers", "1", "--threads", "1",
+           "--breakdown", "--set", "model.backbone=small_cnn", "--set", "model.kwargs={widths: [8, 16, 32]}",
+           "--set", "optim.batch_size=32", "--json", str(out)]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = proc.stdout
+    assert "SYNTHETIC" in text and "speed-up (fast img/s / reference img/s):" in text
+    assert "fast" in text and "reference" in text and "img/s" in text
+
+    r = json.loads(out.read_text())
+    assert r["data"]["synthetic"] is True and "SYNTHETIC" in r["data"]["note"]
+    assert r["data"]["dataset"] == "cifar100" and r["data"]["images_per_epoch"] == 96
+    assert set(r["modes"]) == {"fast", "reference"} and r["epochs"] == 1
+    for mode in r["modes"].values():
+        assert mode["images_per_epoch"] == 96 and len(mode["epoch_seconds"]) == 1
+        for key in ("s_per_epoch", "img_per_s", "cpu_s_per_epoch", "peak_mem_mib", "loader_s_per_epoch"):
+            assert isinstance(mode[key], float) and mode[key] > 0
+        assert mode["peak_mem_kind"] in ("cuda_max_allocated", "rss_high_water_mark",
+                                         "rss_high_water_mark_process_lifetime")
+    assert r["modes"]["fast"]["settings"]["loader"] == "DeviceLoader"
+    assert r["modes"]["reference"]["settings"]["loader"].startswith("DataLoader")
+    assert r["speedup"] == r["modes"]["fast"]["img_per_s"] / r["modes"]["reference"]["img_per_s"]
+    assert r["cpu_time_ratio"] == r["modes"]["reference"]["cpu_s_per_epoch"] / r["modes"]["fast"]["cpu_s_per_epoch"]
+
+
+def test_synthetic_cifar100_is_real_format_and_lt_ir100_size(tmp_path, load_script):
+    root = load_script("speed").write_synthetic_cifar100(tmp_path, lt_class_counts(500, 100, 100), test_per_class=1)
+    assert sorted(p.name for p in (root / "cifar-100-python").iterdir()) == ["meta", "test", "train"]
+    recipe = recipe_from_dict({"data": {"dataset": "cifar100", "root": str(root), "imb_factor": 100}})
+    bundle = build_data(recipe.data, "cpu")
+    assert len(bundle.train) == 10_847 and bundle.train.images.shape[1:] == (3, 32, 32)
+    assert bundle.class_counts[0] == 500 and bundle.class_counts[-1] == 5 and len(bundle.test) == 100
+    assert bundle.train.images.dtype == torch.uint8
+
+
+# ------------------------------------------------------------------------------------------------
+# --profile, --levers, --write-synthetic (in-process: main(argv) returns the JSON dict; no --threads,
+# so the test process keeps its torch settings)
+
+TINY = ["--synthetic", "--synthetic-test-per-class", "1", "--limit", "64", "--epochs", "1", "--warmup-epochs", "0",
+        "--device", "cpu", "--set", "model.backbone=small_cnn", "--set", "model.kwargs={widths: [8, 16, 32]}",
+        "--set", "optim.batch_size=32"]
+
+
+def _check_top(profile: dict, steps: int) -> None:
+    top = profile["top"]
+    assert profile["steps"] == steps and 0 < len(top) <= 15
+    pcts = [r["pct"] for r in top]
+    assert all(0 < p <= 100 for p in pcts) and sum(pcts) <= 100 + 1e-6
+    assert pcts == sorted(pcts, reverse=True)
+    assert all(r["calls"] >= 1 and r["total_ms"] > 0 and r["name"] for r in top)
+    assert abs(sum(c["pct"] for c in profile["categories"]) - 100) < 1e-6
+    assert profile["wall_ms_per_step"] > 0 and profile["profiled_wall_ms_per_step"] > 0
+
+
+def test_profile_top_ops_cpu(tmp_path, capsys, load_script):
+    trace, out = tmp_path / "trace.json.gz", tmp_path / "p.json"
+    r = load_script("speed").main(TINY + ["--profile", "3", "--trace", str(trace), "--json", str(out)])
+    p = r["modes"]["fast"]["profile"]
+    _check_top(p, 3)
+    assert p["device"] == "cpu" and p["time_kind"] == "self CPU time" and 0 < p["op_cpu_fraction"]
+    assert any(row["name"].startswith("aten::") for row in p["top"])
+    assert json.loads(out.read_text())["modes"]["fast"]["profile"]["top"] == p["top"]
+    assert "traceEvents" in json.loads(gzip.decompress(trace.read_bytes()))
+    text = capsys.readouterr().out
+    assert "top" in text and "ops by self CPU time over 3 steps" in text and "% of profiled" in text
+
+
+def test_profile_summary_cuda_events(load_script):
+    """The CUDA branch of the summary on hand-made events: kernels vs launches vs graph launches."""
+    summarise_events = load_script("profile_step").summarise_events
+    cuda, cpu = DeviceType.CUDA, DeviceType.CPU
+    events = [E(key="void cudnn::bn_fw_tr_1C11_kernel_NCHW", count=20, device_type=cuda, self_cpu_time_total=0,
+                self_device_time_total=2000.0),
+              E(key="sm90_xmma_fprop_implicit_gemm_bf16", count=10, device_type=cuda, self_cpu_time_total=0,
+                self_device_time_total=6000.0),
+              E(key="Memcpy HtoD (Pageable -> Device)", count=2, device_type=cuda, self_cpu_time_total=0,
+                self_device_time_total=0.0),
+              E(key="cudaLaunchKernel", count=30, device_type=cpu, self_cpu_time_total=900, self_device_time_total=0),
+              E(key="cudaGraphLaunch", count=2, device_type=cpu, self_cpu_time_total=50, self_device_time_total=0),
+              E(key="aten::cudnn_convolution", count=10, device_type=cpu, self_cpu_time_total=500,
+                self_device_time_total=6000.0)]
+    p = summarise_events(events, steps=2, on_cuda=True, plain_s=0.010, profiled_s=0.016)
+    _check_top(p, 2)
+    assert [r["name"] for r in p["top"]] == ["sm90_xmma_fprop_implicit_gemm_bf16",
+                                             "void cudnn::bn_fw_tr_1C11_kernel_NCHW"]
+    assert [r["pct"] for r in p["top"]] == [75.0, 25.0]
+    assert p["kernel_ms_per_step"] == 4.0 and p["kernels_per_step"] == 15 and p["launch_calls_per_step"] == 15
+    assert p["graph_launches_per_step"] == 1 and p["gpu_busy_fraction"] == 0.5
+    assert p["gpu_busy_fraction_unprofiled_wall"] == 0.8
+    assert {c["category"] for c in p["categories"]} == {"convolution / matmul", "batch norm"}
+
+
+def test_levers_one_row_per_applicable_lever(capsys, load_script):
+    r = load_script("speed").main(TINY + ["--levers", "--skip-levers", "compile"])
+    amp = use_amp(torch.device("cpu"), True, warn=False)   # bf16 where the trainer uses it on this CPU
+    expected = ["eager"] + (["amp"] if amp else []) + ["channels_last", "batched_experts"]
+    rows = r["levers"]
+    assert [row["lever_key"] for row in rows] == expected          # reduce-overhead: CUDA only
+    assert all(row["s_per_epoch"] > 0 and row["img_per_s"] > 0 and row["peak_mem_mib"] > 0 for row in rows)
+    assert rows[0]["speedup_vs_first"] == rows[0]["speedup_vs_previous"] == 1.0
+    for prev, row in zip(rows, rows[1:]):
+        assert row["speedup_vs_previous"] == row["img_per_s"] / prev["img_per_s"]
+        assert row["speedup_vs_reference"] is None
+    cl = expected.index("channels_last")
+    assert rows[cl]["settings"]["channels_last"] and not rows[cl - 1]["settings"]["channels_last"]
+    assert [row["settings"]["amp_bf16"] for row in rows] == [amp and k != "eager" for k in expected]
+    assert not any(row["settings"]["compile"] for row in rows)
+    skipped = {s["key"]: s["reason"] for s in r["levers_skipped"]}
+    assert {"compile", "reduce-overhead"} <= set(skipped) and "CUDA only" in skipped["reduce-overhead"]
+    assert amp or "no native bf16" in skipped["amp"]
+    b = expected.index("batched_experts")
+    assert rows[b]["settings"]["batched_experts"] and not rows[b - 1]["settings"]["batched_experts"]
+    assert r["modes"]["fast"]["lever"] == r["best_lever"] and r["best_lever"] in {row["lever"] for row in rows}
+    text = capsys.readouterr().out
+    assert "speed levers, cumulative" in text and "eager fp32 NCHW" in text and "+channels_last" in text
+
+
+def test_write_synthetic_is_read_by_the_cifar_loader(tmp_path, load_script):
+    r = load_script("speed").main(["--write-synthetic", str(tmp_path / "syn"), "--synthetic-test-per-class", "1"])
+    assert r["train_images"] == 10_847 and Path(r["folder"]).is_dir()
+    recipe = load_recipe(ROOT / "recipes" / "balpoe" / "cifar100_lt_ir100.yaml",
+                         [f"data.root={tmp_path / 'syn'}", "data.download=false"])
+    bundle = build_data(recipe.data, "cpu", seed=recipe.seed)
+    counts = bundle.class_counts.tolist()
+    assert len(bundle.train) == 10_847 and counts == r["class_counts"] and len(bundle.test) == 100
+    assert counts[0] == 500 and counts[-1] == 5 and counts == sorted(counts, reverse=True)
+
+
+def test_bad_lever_and_compile_mode_are_usage_errors(capsys, load_script):
+    mod = load_script("speed")
+    for argv in (["--levers", "--skip-levers", "bogus"], ["--compile-mode", "bogus"], ["--trace", "t.json"]):
+        with pytest.raises(SystemExit) as e:
+            mod.main(argv)
+        assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unknown lever(s) bogus" in err and "invalid choice: 'bogus'" in err and "--trace needs --profile" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# The other scripts: they import (no stale library names) and answer --help; the label-shift rows
+# run on the library's selector
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_help(name, load_script, capsys):
+    mod = load_script(name)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    assert e.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_label_shift_rows_run_on_the_library_selector(load_script):
+    """Every printed row of benchmarks/label_shift.py on random logits: the library's adaptation
+    modes, calibrators and estimators it names exist and return what the row needs."""
+    mod = load_script("label_shift")
+    mod.check_rows()
+    gen = torch.Generator().manual_seed(0)
+    counts = torch.tensor(lt_class_counts(600, 10, 100))
+    v = mod.log_prior(counts, torch.float64).float()
+    src_y = torch.arange(10).repeat(30)
+    src = torch.randn(len(src_y), 10, generator=gen) + 3.0 * torch.nn.functional.one_hot(src_y, 10)
+    y = torch.arange(10).repeat_interleave(torch.arange(30, 0, -3))
+    z = torch.randn(len(y), 10, generator=gen) + 3.0 * torch.nn.functional.one_hot(y, 10)
+    for row in mod.ROWS:
+        sel = mod.TauSelector(counts, calibration=row.calibration,
+                              min_samples_per_class=mod.ESTIMATORS[row.estimator])
+        if row.calibration != "none":
+            sel.fit_source(src, src_y, source_prior=mod.empirical_prior(src_y, 10))
+        zt, yt, tau = mod.run_row(row, sel, z, y, v, draw=0)
+        assert zt.shape == (len(yt), 10) and torch.isfinite(zt).all() and isinstance(tau, float), row.key
+        if row.mode == "labelled":
+            assert len(yt) == len(y) - round(row.labels_per_class * 10)
+        else:
+            assert torch.equal(yt, y)
