@@ -7,6 +7,7 @@ exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,16 @@ def _key_value(text: str) -> str:
     return text
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert ensembles "
                 "(BalPoE, MiSLAS).")
@@ -46,13 +57,15 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a recipe key, e.g. --set optim.lr=0.05 (repeatable)")
     t.add_argument("--out", help="output directory (default: runs/<recipe name>)")
-    t.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    t.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
+                   help="continue from OUT/last.pt; '--resume auto': continue if OUT/last.pt exists, else start "
+                   "(one command line for job schedulers and torchrun restarts)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the balanced test set")
     e.add_argument("checkpoint")
     e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=int, default=None)
+    e.add_argument("--batch-size", type=_positive_int, default=None)
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a key of the checkpoint's recipe, e.g. --set data.root=/data")
     e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint); with the "
@@ -102,27 +115,33 @@ def _eval(args) -> None:
 COMMANDS = {"train": _train, "eval": _eval}
 
 
+def _report(message: str) -> None:
+    """One ``error: ...`` line on stderr; under torchrun from rank 0 only (every rank exits non-zero)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser().parse_args(argv)
     except _UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(str(e))
         return EXIT_USAGE
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
     except RunExists as e:
-        print(f"error: output directory '{e.out}' already holds a run; pass --resume to continue it or --out to "
-              "choose another directory", file=sys.stderr)
+        _report(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to choose "
+                "another directory")
         return EXIT_USAGE
     except NoRunToResume as e:
-        print(f"error: --resume: {e}", file=sys.stderr)
+        _report(f"--resume: {e} (--resume auto starts a new run when there is none)")
         return EXIT_USAGE
     except BalpoeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        _report(str(e))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print("interrupted; the last checkpoint written is intact", file=sys.stderr)
+        _report("interrupted; the last checkpoint written is intact")
         return 130
     return 0
 

@@ -2,14 +2,22 @@
 
 A recipe has the sections ``data``, ``model``, ``loss``, ``optim``, ``train`` and (for MiSLAS-style
 decoupled training) ``stage2``.  Every key is declared below with its type and allowed range;
-unknown keys, wrong types and out-of-range values raise :class:`~balpoe.errors.BalpoeError` with
-one line naming the key.  ``--set key=value`` overrides use dotted keys (``optim.lr=0.05``) and
-YAML syntax for the value.
+unknown keys, wrong types, non-finite numbers and out-of-range values raise
+:class:`~balpoe.errors.BalpoeError` with one line naming the key (values in messages are shown
+bounded, :func:`shown`).  ``--set key=value`` overrides use dotted keys (``optim.lr=0.05``) and
+YAML syntax for the value.  Numbers may be written as Python writes them (``1e-3``, ``.5``,
+``1_000``; YAML 1.1 alone reads ``1e-3`` as a string); integer keys also take integral values
+with an exponent (``1e6``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import decimal
+import math
+import re
+import reprlib
+import stat
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,9 +29,22 @@ import yaml
 from balpoe.errors import BalpoeError
 
 
+#: Longest string a recipe key takes: names (datasets, backbones, ...) and paths (PATH_MAX).
+NAME_CHARS, PATH_CHARS = 200, 4096
+#: Bounds of the integer keys that count things (epochs, images, workers, ...).
+MAX_EPOCHS, MAX_BATCH = 100_000, 2 ** 20
+#: ``model.kwargs`` may hold at most this many values (each use of a YAML alias counts) ...
+MAX_KWARGS_VALUES = 10_000
+#: ... nested at most this deep.
+MAX_KWARGS_DEPTH = 32
+#: A recipe file is a few hundred bytes; refuse anything absurdly large before parsing it.
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def _f(default: Any = None, *, choices: tuple | None = None, min: float | None = None,  # noqa: A002
-       max: float | None = None, gt: float | None = None, default_factory=None, doc: str = ""):  # noqa: A002
-    meta = {"choices": choices, "min": min, "max": max, "gt": gt, "doc": doc}
+       max: float | None = None, gt: float | None = None, max_len: int = NAME_CHARS, default_factory=None,  # noqa: A002
+       doc: str = ""):
+    meta = {"choices": choices, "min": min, "max": max, "gt": gt, "max_len": max_len, "doc": doc}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,7 +53,7 @@ def _f(default: Any = None, *, choices: tuple | None = None, min: float | None =
 @dataclass
 class AugmentConfig:
     """Training augmentation of the in-memory path (torchvision order: crop, flip, rotation)."""
-    crop_padding: int = _f(4, min=0, doc="zero padding of the random crop (0 = no crop)")
+    crop_padding: int = _f(4, min=0, max=256, doc="zero padding of the random crop (0 = no crop)")
     flip: bool = _f(True, doc="random horizontal flip")
     rotation: float = _f(15.0, min=0, max=180, doc="random rotation in [-deg, deg] (BalPoE CIFAR: 15)")
 
@@ -41,29 +62,30 @@ class AugmentConfig:
 class DataConfig:
     dataset: str = _f("cifar100", doc="a registered dataset (balpoe.data.registry): cifar10, cifar100, "
                                       "fashion_mnist, imagenet_lt, places_lt, inat, ...")
-    root: Union[str, None] = _f(None, doc="data directory (default: ./data, or the dataset's usual place)")
+    root: Union[str, None] = _f(None, max_len=PATH_CHARS,
+                                doc="data directory (default: ./data, or the dataset's usual place)")
     download: bool = _f(False, doc="download through torchvision when the files are missing")
     imb_factor: float = _f(100.0, min=1, doc="imbalance ratio N_max / N_min of the LT training split")
     imb_profile: str = _f("exp", choices=("exp", "step"))
     augment: AugmentConfig = _f(default_factory=AugmentConfig)
     sampler: str = _f("instance", choices=("instance", "class_balanced"))
-    many_threshold: int = _f(100, min=0, doc="many-shot: more than this many training images")
-    few_threshold: int = _f(20, min=0, doc="few-shot: fewer than this many training images")
+    many_threshold: int = _f(100, min=0, max=10 ** 9, doc="many-shot: more than this many training images")
+    few_threshold: int = _f(20, min=0, max=10 ** 9, doc="few-shot: fewer than this many training images")
     holdout_fraction: float = _f(0.0, min=0, max=0.5,
                                  doc="stratified slice of the LT training split held out (calibration)")
     loader: str = _f("auto", choices=("auto", "device", "dataloader"))
-    num_workers: int = _f(4, min=0, doc="DataLoader workers (dataloader path only)")
-    image_size: int = _f(224, min=8, doc="crop size of the image-folder datasets")
+    num_workers: int = _f(4, min=0, max=256, doc="DataLoader workers (dataloader path only)")
+    image_size: int = _f(224, min=8, max=4096, doc="crop size of the image-folder datasets")
 
 
 @dataclass
 class ModelConfig:
     backbone: str = _f("resnet32_cifar", doc="any timm model name")
-    num_experts: int = _f(3, min=1)
+    num_experts: int = _f(3, min=1, max=64)
     split: str = _f("head", doc="'head' (experts own only heads) or the name of the last shared stage")
     head: str = _f("cosine", choices=("linear", "cosine"))
     scale: float = _f(30.0, gt=0, doc="cosine head scale s")
-    pretrained_file: Union[str, None] = _f(None, doc="local state_dict to load into the backbone")
+    pretrained_file: Union[str, None] = _f(None, max_len=PATH_CHARS, doc="local state_dict to load into the backbone")
     batched_experts: bool = _f(False, doc="run the expert branches together as grouped convolutions "
                                           "(same maths and checkpoint keys; a GPU speed lever)")
     kwargs: dict = _f(default_factory=dict, doc="extra keyword arguments for timm.create_model")
@@ -84,11 +106,12 @@ class OptimConfig:
     momentum: float = _f(0.9, min=0, max=1)
     nesterov: bool = _f(True)
     weight_decay: float = _f(5e-4, min=0)
-    batch_size: int = _f(128, min=1)
-    epochs: int = _f(200, min=1)
-    warmup_epochs: int = _f(5, min=0, doc="linear warmup lr*(e+1)/W for e < W (official BalPoE)")
+    batch_size: int = _f(128, min=1, max=MAX_BATCH)
+    epochs: int = _f(200, min=1, max=MAX_EPOCHS)
+    warmup_epochs: int = _f(5, min=0, max=MAX_EPOCHS, doc="linear warmup lr*(e+1)/W for e < W (official BalPoE)")
     schedule: str = _f("multistep", choices=("multistep", "cosine", "constant"))
-    milestones: list[int] = _f(default_factory=lambda: [160, 180])
+    milestones: list[int] = _f(min=1, max=MAX_EPOCHS, default_factory=lambda: [160, 180],
+                              doc="epochs at which a multistep schedule multiplies the lr by gamma")
     gamma: float = _f(0.1, gt=0)
     min_lr: float = _f(0.0, min=0, doc="eta_min of the cosine schedule")
 
@@ -104,16 +127,16 @@ class TrainConfig:
                                               "max-autotune-no-cudagraphs"),
                            doc="torch.compile mode ('reduce-overhead': CUDA graphs)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under torchrun")
-    checkpoint_every: int = _f(10, min=1)
-    eval_every: int = _f(0, min=0, doc="evaluate on the test set every N epochs (0: only at the end)")
-    eval_batch_size: int = _f(1024, min=1)
-    threads: int = _f(0, min=0, doc="CPU threads for torch (0: torch's default)")
+    checkpoint_every: int = _f(10, min=1, max=MAX_EPOCHS)
+    eval_every: int = _f(0, min=0, max=MAX_EPOCHS, doc="evaluate on the test set every N epochs (0: only at the end)")
+    eval_batch_size: int = _f(1024, min=1, max=MAX_BATCH)
+    threads: int = _f(0, min=0, max=1024, doc="CPU threads for torch (0: torch's default)")
 
 
 @dataclass
 class Stage2Config:
     """MiSLAS stage 2 (classifier re-training); used when ``stage: 2``."""
-    init_checkpoint: Union[str, None] = _f(None, doc="stage-1 checkpoint to start from")
+    init_checkpoint: Union[str, None] = _f(None, max_len=PATH_CHARS, doc="stage-1 checkpoint to start from")
     classifier: str = _f("mislas", choices=("mislas", "lws", "crt"))
     shifted_bn: bool = _f(True, doc="re-estimate BN statistics on the class-balanced stream")
     delta_lr_factor: float = _f(0.2, min=0, doc="learning-rate factor of dW")
@@ -129,7 +152,7 @@ class Stage2Config:
 @dataclass
 class Recipe:
     name: str = _f("balpoe")
-    seed: int = _f(0, min=0)
+    seed: int = _f(0, min=0, max=2 ** 32 - 1, doc="numpy accepts seeds below 2**32")
     stage: int = _f(1, choices=(1, 2))
     data: DataConfig = _f(default_factory=DataConfig)
     model: ModelConfig = _f(default_factory=ModelConfig)
@@ -139,6 +162,8 @@ class Recipe:
     stage2: Stage2Config = _f(default_factory=Stage2Config)
 
     def to_dict(self) -> dict:
+        # asdict deep-copies model.kwargs: bound it first (a YAML alias chain would expand).
+        check_kwargs(self.model.kwargs, "model.kwargs")
         return dataclasses.asdict(self)
 
     def to_yaml(self) -> str:
@@ -147,6 +172,41 @@ class Recipe:
 
 # ---------------------------------------------------------------------------------------------
 # Validation
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+#: Characters of a value (or key, or path) shown in an error message.
+SHOWN_CHARS = 200
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A bounded, one-line ``repr`` of ``value`` for error messages: nested containers are cut
+    after a few items and levels (a YAML alias chain is never expanded), long strings and numbers
+    are elided in the middle, and the result has at most ``limit`` characters."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(text: Any, limit: int = SHOWN_CHARS) -> str:
+    """``str(text)`` on one line (non-printable characters escaped) and cut to ``limit`` characters."""
+    text = str(text)[: limit + 1]
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quoted(text: Any, limit: int = SHOWN_CHARS) -> str:
+    """``'text'`` for a short printable string (a key, a name or a path), else :func:`shown` of
+    it (a bounded ``repr``, control characters escaped)."""
+    if isinstance(text, Path):
+        text = str(text)
+    if isinstance(text, str) and len(text) <= limit and text.isprintable():
+        return f"'{text}'"
+    return shown(text, limit)
 
 
 def _type_name(tp: Any) -> str:
@@ -159,7 +219,103 @@ def _type_name(tp: Any) -> str:
     return names.get(tp, getattr(tp, "__name__", str(tp)))
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+_DIGITS = r"\d+(?:_\d+)*"
+#: A number as Python writes it (``1e-3``, ``.5``, ``+2``, ``1_000``); YAML 1.1 reads some as strings.
+_NUMBER = re.compile(rf"[+-]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][+-]?{_DIGITS})?")
+_INTEGER = re.compile(rf"[+-]?{_DIGITS}")
+#: Integers written with an exponent (``1e6``) may have at most this many digits.
+_MAX_INT_DIGITS = 30
+
+
+def _wrong_type(key: str, tp: Any, value: Any) -> BalpoeError:
+    return BalpoeError(f"recipe key '{key}' must be {_type_name(tp)}, got {shown(value)}")
+
+
+def _number_text(value: Any) -> str | None:
+    """``value`` stripped when it is a string written as a Python number, else None."""
+    if isinstance(value, str) and len(value) <= 100 and _NUMBER.fullmatch(value.strip()):
+        return value.strip()
+    return None
+
+
+def _to_float(value: Any, key: str) -> float:
+    text = _number_text(value)
+    if text is not None:
+        number = float(text)
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except OverflowError:  # an int beyond float range
+            raise BalpoeError(f"recipe key '{key}' must be a finite number, got {shown(value)}") from None
+    else:
+        raise _wrong_type(key, float, value)
+    if not math.isfinite(number):
+        raise BalpoeError(f"recipe key '{key}' must be a finite number, got {shown(value)}")
+    return number
+
+
+def _to_int(value: Any, key: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    text = _number_text(value)
+    if text is None:
+        raise _wrong_type(key, int, value)
+    if _INTEGER.fullmatch(text):
+        return int(text)
+    if "e" not in text.lower():  # 2.0 is a float; 1e6 is how Python users write a million
+        raise _wrong_type(key, int, value)
+    number = decimal.Decimal(text.replace("_", ""))
+    if number != number.to_integral_value():
+        raise _wrong_type(key, int, value)
+    if number.adjusted() >= _MAX_INT_DIGITS:  # clamped: every integer key has a far smaller bound
+        return int(math.copysign(10 ** _MAX_INT_DIGITS, number))
+    return int(number)
+
+
+#: Control characters and line breaks (C0, DEL, C1, U+2028/9): refused in strings, which end up in messages.
+_CONTROL = frozenset(map(chr, [*range(32), *range(127, 160), 0x2028, 0x2029]))
+
+
+def _to_str(value: Any, key: str, max_len: int) -> str:
+    if not isinstance(value, str):
+        raise _wrong_type(key, str, value)
+    if len(value) > max_len:
+        raise BalpoeError(f"recipe key '{key}' must be at most {max_len} characters long, got {len(value)}: "
+                          f"{shown(value, 80)}")
+    bad = next((c for c in value if c in _CONTROL), None)
+    if bad is not None:
+        raise BalpoeError(f"recipe key '{key}' must not contain control characters ({bad!r}), got {shown(value)}")
+    return value
+
+
+def check_kwargs(value: Any, key: str = "model.kwargs") -> dict:
+    """``value`` is a mapping of keyword names to plain YAML values of bounded size: at most
+    :data:`MAX_KWARGS_VALUES` values (a value reached twice through a YAML alias counts twice, so an
+    alias chain is refused before anything copies or prints it) nested at most
+    :data:`MAX_KWARGS_DEPTH` deep."""
+    if not isinstance(value, dict):
+        raise _wrong_type(key, dict, value)
+    for name in value:
+        if not isinstance(name, str) or not name.isidentifier():
+            raise BalpoeError(f"recipe key '{key}' must map keyword-argument names to values, got the key "
+                              f"{shown(name, 80)}")
+    count, stack = 0, [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_KWARGS_VALUES:
+            raise BalpoeError(f"recipe key '{key}' holds more than {MAX_KWARGS_VALUES} values (each use of a YAML "
+                              "alias counts)")
+        if depth > MAX_KWARGS_DEPTH:
+            raise BalpoeError(f"recipe key '{key}' is nested more than {MAX_KWARGS_DEPTH} levels deep")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, (list, tuple, set, frozenset)):
+            stack.extend((v, depth + 1) for v in node)
+    return value
+
+
+def _coerce(value: Any, tp: Any, key: str, max_len: int = NAME_CHARS) -> Any:
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         args = typing.get_args(tp)
@@ -167,51 +323,53 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return None
         non_null = [a for a in args if a is not type(None)]
         if len(non_null) == 1:  # Optional[X]: X's own (more precise) message
-            return _coerce(value, non_null[0], key)
+            return _coerce(value, non_null[0], key, max_len)
         for a in args:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return _coerce(value, a, key, max_len)
             except BalpoeError:
                 pass
-        raise BalpoeError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+        raise _wrong_type(key, tp, value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise BalpoeError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+            raise _wrong_type(key, tp, value)
         (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, inner, f"{key}[{i}]", max_len) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
     elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        return _to_int(value, key)
     elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        return _to_float(value, key)
     elif tp is str:
-        if isinstance(value, str):
-            return value
+        return _to_str(value, key, max_len)
     elif tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-    raise BalpoeError(f"recipe key '{key}' must be {_type_name(tp)}, got {value!r}")
+        return dict(check_kwargs(value, key))
+    raise _wrong_type(key, tp, value)
 
 
-def _check_range(value: Any, meta: dict, key: str) -> None:
+def _check_range(value: Any, meta: dict, key: str, written: Any = None) -> None:
+    """``value`` is among ``meta``'s choices and within its bounds (each item of a list); messages
+    show ``written`` (what the recipe says, e.g. ``'1e6'``) where it is a string."""
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise BalpoeError(f"recipe key '{key}' must be one of {', '.join(map(str, meta['choices']))}; got {value!r}")
+        raise BalpoeError(f"recipe key '{key}' must be one of {', '.join(map(str, meta['choices']))}; "
+                          f"got {shown(value)}")
     vals = value if isinstance(value, list) else [value]
-    for v in vals:
+    for i, v in enumerate(vals):
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
+        where, raw = (f"{key}[{i}]", written[i] if isinstance(written, (list, tuple)) else None) \
+            if isinstance(value, list) else (key, written)
+        got = shown(raw if isinstance(raw, str) else v)
         if meta.get("min") is not None and v < meta["min"]:
-            raise BalpoeError(f"recipe key '{key}' must be >= {meta['min']}, got {v!r}")
+            raise BalpoeError(f"recipe key '{where}' must be >= {meta['min']}, got {got}")
         if meta.get("max") is not None and v > meta["max"]:
-            raise BalpoeError(f"recipe key '{key}' must be <= {meta['max']}, got {v!r}")
+            raise BalpoeError(f"recipe key '{where}' must be <= {meta['max']}, got {got}")
         if meta.get("gt") is not None and v <= meta["gt"]:
-            raise BalpoeError(f"recipe key '{key}' must be > {meta['gt']}, got {v!r}")
+            raise BalpoeError(f"recipe key '{where}' must be > {meta['gt']}, got {got}")
 
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
@@ -219,12 +377,13 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise BalpoeError(f"recipe section '{where}' must be a mapping, got {raw!r}")
+        raise BalpoeError(f"recipe section '{where}' must be a mapping, got {shown(raw)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in fields:
-            raise BalpoeError(f"unknown recipe key '{prefix}{k}' (known in '{where}': {', '.join(fields)})")
+            raise BalpoeError(f"unknown recipe key {quoted(prefix + (k if isinstance(k, str) else shown(k, 80)), 120)} (known in '{where}': "
+                              f"{', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -233,23 +392,42 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[name] = _build(tp, raw[name], key + ".")
         else:
-            value = _coerce(raw[name], tp, key)
-            _check_range(value, dict(f.metadata), key)
+            value = _coerce(raw[name], tp, key, f.metadata.get("max_len", NAME_CHARS))
+            _check_range(value, dict(f.metadata), key, raw[name])
             kwargs[name] = value
     return cls(**kwargs)
+
+
+#: timm.create_model arguments balpoe sets itself.
+_RESERVED_KWARGS = {"num_classes": "the number of classes comes from the dataset",
+                    "in_chans": "the number of channels comes from the dataset",
+                    "pretrained": "load weights with model.pretrained_file"}
 
 
 def _cross_checks(r: Recipe) -> None:
     if r.loss.tau is not None and len(r.loss.tau) != r.model.num_experts:
         raise BalpoeError(f"recipe key 'loss.tau' has {len(r.loss.tau)} values but model.num_experts is "
                           f"{r.model.num_experts}")
+    if r.loss.tau_min > r.loss.tau_max:
+        raise BalpoeError(f"recipe key 'loss.tau_min' ({r.loss.tau_min}) must not exceed loss.tau_max "
+                          f"({r.loss.tau_max})")
     if r.optim.warmup_epochs >= r.optim.epochs:
         raise BalpoeError(f"recipe key 'optim.warmup_epochs' ({r.optim.warmup_epochs}) must be smaller than "
                           f"optim.epochs ({r.optim.epochs})")
-    if r.optim.schedule == "multistep" and sorted(r.optim.milestones) != r.optim.milestones:
-        raise BalpoeError(f"recipe key 'optim.milestones' must be increasing, got {r.optim.milestones}")
+    if r.optim.min_lr > r.optim.lr:
+        raise BalpoeError(f"recipe key 'optim.min_lr' ({r.optim.min_lr}) must not exceed optim.lr ({r.optim.lr})")
+    if r.optim.schedule == "multistep":
+        if sorted(r.optim.milestones) != r.optim.milestones:
+            raise BalpoeError(f"recipe key 'optim.milestones' must be increasing, got {shown(r.optim.milestones)}")
+        early = [m for m in r.optim.milestones if m < r.optim.warmup_epochs]
+        if early:
+            raise BalpoeError(f"recipe key 'optim.milestones' has {early[0]} inside the warmup: milestones must be "
+                              f">= optim.warmup_epochs ({r.optim.warmup_epochs})")
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
+    for name, why in _RESERVED_KWARGS.items():
+        if name in r.model.kwargs:
+            raise BalpoeError(f"recipe key 'model.kwargs' must not set '{name}' ({why})")
     if r.stage == 2:
         if not r.stage2.init_checkpoint:
             raise BalpoeError("recipe key 'stage2.init_checkpoint' is required when stage is 2")
@@ -267,19 +445,47 @@ def recipe_from_dict(raw: dict) -> Recipe:
     return recipe
 
 
+class _TooDeep(yaml.YAMLError):
+    """YAML nested too deeply for the parser."""
+
+
+def _parse_yaml(text: str) -> Any:
+    """``yaml.safe_load``; nesting too deep for the parser is a :class:`yaml.YAMLError` too."""
+    try:
+        return yaml.safe_load(text)
+    except RecursionError:
+        raise _TooDeep("nested too deeply") from None
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """Where and what, for a one-line message: ``line 3: found unexpected end of stream``."""
+    if isinstance(e, _TooDeep):
+        return "nested too deeply"
+    if isinstance(e, yaml.reader.ReaderError):
+        code = e.character if isinstance(e.character, int) else ord(e.character)
+        return f"character U+{code:04X} at offset {e.position} is not allowed"
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None)
+    parts = [f"line {mark.line + 1}" if mark is not None else "", clip(problem, 100) if problem else ""]
+    return ": ".join(p for p in parts if p)
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'optim.lr=0.05'`` -> (['optim', 'lr'], 0.05); the value is parsed as YAML."""
     if "=" not in text:
-        raise BalpoeError(f"override expects key=value, got {text!r}")
+        raise BalpoeError(f"override expects key=value, got {shown(text)}")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key:
-        raise BalpoeError(f"override expects key=value, got {text!r}")
+        raise BalpoeError(f"override expects key=value, got {shown(text)}")
+    path = key.split(".")
+    if not all(path):
+        raise BalpoeError(f"override {shown(text)}: the key must be dotted names such as optim.lr")
     try:
-        parsed = yaml.safe_load(value) if value.strip() else None
+        parsed = _parse_yaml(value) if value.strip() else None
     except yaml.YAMLError:
         parsed = value
-    return key.split("."), parsed
+    return path, parsed
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -288,23 +494,50 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         node = raw
         for part in path[:-1]:
             if not isinstance(node.get(part, {}), dict):
-                raise BalpoeError(f"override {text!r}: '{part}' is not a section")
+                raise BalpoeError(f"override {shown(text)}: {quoted(part, 80)} is not a section")
             node = node.setdefault(part, {})
         node[path[-1]] = value
     return raw
 
 
+def _read_text(path: Path) -> str:
+    """The UTF-8 text of the recipe file ``path``; one-line errors naming the file and the problem."""
+    name = f"recipe file {quoted(path)}"
+    try:
+        st = path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        raise BalpoeError(f"{name} not found") from None
+    except PermissionError:
+        raise BalpoeError(f"{name} cannot be read (permission denied)") from None
+    except (OSError, ValueError) as e:  # name too long, symlink loop, NUL byte in the name
+        raise BalpoeError(f"{name} cannot be read ({clip(getattr(e, 'strerror', None) or e, 80)})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise BalpoeError(f"{name} is a directory, not a YAML file")
+    if not stat.S_ISREG(st.st_mode):
+        raise BalpoeError(f"{name} is not a regular file")
+    if st.st_size > MAX_RECIPE_BYTES:
+        raise BalpoeError(f"{name} is {st.st_size} bytes; a recipe is at most {MAX_RECIPE_BYTES} bytes")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise BalpoeError(f"{name} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
+    except PermissionError:
+        raise BalpoeError(f"{name} cannot be read (permission denied)") from None
+    except IsADirectoryError:
+        raise BalpoeError(f"{name} is a directory, not a YAML file") from None
+    except OSError as e:
+        raise BalpoeError(f"{name} cannot be read ({clip(e.strerror or type(e).__name__, 80)})") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read a YAML recipe, apply ``key=value`` overrides and validate it."""
     path = Path(path)
-    if not path.is_file():
-        raise BalpoeError(f"recipe file '{path}' not found")
+    text = _read_text(path)
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _parse_yaml(text) or {}
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" (line {mark.line + 1})" if mark is not None else ""
-        raise BalpoeError(f"recipe file '{path}' is not valid YAML{where}") from None
+        problem = _yaml_problem(e)
+        raise BalpoeError(f"recipe file {quoted(path)} is not valid YAML" + (f" ({problem})" if problem else "")) from None
     if not isinstance(raw, dict):
-        raise BalpoeError(f"recipe file '{path}' must hold a mapping of sections")
+        raise BalpoeError(f"recipe file {quoted(path)} must hold a mapping of sections")
     return recipe_from_dict(apply_overrides(raw, overrides or []))

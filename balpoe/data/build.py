@@ -67,6 +67,14 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
                       None if hold is None else full.subset(hold, test_tf), in_memory=False)
 
 
+def input_size(bundle: DataBundle, cfg) -> list[int]:
+    """``[C, H, W]`` of the images the model sees at test time: the in-memory images' size, or the
+    image-file datasets' crop ``data.image_size``."""
+    if bundle.in_memory:
+        return [int(d) for d in bundle.train.images.shape[1:]]
+    return [bundle.in_chans, int(cfg.image_size), int(cfg.image_size)]
+
+
 def uses_device_loader(cfg, bundle: DataBundle) -> bool:
     """Whether ``bundle`` is served from the device (in-memory data, unless ``data.loader: dataloader``)."""
     if cfg.loader == "device" and not bundle.in_memory:

@@ -9,7 +9,6 @@ derives top-1, many/medium/few accuracy, ECE (15 bins), MCE, NLL and Brier score
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
 from pathlib import Path
@@ -26,7 +25,7 @@ from balpoe.losses.priors import balance_logits
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import Recipe, apply_overrides, recipe_from_dict
-from balpoe.runtime.checkpoint import atomic_write_text, load_checkpoint
+from balpoe.runtime.checkpoint import ensure_writable_file, load_checkpoint, write_json
 from balpoe.runtime.console import console
 from balpoe.runtime.device import resolve_device
 
@@ -39,26 +38,69 @@ TRAIN_SLICE_FRACTION = 0.1
 def load_model(checkpoint: str | Path | dict, device: torch.device | str = "cpu"):
     """Rebuild the model of a checkpoint and load its weights; returns ``(model, recipe, ckpt)``."""
     ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
-    recipe = recipe_from_dict(ckpt["recipe"])
+    where = "the checkpoint" if isinstance(checkpoint, dict) else f"checkpoint '{checkpoint}'"
+    try:
+        recipe = recipe_from_dict(ckpt["recipe"])
+    except BalpoeError as e:
+        raise BalpoeError(f"{where} holds an invalid recipe: {e}") from None
     model = build_model(recipe.model, ckpt["num_classes"], ckpt["in_chans"], pretrained=False,
                         stage2_classifier=recipe.stage2.classifier if recipe.stage == 2 else None)
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0][:200]
+        raise BalpoeError(f"the weights in {where} do not fit its recipe's model section ({first})") from None
     return model.to(device).eval(), recipe, ckpt
+
+
+#: sections of a checkpoint's recipe that fix the weights' shapes and meaning: overrides may not change them
+_FIXED_SECTIONS = ("model", "loss", "stage", "stage2.classifier")
+#: model keys that do not change the weights (a batched checkpoint loads into the looped model and back)
+_FREE_MODEL_KEYS = ("pretrained_file", "batched_experts")
+
+
+def _conflicting_key(before: dict, after: dict) -> tuple[str, object, object] | None:
+    for section in _FIXED_SECTIONS:
+        head, _, sub = section.partition(".")
+        a, b = before.get(head), after.get(head)
+        if sub:
+            a, b = (a or {}).get(sub), (b or {}).get(sub)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in b:
+                if k not in _FREE_MODEL_KEYS and a.get(k) != b.get(k):
+                    return f"{section}.{k}", a.get(k), b.get(k)
+        elif a != b:
+            return section, a, b
+    return None
 
 
 def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None = None,
                   overrides: list[str] | None = None):
     """Checkpoint -> ``(model, recipe, ckpt, bundle, device)`` for evaluation: recipe overrides
-    applied, the data rebuilt as in training (same seed, so the same LT split and holdout) and
-    ``bundle.class_counts`` taken from the checkpoint."""
+    applied (those that would change the network are one-line errors), the data rebuilt as in
+    training (same seed, so the same LT split and holdout; its classes and channels must be the
+    checkpoint's) and ``bundle.class_counts`` taken from the checkpoint."""
+    if batch_size is not None and batch_size < 1:
+        raise BalpoeError(f"evaluation batch size must be >= 1, got {batch_size}")
+    dev = resolve_device(device, what="device")
     ckpt = load_checkpoint(path)
     if overrides:
-        ckpt["recipe"] = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides)).to_dict()
-    dev = resolve_device(device, what="device")
+        before = recipe_from_dict(ckpt["recipe"]).to_dict()
+        after = recipe_from_dict(apply_overrides(ckpt["recipe"], overrides)).to_dict()
+        conflict = _conflicting_key(before, after)
+        if conflict:
+            key, a, b = conflict
+            raise BalpoeError(f"recipe key '{key}' is {b!r} but checkpoint '{path}' was trained with {a!r}; "
+                              "overrides may change the data location and evaluation settings, not the network")
+        ckpt["recipe"] = after
     model, recipe, ckpt = load_model(ckpt, dev)
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, eval_batch_size=batch_size))
     bundle = build_data(recipe.data, dev, seed=recipe.seed)
+    if (bundle.num_classes, bundle.in_chans) != (ckpt["num_classes"], ckpt["in_chans"]):
+        raise BalpoeError(f"recipe key 'data.dataset': {recipe.data.dataset} has {bundle.num_classes} classes and "
+                          f"{bundle.in_chans} channels, checkpoint '{path}' was trained on {ckpt['num_classes']} and "
+                          f"{ckpt['in_chans']}")
     bundle.class_counts = torch.tensor(ckpt["class_counts"])
     return model, recipe, ckpt, bundle, dev
 
@@ -75,13 +117,14 @@ def evaluate_model(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, d
 def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int | None = None,
                         overrides: list[str] | None = None, out: str | Path | None = None) -> dict:
     """``balpoe eval CHECKPOINT``: top-1, many/medium/few, ECE, MCE, NLL, Brier on the balanced test
-    set; prints a table and writes ``eval.json`` next to the checkpoint (or to ``out``)."""
+    set; prints a table and writes ``eval.json`` next to the checkpoint (or to ``out``, checked
+    writable before the evaluation starts)."""
+    out_path = ensure_writable_file(Path(out) if out else Path(path).with_name("eval.json"), "evaluation output")
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
     report = evaluate_model(model, bundle, recipe, dev)
     report["checkpoint"] = str(path)
     report["epoch"] = ckpt["epoch"]
-    out_path = Path(out) if out else Path(path).with_name("eval.json")
-    atomic_write_text(json.dumps(report, indent=2) + "\n", out_path)
+    write_json(report, out_path)
     print_report(report, title=f"{recipe.name} (epoch {ckpt['epoch']}): balanced test set")
     console.print(f"saved {out_path}")
     return report

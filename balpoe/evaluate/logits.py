@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from balpoe.runtime.precision import autocast, use_amp
+from balpoe.runtime.precision import amp_dtype, autocast
 
 
 @torch.no_grad()
@@ -12,12 +12,12 @@ def collect_logits(model: torch.nn.Module, loader, device: torch.device, amp: bo
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert logits ``[E, N, C]`` (float32, CPU) and labels ``[N]`` of everything in ``loader``
     (model in eval mode); ``amp``: bf16 autocast where the device has native bf16
-    (:func:`balpoe.runtime.precision.use_amp`)."""
+    (:func:`balpoe.runtime.precision.amp_dtype`)."""
     model.eval()
-    amp = use_amp(device, amp, warn=False)
+    dtype = amp_dtype(device, amp, warn=False)
     outs, labels = [], []
     for x, y in loader:
-        with autocast(device, amp):
+        with autocast(device, dtype is not None, dtype):
             logits = model(x.to(device, non_blocking=True))
         outs.append(logits.float())
         labels.append(y)

@@ -122,10 +122,17 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
+def _clip(text: object, limit: int = 200) -> str:
+    """``str(text)``: first line, cut to ``limit`` characters (error messages stay one short line)."""
+    lines = str(text).strip().splitlines()
+    line = lines[0] if lines else ""
+    return line if len(line) <= limit else line[: limit - 3] + "..."
+
+
 def check_backbone(name: str) -> None:
     """``name`` is in timm's model registry (one-line error otherwise)."""
-    if not timm.is_model(name):
-        raise BalpoeError(f"model.backbone '{name}' is not a timm model name (see timm.list_models())")
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise BalpoeError(f"model.backbone '{_clip(name, 120)}' is not a timm model name (see timm.list_models())")
 
 
 def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwargs: dict) -> nn.Module:
@@ -133,7 +140,11 @@ def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwar
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     except TypeError as e:
-        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {e}") from None
+        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {_clip(e)}") from None
+    except Exception as e:  # noqa: BLE001 - a kwarg value the model cannot build with is a user error
+        if not kwargs:
+            raise
+        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {type(e).__name__}: {_clip(e)}") from None
     if pretrained_file:
         _load_pretrained(model, pretrained_file)
     return model
@@ -144,8 +155,8 @@ def split_children(model: nn.Module, split: str) -> tuple[nn.Sequential, nn.Sequ
     children = list(model.named_children())
     names = [n for n, _ in children]
     if split not in names:
-        raise BalpoeError(f"model.split '{split}' is not a top-level stage of this backbone "
-                          f"(choose 'head' or one of: {', '.join(names)})")
+        raise BalpoeError(f"model.split '{_clip(split, 80)}' is not a top-level stage of this backbone "
+                          f"(choose 'head' or one of: {_clip(', '.join(names), 200)})")
     i = names.index(split)
     tail = children[i + 1:]
     # timm applies ``drop_rate`` functionally inside ``forward_head`` (before the classifier), not as a
@@ -157,6 +168,62 @@ def split_children(model: nn.Module, split: str) -> tuple[nn.Sequential, nn.Sequ
     return nn.Sequential(OrderedDict(children[: i + 1])), nn.Sequential(OrderedDict(tail))
 
 
+def probe_sizes(model: nn.Module, kwargs: dict) -> list[tuple[int, int]]:
+    """Spatial sizes of the dummy batch that checks a split, in the order tried: ``img_size`` of the
+    kwargs or, for a timm model with ``pretrained_cfg["fixed_input_size"]`` (ViT, Swin), its
+    ``pretrained_cfg["input_size"]``; otherwise 32x32 (cheap: CIFAR / small backbones, and any
+    convnet), then ``input_size`` where the model has one (for convnets that need larger images)."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = kwargs.get("img_size")
+    if size is None and cfg.get("fixed_input_size"):
+        size = cfg.get("input_size")
+    sizes = []
+    for s in ([size] if size is not None else [(32, 32), cfg.get("input_size")]):
+        try:
+            hw = (int(s), int(s)) if isinstance(s, int) else tuple(int(v) for v in s[-2:])
+        except (TypeError, ValueError, IndexError):
+            continue
+        if len(hw) == 2 and hw not in sizes:
+            sizes.append(hw)
+    return sizes or [(32, 32)]
+
+
+def check_split_forward(trunk: nn.Module, branch: nn.Module, split: str, backbone: str, in_chans: int,
+                        num_features: int, sizes: list[tuple[int, int]]) -> None:
+    """A batch of two zero images ``[2, in_chans, H, W]`` through ``trunk`` and one expert
+    ``branch`` gives pooled features ``[2, num_features]``; otherwise (the later top-level children
+    do not run in forward order, or the forward fails at every size in ``sizes``) a one-line error
+    naming ``model.split``.
+
+    Runs on the CPU in eval mode without gradients and leaves the modules as it found them: their
+    train/eval flags are restored, no BN statistics change (eval mode) and torch's global random
+    state is saved and restored around it."""
+    modules = [*trunk.modules(), *branch.modules()]
+    flags = [m.training for m in modules]
+    where = f"model.split '{_clip(split, 80)}' for backbone '{backbone}'"
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            trunk.eval(), branch.eval()
+            for i, size in enumerate(sizes):
+                shape = [2, in_chans, *size]
+                try:
+                    out = branch(trunk(torch.zeros(shape)))
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure means the split does not work here
+                    if i + 1 == len(sizes):
+                        raise BalpoeError(f"{where}: a {shape} batch through the shared stages and one expert branch "
+                                          f"fails ({type(e).__name__}: {_clip(e, 150)}); use model.split: head or "
+                                          "another stage") from None
+    finally:
+        for m, flag in zip(modules, flags):
+            m.training = flag
+    got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != [2, num_features]:
+        raise BalpoeError(f"{where}: the shared stages and one expert branch map a {shape} batch to {got}, not "
+                          f"pooled features [2, {num_features}] (the later top-level children do not run in forward "
+                          "order); use model.split: head or another stage")
+
+
 def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, split: str = "head",
                        head: str = "cosine", scale: float = 30.0, in_chans: int = 3,
                        pretrained_file: str | None = None, kwargs: dict | None = None,
@@ -164,7 +231,8 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
     """Build a :class:`MultiExpertNet` from a timm model name.
 
     The branches are built (and initialised) one by one in both modes, so a seed gives the same
-    initial weights with ``batched`` on or off."""
+    initial weights with ``batched`` on or off.  A stage split is checked with a dummy batch
+    (:func:`check_split_forward`) before the other experts are built."""
     kwargs = dict(kwargs or {})
     first = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
     # timm: pooled pre-logit width is ``head_hidden_size`` where a model has a pre-logits layer.
@@ -173,6 +241,7 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
         trunk, branches = first, [nn.Identity() for _ in range(num_experts)]
     else:
         trunk, tail = split_children(first, split)
+        check_split_forward(trunk, tail, split, backbone, in_chans, num_features, probe_sizes(first, kwargs))
         branches = [tail]
         for _ in range(num_experts - 1):
             other = _create_backbone(backbone, in_chans, pretrained_file, kwargs)

@@ -6,7 +6,8 @@ pooling, Kaiming-normal initialisation of convolutions and linear layers.  Regis
 model registry as ``resnet32_cifar`` (and ``resnet20_cifar``/``resnet44_cifar``/``resnet56_cifar``),
 so ``timm.create_model("resnet32_cifar", num_classes=100)`` builds it.  Its top-level children run
 in forward order (``conv1, bn1, act1, layer1, layer2, layer3, global_pool, fc``), which lets
-:class:`~balpoe.models.multi_expert.MultiExpertNet` split it after any stage.
+:class:`~balpoe.models.multi_expert.MultiExpertNet` split it after any stage.  Keyword arguments
+(recipe ``model.kwargs``): ``widths``, ``global_pool``, ``drop_rate``; anything else is refused.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs with option-A shortcuts (He et al. 2016, Sec. 4.2)."""
 
     def __init__(self, depth: int = 32, num_classes: int = 100, in_chans: int = 3, widths=(16, 32, 64),
-                 global_pool: str = "avg", drop_rate: float = 0.0, **_: object):
+                 global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")

@@ -3,13 +3,16 @@
 ``conv1, bn1, act1`` stem, two stride-2 stages of one conv each (``layer1``, ``layer2``), global
 average pooling and ``fc``; the top-level children run in forward order, so
 :class:`~balpoe.models.multi_expert.MultiExpertNet` can split it after ``layer1``.
-Registered in timm as ``small_cnn``.
+Registered in timm as ``small_cnn``; keyword arguments (recipe ``model.kwargs``): ``widths``,
+``global_pool``, ``drop_rate`` (dropout before the classifier, as timm's models); anything else is
+refused.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from timm.layers import SelectAdaptivePool2d
 from timm.models import register_model
 
@@ -20,9 +23,9 @@ def _conv_bn(cin: int, cout: int, stride: int) -> nn.Sequential:
 
 class SmallCNN(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 1, widths=(32, 64, 128), global_pool: str = "avg",
-                 **_: object):
+                 drop_rate: float = 0.0):
         super().__init__()
-        self.num_classes = num_classes
+        self.num_classes, self.drop_rate = num_classes, drop_rate
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.act1 = nn.ReLU(inplace=True)
@@ -47,6 +50,8 @@ class SmallCNN(nn.Module):
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.global_pool(x)
+        if self.drop_rate:
+            x = F.dropout(x, p=self.drop_rate, training=self.training)
         return x if pre_logits else self.fc(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

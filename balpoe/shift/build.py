@@ -39,6 +39,7 @@ from balpoe.evaluate.build import SOURCES, check_source, load_for_eval, source_l
 from balpoe.evaluate.logits import collect_logits
 from balpoe.losses.build import model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
+from balpoe.runtime.checkpoint import ensure_writable_dir
 from balpoe.runtime.console import console
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.render import plot_targets, print_shift_report, write_reports
@@ -73,6 +74,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     (default: the checkpoint's directory).  ``priors`` are specs of
     :func:`~balpoe.shift.targets.parse_prior`.  Returns the report dict."""
     _check_options(adapt, calibration, source, estimator, labels_per_class)
+    out_dir = ensure_writable_dir(Path(out) if out else Path(path).parent, "label-shift output directory")
     dists = parse_test_dists(test_dists)
     priors = [priors] if isinstance(priors, str) else list(priors or [])
     if not dists and not priors:
@@ -85,8 +87,6 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     if need_source or source != "auto":
         check_source(bundle, source)  # fail before any forward pass
     lam_model = model_prior_exponent(recipe)
-    out_dir = Path(out) if out else Path(path).parent
-    out_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. the balanced test set, once
     loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)

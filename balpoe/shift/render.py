@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from balpoe.evaluate.calibration import apply_calibration
 from balpoe.evaluate.reliability import reliability_diagram
 from balpoe.losses.priors import balance_logits
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.runtime.checkpoint import atomic_write_text
+from balpoe.runtime.checkpoint import atomic_write_text, write_json
 from balpoe.shift.selector import ADAPT_MODES
 from balpoe.shift.targets import TargetSet, file_tag
 
@@ -168,7 +167,7 @@ def write_reports(report: dict, out_dir: Path, expert_logits: torch.Tensor, labe
     json_path, md_path = out_dir / "shift_eval.json", out_dir / "shift_eval.md"
     files = [json_path, md_path] + files
     report["files"] = [str(f) for f in files]
-    atomic_write_text(json.dumps(report, indent=2) + "\n", json_path)
+    write_json(report, json_path)
     atomic_write_text(markdown_report(report), md_path)
     return files
 

@@ -16,7 +16,7 @@ import torch.nn as nn
 from timm.optim import create_optimizer_v2
 from torch.optim import lr_scheduler
 
-from balpoe.data.build import build_data, build_loader
+from balpoe.data.build import build_data, build_loader, input_size
 from balpoe.data.bundle import DataBundle
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists
 from balpoe.evaluate.build import evaluate_model
@@ -28,10 +28,10 @@ from balpoe.models.build import build_model
 from balpoe.models.multi_expert import check_backbone
 from balpoe.recipe import Recipe, recipe_from_dict
 from balpoe.runtime import distributed as dist
-from balpoe.runtime.checkpoint import load_checkpoint
+from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries
 from balpoe.runtime.console import console
 from balpoe.runtime.device import resolve_device
-from balpoe.runtime.precision import use_amp
+from balpoe.runtime.precision import amp_dtype
 from balpoe.training.stage2 import adopt_stage1_sections, check_stage2_data, prepare_stage2, set_stage2_mode
 from balpoe.training.trainer import Plan, train_model
 
@@ -136,8 +136,9 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
     scheduler = build_scheduler(recipe.optim, optimizer)
     meta = {"recipe": recipe.to_dict(), "taus": taus, "class_counts": bundle.class_counts.tolist(),
             "num_classes": bundle.num_classes, "in_chans": bundle.in_chans, "mean": list(bundle.mean),
-            "std": list(bundle.std), "class_names": bundle.class_names}
+            "std": list(bundle.std), "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data)}
     resolved = recipe
+    amp = amp_dtype(device, tc.amp, warn=rank == 0)
 
     def evaluate(m: nn.Module) -> dict:
         return evaluate_model(m, bundle, resolved, device)
@@ -149,31 +150,60 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                 loader=loader, device=device, epochs=recipe.optim.epochs, seed=recipe.seed,
                 num_classes=bundle.num_classes, set_train_mode=set_train_mode, evaluate=evaluate,
                 checkpoint_meta=meta, recipe_yaml=recipe.to_yaml(), mixup_alpha=tc.mixup_alpha,
-                amp=use_amp(device, tc.amp, warn=rank == 0), checkpoint_every=tc.checkpoint_every,
+                amp=amp, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), checkpoint_every=tc.checkpoint_every,
                 eval_every=tc.eval_every, compile=tc.compile, compile_mode=tc.compile_mode, sync_bn=tc.sync_bn,
                 finish=[show])
 
 
-def prepare_output_dir(out: Path, resume: bool) -> Path | None:
-    """Create ``out``; refuse to overwrite an existing run unless resuming.  Returns the checkpoint
-    to resume from, if any."""
+#: recipe keys that may differ when resuming: the learning-rate schedule (rebuilt for the new horizon
+#: and fast-forwarded to the restored epoch) and bookkeeping that does not change what is learnt
+RESUMABLE_KEYS = ("name", "optim.lr", "optim.epochs", "optim.warmup_epochs", "optim.schedule", "optim.milestones",
+                  "optim.gamma", "optim.min_lr", "train.device", "train.threads", "train.checkpoint_every",
+                  "train.eval_every", "train.eval_batch_size", "train.compile", "train.compile_mode", "data.root",
+                  "data.download", "data.num_workers", "stage2.init_checkpoint")
+
+
+def prepare_output_dir(out: Path, resume: bool | str) -> Path | None:
+    """Create ``out`` (checked writable) and remove temporary files a killed run left there; refuse
+    to overwrite an existing run unless resuming.  ``resume``: True (``OUT/last.pt`` must exist),
+    ``"auto"`` (resume if it exists, else start) or False.  Returns the checkpoint to resume from."""
     last = out / "last.pt"
-    if resume:
-        if not last.is_file():
-            raise NoRunToResume(out)
+    ensure_writable_dir(out)
+    remove_stale_temporaries(out)
+    if resume and last.is_file():
         return last
+    if resume is True:
+        raise NoRunToResume(out)
     if last.exists():
         raise RunExists(out)
-    out.mkdir(parents=True, exist_ok=True)
     return None
 
 
-def check_resume(recipe: Recipe, ckpt: dict, path: Path) -> None:
-    """What may not change when resuming (the optimizer state is per parameter tensor)."""
-    was_batched = bool(ckpt["recipe"].get("model", {}).get("batched_experts", False))
-    if recipe.stage == 1 and was_batched != recipe.model.batched_experts:
-        raise BalpoeError(f"recipe key 'model.batched_experts' is {recipe.model.batched_experts} but '{path}' was "
-                          f"trained with {was_batched}; resume with the same setting")
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def resume_changes(recipe: dict, ckpt: dict, path: Path) -> dict[str, tuple]:
+    """The recipe keys that differ from the checkpoint's recipe (``key -> (was, now)``); a key
+    outside :data:`RESUMABLE_KEYS` is a one-line error (the run would not be the one recorded),
+    and so is an ``optim.epochs`` below the epoch already reached."""
+    was, now = _flat(recipe_from_dict(ckpt["recipe"]).to_dict()), _flat(recipe)
+    changes = {k: (was.get(k), now.get(k)) for k in now if was.get(k) != now.get(k)}
+    for key, (a, b) in changes.items():
+        if key not in RESUMABLE_KEYS:
+            raise BalpoeError(f"recipe key '{key}' is {b!r} but '{path}' was trained with {a!r}; when resuming only "
+                              "the learning-rate schedule (optim.lr, epochs, warmup_epochs, schedule, milestones, "
+                              "gamma, min_lr) and bookkeeping keys may change")
+    if now["optim.epochs"] < ckpt["epoch"]:
+        raise BalpoeError(f"recipe key 'optim.epochs' is {now['optim.epochs']} but '{path}' already reached epoch "
+                          f"{ckpt['epoch']}")
+    return changes
 
 
 def check_names(recipe: Recipe) -> None:
@@ -185,8 +215,13 @@ def check_names(recipe: Recipe) -> None:
     check_backbone(recipe.model.backbone)
 
 
-def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> dict:
-    """Train a (multi-expert) model as the recipe says; returns the final evaluation report."""
+def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_progress: bool = True) -> dict:
+    """Train a (multi-expert) model as the recipe says into ``out_dir``; returns the final evaluation
+    report.  ``resume``: True continues ``OUT/last.pt``; ``"auto"`` continues it if it exists and
+    starts otherwise (one command line for job schedulers and elastic restarts).  On resuming, the
+    learning-rate schedule is rebuilt from the recipe (so a longer ``optim.epochs`` extends the run
+    with the schedule of the new horizon) and fast-forwarded to the restored epoch; other keys must
+    not change (:func:`resume_changes`)."""
     out = Path(out_dir)
     check_names(recipe)  # before anything is written
     if recipe.train.threads:
@@ -195,18 +230,19 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool = False, show_progre
     # Under torchrun: join the process group (gloo on CPU; NCCL with one GPU per process, cuda:LOCAL_RANK).
     rank, world_size, device = dist.init_distributed(device)
     resume_from = prepare_output_dir(out, resume)  # every rank checks, so all fail alike
+    ckpt = None if resume_from is None else load_checkpoint(resume_from, map_location=device, resume=True)
     dist.barrier()
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
     plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size)
-    ckpt = None
-    if resume_from is not None:
-        ckpt = load_checkpoint(resume_from, map_location=device)
-        check_resume(recipe, ckpt, resume_from)
-        if rank == 0 and ckpt["recipe"] != plan.checkpoint_meta["recipe"]:
-            warnings.warn(f"resuming: the recipe differs from the one '{resume_from}' was trained with; "
-                          "continuing with the new recipe", stacklevel=2)
+    if ckpt is not None:
+        changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)
+        plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [
+            {"epoch": ckpt["epoch"], "changed": {k: list(v) for k, v in changes.items()}}]
+        if rank == 0 and changes:
+            warnings.warn(f"resuming '{resume_from}' at epoch {ckpt['epoch']} with changed recipe keys: "
+                          + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), stacklevel=2)
     report = train_model(plan, out, resume=ckpt, show_progress=show_progress)
     dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group
     dist.shutdown()

@@ -11,8 +11,8 @@ per epoch.
 from __future__ import annotations
 
 import json
-import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +23,7 @@ import torch.nn as nn
 from balpoe.data.mixup import mixup_batch, mixup_targets
 from balpoe.errors import BalpoeError
 from balpoe.runtime import distributed as dist
-from balpoe.runtime.checkpoint import FORMAT, atomic_save, atomic_write_text, rng_state, set_rng_state
+from balpoe.runtime.checkpoint import FORMAT, atomic_save, atomic_write_text, json_text, rng_state, set_rng_state, write_json
 from balpoe.runtime.console import console, training_progress
 from balpoe.runtime.precision import autocast
 from balpoe.runtime.seeding import numpy_stream, torch_stream
@@ -47,7 +47,8 @@ class Plan:
     checkpoint_meta: dict                        # saved with every checkpoint: the resolved recipe, taus, counts, ...
     recipe_yaml: str                             # the resolved recipe, written to OUT/recipe.yaml
     mixup_alpha: float = 0.0
-    amp: bool = False
+    amp: torch.dtype | None = None               # autocast dtype (None: float32)
+    scaler: torch.amp.GradScaler | None = None   # loss scaling (fp16 autocast)
     checkpoint_every: int = 10
     eval_every: int = 0
     compile: bool = False
@@ -56,18 +57,38 @@ class Plan:
     finish: list = field(default_factory=list)   # callables (out_dir, report) run on rank 0 after the final evaluation
 
 
+#: steps between checks for a non-finite loss (the flag lives on the device; reading it syncs)
+FINITE_CHECK_EVERY = 50
+
+
+class Diverged(BalpoeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, epoch: int, step: int):
+        self.epoch, self.step = epoch, step
+        super().__init__(f"training diverged: non-finite loss in epoch {epoch + 1} by step {step}")
+
+
+def _any_nonfinite(flag: torch.Tensor) -> bool:
+    return bool(dist.all_reduce_sum(flag.float()).item() > 0)
+
+
 def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: torch.optim.Optimizer,
-                    num_classes: int, mixup_alpha: float, seed: int, epoch: int, amp: bool,
-                    progress=None, task=None) -> dict:
-    """One pass over ``loader``; returns ``{'loss', 'images', 'seconds'}`` (one host sync)."""
+                    num_classes: int, mixup_alpha: float, seed: int, epoch: int, amp: bool | torch.dtype,
+                    progress=None, task=None, scaler: torch.amp.GradScaler | None = None) -> dict:
+    """One pass over ``loader``; returns ``{'loss', 'images', 'seconds'}``.  ``amp``: False, True
+    (bf16) or the autocast dtype; ``scaler``: loss scaling for fp16.  A non-finite loss is flagged on
+    the device and the flag is read every :data:`FINITE_CHECK_EVERY` steps and at the end (no
+    per-step host sync); it raises :class:`Diverged`."""
     device = next(model.parameters()).device
     # Per-epoch streams (exactly resumable): one mixup lambda per global batch, the same on every
     # rank; the pairing permutation per rank.
     mix_rng = numpy_stream(seed, epoch, "mixup_lambda")
     mix_gen = torch_stream(seed, epoch, "mixup_pairs", dist.rank(), device=device)
     loss_sum = torch.zeros((), device=device)
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)
     images, start = 0, time.perf_counter()
-    for x, y in loader:
+    for step, (x, y) in enumerate(loader, start=1):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         target = y
         if mixup_alpha > 0:
@@ -77,12 +98,22 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
             logits = model(x)
         loss = criterion(logits, target)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
         loss_sum += loss.detach() * x.shape[0]
+        nonfinite |= ~torch.isfinite(loss.detach())
         images += x.shape[0]
         if progress is not None:
             progress.advance(task, x.shape[0] * dist.world_size())  # global images (rank 0's bar)
+        if step % FINITE_CHECK_EVERY == 0 and _any_nonfinite(nonfinite):
+            raise Diverged(epoch, step)
+    if _any_nonfinite(nonfinite):
+        raise Diverged(epoch, len(loader))
     loss_sum = dist.all_reduce_sum(loss_sum)
     total = dist.all_reduce_sum(torch.tensor(float(images), device=device))
     return {"loss": (loss_sum / total).item(), "images": int(total.item()), "seconds": time.perf_counter() - start}
@@ -91,22 +122,53 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
 def _checkpoint(plan: Plan, epoch: int) -> dict:
     return {"format": FORMAT, "version": 1, **plan.checkpoint_meta, "epoch": epoch,
             "model": dist.unwrap(plan.model).state_dict(), "optimizer": plan.optimizer.state_dict(),
-            "scheduler": plan.scheduler.state_dict(), "rng": rng_state()}
+            "scheduler": plan.scheduler.state_dict(), "rng": rng_state(),
+            **({"scaler": plan.scaler.state_dict()} if plan.scaler is not None and plan.scaler.is_enabled() else {})}
+
+
+def _restore(plan: Plan, resume: dict) -> int:
+    """Weights, optimizer state, RNG states and the epoch reached; the learning-rate schedule is the
+    plan's, fast-forwarded to that epoch (a resumed run with an unchanged recipe is bit-identical to an
+    uninterrupted one; a changed schedule takes effect from the restored epoch)."""
+    plan.model.load_state_dict(resume["model"])
+    fresh = [{k: v for k, v in g.items() if k != "params"} for g in plan.optimizer.param_groups]
+    plan.optimizer.load_state_dict(resume["optimizer"])
+    for group, hyper in zip(plan.optimizer.param_groups, fresh):
+        group.update(hyper)          # the plan's hyper-parameters (lr, initial_lr) over the saved ones
+    with warnings.catch_warnings():  # stepping the schedule without optimizer steps is the point here
+        warnings.simplefilter("ignore", UserWarning)
+        for _ in range(resume["epoch"]):
+            plan.scheduler.step()
+    set_rng_state(resume["rng"])
+    if plan.scaler is not None and "scaler" in resume:
+        plan.scaler.load_state_dict(resume["scaler"])
+    return resume["epoch"]
+
+
+def _metrics_rows(path: Path, upto: int) -> list[str]:
+    """The rows of ``metrics.jsonl`` for epochs <= ``upto`` (one per epoch, the last one kept)."""
+    rows: dict[int, str] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                epoch = int(json.loads(line)["epoch"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if epoch <= upto:
+                rows[epoch] = line
+    return [rows[e] for e in sorted(rows)]
 
 
 def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress: bool = True) -> dict:
     """Run ``plan`` into ``out`` (from the checkpoint dict ``resume``, if given); returns the final
     evaluation report (rank 0; ``{}`` on other ranks)."""
     is_main = dist.rank() == 0
-    # 1. resume: weights, optimizer and schedule state, RNG states, the epoch reached
-    start_epoch = 0
-    if resume is not None:
-        plan.model.load_state_dict(resume["model"])
-        plan.optimizer.load_state_dict(resume["optimizer"])
-        plan.scheduler.load_state_dict(resume["scheduler"])
-        set_rng_state(resume["rng"])
-        start_epoch = resume["epoch"]
+    metrics_path = out / "metrics.jsonl"
+    # 1. resume: weights, optimizer state, the schedule at the restored epoch, RNG states; metrics.jsonl
+    #    keeps exactly the rows of the epochs the checkpoint holds (a fresh start keeps none)
+    start_epoch = _restore(plan, resume) if resume is not None else 0
     if is_main:
+        atomic_write_text("".join(r + "\n" for r in _metrics_rows(metrics_path, start_epoch)), metrics_path)
         atomic_write_text(plan.recipe_yaml, out / "recipe.yaml")
 
     # 2. the model as it trains: DDP under torchrun, torch.compile (static shapes: the smaller last
@@ -120,7 +182,6 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
         task = progress.add_task(f"epoch {start_epoch + 1}/{plan.epochs}", loss="…", lr="…",
                                  total=plan.loader.num_samples * dist.world_size() * (plan.epochs - start_epoch))
         progress.start()
-    metrics_path = out / "metrics.jsonl"
     try:
         for epoch in range(start_epoch, plan.epochs):
             # 3. one epoch: seed the data streams, set the train mode, step through the loader
@@ -129,12 +190,15 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
             lr = plan.optimizer.param_groups[0]["lr"]
             if progress is not None:
                 progress.update(task, description=f"epoch {epoch + 1}/{plan.epochs}", lr=f"{lr:.4g}")
-            stats = train_one_epoch(step_model, plan.loader, plan.criterion, plan.optimizer, plan.num_classes,
-                                    plan.mixup_alpha, plan.seed, epoch, plan.amp, progress, task)
+            try:
+                stats = train_one_epoch(step_model, plan.loader, plan.criterion, plan.optimizer, plan.num_classes,
+                                        plan.mixup_alpha, plan.seed, epoch, plan.amp or False, progress, task,
+                                        plan.scaler)
+            except Diverged as e:
+                kept = f"'{out / 'last.pt'}' (the last good checkpoint) is kept" if (out / "last.pt").exists() \
+                    else "no checkpoint was written"
+                raise BalpoeError(f"{e}; {kept}; lower optim.lr or check the data") from None
             plan.scheduler.step()
-            if not math.isfinite(stats["loss"]):
-                raise BalpoeError(f"training diverged at epoch {epoch + 1} (loss {stats['loss']}); "
-                                  "lower optim.lr or check the data")
             # 4. bookkeeping: metrics row, optional test evaluation, checkpoint (rank 0)
             row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": lr, "epoch_time_s": stats["seconds"],
                    "img_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
@@ -145,7 +209,7 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
                 progress.update(task, loss=f"{stats['loss']:.4f}")
             if is_main:
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps(row) + "\n")
+                    f.write(json_text(row, indent=None) + "\n")
                 if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs:
                     atomic_save(_checkpoint(plan, epoch + 1), out / "last.pt")
     finally:
@@ -156,7 +220,7 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
     report: dict = {}
     if is_main:
         report = plan.evaluate(dist.unwrap(model))
-        atomic_write_text(json.dumps(report, indent=2) + "\n", out / "eval.json")
+        write_json(report, out / "eval.json")
         for fn in plan.finish:
             fn(out, report)
         console.print(f"saved {out / 'last.pt'}, {out / 'eval.json'}, {metrics_path}")

@@ -1,11 +1,16 @@
 """Mixed precision: where bf16 autocast is used, and float32 classifier heads inside it."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from balpoe.models import CosineHead, LinearHead, LWSDeltaHead, build_multi_expert
-from balpoe.runtime.precision import autocast, native_bf16, use_amp
+from balpoe.data.device_loader import DeviceLoader
+from balpoe.losses import BalPoELoss
+from balpoe.runtime.precision import amp_dtype, autocast, native_bf16, use_amp
+from balpoe.training.trainer import train_one_epoch
 
 
 def test_amp_is_used_only_where_bf16_is_native(monkeypatch):
@@ -76,3 +81,38 @@ def test_training_with_amp_on_cpu_keeps_float32_weights(tmp_path, monkeypatch):
     state = load_checkpoint(tmp_path / "amp_True" / "last.pt")["model"]
     assert all(t.dtype in (torch.float32, torch.int64) for t in state.values())
     assert 0 <= reports[True]["acc"] <= 100 and reports[True]["n"] == 50
+
+
+def test_gpus_that_only_emulate_bf16_get_fp16_with_loss_scaling(monkeypatch):
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+
+    def bf16_supported(including_emulation=True):
+        calls.append(including_emulation)
+        return including_emulation          # a V100 / T4: emulated only
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    with pytest.warns(UserWarning, match="no native bf16; using fp16 autocast with loss scaling"):
+        assert amp_dtype(cuda, True) == torch.float16
+    assert calls == [False]
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # A100, H100
+    assert amp_dtype(cuda, True) == torch.bfloat16
+    assert amp_dtype(cuda, False) is None
+
+
+def test_fp16_autocast_with_a_grad_scaler_trains(tmp_path):
+    """The fp16 path (GradScaler) on CPU: finite losses, weights change, float32 weights."""
+    torch.manual_seed(0)
+    model = build_multi_expert("small_cnn", 4, 2, "layer1", "cosine", in_chans=1, kwargs={"widths": [4, 8, 8]})
+    images = torch.randint(0, 255, (40, 1, 12, 12), dtype=torch.uint8)
+    labels = torch.arange(40) % 4
+    loader = DeviceLoader(images, labels, 8, [0.5], [0.25], train=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    stats = train_one_epoch(model, loader, BalPoELoss(torch.bincount(labels), [0.5, 1.5]), opt, 4, 0.0, 0, 0,
+                            torch.float16, scaler=scaler)
+    assert math.isfinite(stats["loss"]) and stats["images"] == 40
+    assert scaler.get_scale() > 0
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.dtype == torch.float32 for p in model.parameters())

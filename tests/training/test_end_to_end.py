@@ -33,7 +33,7 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cifar_root, tmp_path):
     # The same run, interrupted after epoch 1 (a 1-epoch run has identical epoch-1 state), then resumed.
     first = recipe_from_dict(_cifar_recipe(cifar_root, epochs=1))
     train(first, tmp_path / "resumed", show_progress=False)
-    with pytest.warns(UserWarning, match="recipe differs"):
+    with pytest.warns(UserWarning, match="changed recipe keys: optim.epochs 1 -> 2"):
         train(full, tmp_path / "resumed", resume=True, show_progress=False)
     a = load_checkpoint(tmp_path / "full" / "last.pt")
     b = load_checkpoint(tmp_path / "resumed" / "last.pt")
