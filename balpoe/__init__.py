@@ -32,6 +32,8 @@ _LAZY = {
     "balpoe.shift.scoring": ("evaluate_targets",),
     "balpoe.shift.targets": ("target_sets",),
     "balpoe.shift.selector": ("TauSelector",),
+    "balpoe.serve.predict": ("predict",),
+    "balpoe.serve.export": ("export",),
 }
 
 

@@ -1,4 +1,5 @@
-"""``balpoe`` command line: ``balpoe train RECIPE`` and ``balpoe eval CHECKPOINT``.
+"""``balpoe`` command line: ``balpoe train RECIPE``, ``balpoe eval CHECKPOINT``, ``balpoe report RUN_DIR``,
+``balpoe predict CHECKPOINT IMAGE_OR_FOLDER ...``, ``balpoe export CHECKPOINT --format ...``.
 
 The only module that names command-line flags.  User errors print one line (``error: ...``) and
 exit with status 2; no traceback.
@@ -14,7 +15,11 @@ from pathlib import Path
 
 from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
 from balpoe.evaluate.build import SOURCES, evaluate_checkpoint
+from balpoe.evaluate.html_report import write_html_report
 from balpoe.recipe import load_recipe
+from balpoe.runtime.console import console
+from balpoe.serve.export import FORMATS, export
+from balpoe.serve.predict import predict
 from balpoe.shift.build import evaluate_shift
 from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
 from balpoe.training.build import train
@@ -61,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="continue from OUT/last.pt; '--resume auto': continue if OUT/last.pt exists, else start "
                    "(one command line for job schedulers and torchrun restarts)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-report", action="store_true", help="do not write OUT/report.html at the end")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the balanced test set")
     e.add_argument("checkpoint")
@@ -92,27 +98,96 @@ def _parser() -> argparse.ArgumentParser:
                    "class on average (default 5)")
     s.add_argument("--seed", type=int, default=0, help="seed of user-prior subsets and labelled draws")
     s.add_argument("--no-plots", action="store_true", help="no reliability diagrams")
+    e.add_argument("--no-report", action="store_true",
+                   help="do not rewrite report.html in the checkpoint's run directory")
+
+    r = sub.add_parser("report", help="write RUN_DIR/report.html: training curves, per-class and per-expert "
+                       "accuracy, calibration, label shift, recipe (one self-contained file)")
+    r.add_argument("run_dir")
+    r.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    _serve_parsers(sub)
     return p
+
+
+def _serve_parsers(sub) -> None:
+    """``balpoe predict`` and ``balpoe export``."""
+    prior_help = ("target label distribution the logits are adjusted to (+ log q): 'uniform' (default: the balanced "
+                  "logits), comma-separated class weights, dirichlet:<profile>:<concentration>:<seed>, or a file of "
+                  "class weights (text: one per class in label order; JSON: a list, or class name -> weight)")
+    r = sub.add_parser("predict", help="top-k classes of image files (JPEG/PNG, any size) with a trained model")
+    r.add_argument("checkpoint", help="checkpoint (.pt) or weights file (.safetensors)")
+    r.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
+                   help="image files and/or folders (every image inside, recursively, sorted)")
+    r.add_argument("--prior", metavar="SPEC", help=prior_help)
+    r.add_argument("--adapt", choices=["unlabelled"],
+                   help="'unlabelled': estimate the label distribution of all the given images with the test-time "
+                   "tau selector first (calibrated on the checkpoint's labelled source data when its data set is "
+                   "found on this machine), report it and predict with the adapted logits")
+    r.add_argument("--calibration", default="bcts", choices=CALIBRATIONS,
+                   help="calibrator of --adapt unlabelled (default bcts)")
+    r.add_argument("--estimator", default="1d", choices=list(ESTIMATORS),
+                   help="prior estimator of --adapt unlabelled, as in balpoe eval (default 1d)")
+    r.add_argument("--topk", type=_positive_int, default=5, help="classes per image (default 5)")
+    r.add_argument("--out", default="predictions.jsonl",
+                   help="JSON-lines output, one row per image: path, labels, probabilities, class_ids (or error) "
+                   "(default: predictions.jsonl in the current directory)")
+    r.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+    r.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+
+    x = sub.add_parser("export", help="export a checkpoint: its weights (safetensors), or one inference module "
+                       "(TorchScript, ONNX) mapping float images [B, C, H, W] in [0, 1] to balanced logits")
+    x.add_argument("checkpoint", help="checkpoint (.pt) or weights file (.safetensors)")
+    x.add_argument("--format", required=True, choices=list(FORMATS),
+                   help="safetensors: the weights + recipe metadata; torchscript / onnx: one module with the "
+                   "normalisation inside, input float [B, C, H, W] in [0, 1] (RGB, or grey for 1-channel models), "
+                   "output the ensemble's balanced logits [B, K]; preprocessing, class names, prior and recipe in "
+                   "the file's metadata (onnx needs: pip install \"balpoe[export]\")")
+    x.add_argument("--prior", metavar="SPEC", help="torchscript / onnx: " + prior_help)
+    x.add_argument("--out", help="output file (default: next to the checkpoint with the format's suffix: "
+                   + ", ".join(FORMATS.values()) + ")")
 
 
 def _train(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
-    train(recipe, out, resume=args.resume, show_progress=not args.no_progress)
+    train(recipe, out, resume=args.resume, show_progress=not args.no_progress, report=not args.no_report)
 
 
 def _eval(args) -> None:
     if args.test_dists is None and args.prior is None and args.adapt is None:
         evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
-                            overrides=args.overrides, out=args.out)
+                            overrides=args.overrides, out=args.out, report=not args.no_report)
         return
     evaluate_shift(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
                    out=args.out, test_dists=args.test_dists, priors=args.prior, adapt=args.adapt or "none",
                    calibration=args.calibration, estimator=args.estimator, source=args.source,
-                   labels_per_class=args.labels_per_class, seed=args.seed, plots=not args.no_plots)
+                   labels_per_class=args.labels_per_class, seed=args.seed, plots=not args.no_plots,
+                   html_report=not args.no_report)
 
 
-COMMANDS = {"train": _train, "eval": _eval}
+def _report_cmd(args) -> None:
+    path = write_html_report(args.run_dir, args.out)
+    console.print(f"saved {path}")
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def _predict(args) -> None:
+    with warnings.catch_warnings():
+        # one line per warning (an unreadable image, uncalibrated adaptation), every one shown
+        warnings.showwarning = _one_line_warning
+        warnings.filterwarnings("always", category=UserWarning, module="balpoe")
+        predict(args.checkpoint, args.inputs, prior=args.prior, adapt=args.adapt, topk=args.topk, device=args.device,
+                batch_size=args.batch_size, out=args.out, estimator=args.estimator, calibration=args.calibration)
+
+
+def _export(args) -> None:
+    export(args.checkpoint, args.format, prior=args.prior, out=args.out)
+
+
+COMMANDS = {"train": _train, "eval": _eval, "report": _report_cmd, "predict": _predict, "export": _export}
 
 
 def _report(message: str) -> None:

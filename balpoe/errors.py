@@ -7,9 +7,53 @@ Every mistake a user can make (a bad recipe key, a missing file, an out-of-range
 
 from __future__ import annotations
 
+import reprlib
 import sys
+from pathlib import Path
+from typing import Any
 
 EXIT_USAGE = 2
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
+#: Characters of a value (or key, or path) shown in an error message.
+SHOWN_CHARS = 200
+
+
+def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
+    """A bounded, one-line ``repr`` of ``value`` for error messages: nested containers are cut
+    after a few items and levels (a YAML alias chain is never expanded), long strings and numbers
+    are elided in the middle, and the result has at most ``limit`` characters."""
+    try:
+        text = _REPR.repr(value)
+    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
+        text = f"<{type(value).__name__}>"
+    text = text.replace("\n", "\\n").replace("\r", "\\r")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def clip(text: Any, limit: int = SHOWN_CHARS) -> str:
+    """``str(text)`` on one line (non-printable characters escaped) and cut to ``limit`` characters."""
+    text = str(text)[: limit + 1]
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def quoted(text: Any, limit: int = SHOWN_CHARS) -> str:
+    """``'text'`` for a short printable string (a key, a name or a path), else :func:`shown` of
+    it (a bounded ``repr``, control characters escaped)."""
+    if isinstance(text, Path):
+        text = str(text)
+    if isinstance(text, str) and len(text) <= limit and text.isprintable():
+        return f"'{text}'"
+    return shown(text, limit)
+
+
+def short_path(path: str | Path, limit: int = 120) -> str:
+    """``path`` for a message, elided in the middle beyond ``limit`` characters."""
+    text = clip(path, 10 * limit)
+    return text if len(text) <= limit else text[: limit // 2 - 2] + "..." + text[-(limit // 2 - 1):]
 
 
 class BalpoeError(Exception):

@@ -16,7 +16,6 @@ import dataclasses
 import decimal
 import math
 import re
-import reprlib
 import stat
 import types
 import typing
@@ -26,7 +25,7 @@ from typing import Any, Union
 
 import yaml
 
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, clip, quoted, shown
 
 
 #: Longest string a recipe key takes: names (datasets, backbones, ...) and paths (PATH_MAX).
@@ -131,6 +130,7 @@ class TrainConfig:
     eval_every: int = _f(0, min=0, max=MAX_EPOCHS, doc="evaluate on the test set every N epochs (0: only at the end)")
     eval_batch_size: int = _f(1024, min=1, max=MAX_BATCH)
     threads: int = _f(0, min=0, max=1024, doc="CPU threads for torch (0: torch's default)")
+    log_tensorboard: bool = _f(False, doc="also log to OUT/tensorboard (pip install 'balpoe[tensorboard]')")
 
 
 @dataclass
@@ -172,42 +172,6 @@ class Recipe:
 
 # ---------------------------------------------------------------------------------------------
 # Validation
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 80, 80, 40
-#: Characters of a value (or key, or path) shown in an error message.
-SHOWN_CHARS = 200
-
-
-def shown(value: Any, limit: int = SHOWN_CHARS) -> str:
-    """A bounded, one-line ``repr`` of ``value`` for error messages: nested containers are cut
-    after a few items and levels (a YAML alias chain is never expanded), long strings and numbers
-    are elided in the middle, and the result has at most ``limit`` characters."""
-    try:
-        text = _REPR.repr(value)
-    except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
-        text = f"<{type(value).__name__}>"
-    text = text.replace("\n", "\\n").replace("\r", "\\r")
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def clip(text: Any, limit: int = SHOWN_CHARS) -> str:
-    """``str(text)`` on one line (non-printable characters escaped) and cut to ``limit`` characters."""
-    text = str(text)[: limit + 1]
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def quoted(text: Any, limit: int = SHOWN_CHARS) -> str:
-    """``'text'`` for a short printable string (a key, a name or a path), else :func:`shown` of
-    it (a bounded ``repr``, control characters escaped)."""
-    if isinstance(text, Path):
-        text = str(text)
-    if isinstance(text, str) and len(text) <= limit and text.isprintable():
-        return f"'{text}'"
-    return shown(text, limit)
-
 
 def _type_name(tp: Any) -> str:
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a mapping"}
@@ -268,7 +232,7 @@ def _to_int(value: Any, key: str) -> int:
     if number != number.to_integral_value():
         raise _wrong_type(key, int, value)
     if number.adjusted() >= _MAX_INT_DIGITS:  # clamped: every integer key has a far smaller bound
-        return int(math.copysign(10 ** _MAX_INT_DIGITS, number))
+        return 10 ** _MAX_INT_DIGITS if number > 0 else -(10 ** _MAX_INT_DIGITS)
     return int(number)
 
 
@@ -382,7 +346,8 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for k in raw:
         if k not in fields:
-            raise BalpoeError(f"unknown recipe key {quoted(prefix + (k if isinstance(k, str) else shown(k, 80)), 120)} (known in '{where}': "
+            name = prefix + (k if isinstance(k, str) else shown(k, 80))
+            raise BalpoeError(f"unknown recipe key {quoted(name, 120)} (known in '{where}': "
                               f"{', '.join(fields)})")
     kwargs = {}
     for name, f in fields.items():
@@ -404,7 +369,14 @@ _RESERVED_KWARGS = {"num_classes": "the number of classes comes from the dataset
                     "pretrained": "load weights with model.pretrained_file"}
 
 
+#: a run name is a plain name: it becomes the default output folder runs/<name>
+_PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
 def _cross_checks(r: Recipe) -> None:
+    if not _PLAIN_NAME.match(r.name) or ".." in r.name:
+        raise BalpoeError(f"recipe key 'name' must be a plain name (letters, digits, '.', '_', '+', '-'; no path), "
+                          f"got {quoted(r.name)}")
     if r.loss.tau is not None and len(r.loss.tau) != r.model.num_experts:
         raise BalpoeError(f"recipe key 'loss.tau' has {len(r.loss.tau)} values but model.num_experts is "
                           f"{r.model.num_experts}")
@@ -537,7 +509,8 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raw = _parse_yaml(text) or {}
     except yaml.YAMLError as e:
         problem = _yaml_problem(e)
-        raise BalpoeError(f"recipe file {quoted(path)} is not valid YAML" + (f" ({problem})" if problem else "")) from None
+        detail = f" ({problem})" if problem else ""
+        raise BalpoeError(f"recipe file {quoted(path)} is not valid YAML{detail}") from None
     if not isinstance(raw, dict):
         raise BalpoeError(f"recipe file {quoted(path)} must hold a mapping of sections")
     return recipe_from_dict(apply_overrides(raw, overrides or []))

@@ -1,21 +1,23 @@
 #!/usr/bin/env python
 # fidelity.py -- end-to-end fidelity of the shipped BalPoE recipe: does the library as shipped
-# (`balpoe train`, with the recipe's speed levers: bf16 autocast, channels_last, device-resident
+# (`balpoe train` with the recipe's speed levers: bf16 autocast, channels_last, device-resident
 # augmentation) reach the accuracy and calibration of a faithful official-style training run?
 # What: balanced test accuracy, ECE (15 bins), NLL and the mean accuracy over the 11 SADE test
 # distributions (forward50 .. uniform .. backward50, no adaptation), per side and seed, mean +- std
-# over seeds, and the difference library - reference with its Welch standard error
+# over seeds, and the difference library - reference of the means with its Welch standard error
 # sqrt(s_a^2/n_a + s_b^2/n_b); |diff| <= 2 SE is the pass criterion.  --levers turns each speed
-# lever off in turn to attribute a difference.
-# How: real Fashion-MNIST (zero-padded to 32x32, 3 channels) written in the CIFAR-10 pickle layout,
-# read by recipes/balpoe/cifar10_lt_ir100.yaml (LT IR100: 14,886 training images); both sides train
-# the same recipe, model construction and schedule from the same seeds; the official-style side is
-# benchmarks/reference_balpoe.py (PIL DataLoader, fp32 NCHW, global-RNG mixup, per-expert loss loop,
-# torch.optim.SGD, seed_everything); both are evaluated by the same evaluator (the library's
-# collect_logits on the library's test loader, float32, and balpoe.evaluate.metrics).
-# Command (CPU, 12 epochs, seeds 1 2 3, 1 thread; resumable, see the docstring for chunks):
+# lever off in turn, to attribute a difference.
+# How: real Fashion-MNIST (zero-padded to 32x32, 3 channels) written in the CIFAR-10 pickle layout
+# and read by recipes/balpoe/cifar10_lt_ir100.yaml (LT IR100: 14,886 training images); both sides
+# train the same recipe, network construction (same initial weights) and schedule from the same
+# seeds; the official-style side is benchmarks/reference_balpoe.py (PIL DataLoader, fp32 NCHW,
+# global-RNG mixup, per-expert loss loop, torch.optim.SGD, CustomLR, seed_everything); both are
+# evaluated by one evaluator (the library's collect_logits on its test loader, float32; metrics from
+# balpoe.evaluate.metrics), so only training differs.
+# Command (CPU: 12 epochs, warmup 1, milestones [9, 10], mixup 0.4, seeds 1 2 3, 1 thread; about
+# 13 min per library run and 27 min per reference run on a free core; resumable, chunks below):
 #   python benchmarks/fidelity.py                      # -> runs/fidelity/results.json
-# Command (GPU, the recipe's full 200-epoch schedule, seeds 1 2 3):
+# Command (GPU: the recipe's full 200-epoch schedule, seeds 1 2 3):
 #   python benchmarks/fidelity.py --device cuda --workers 4 --out runs/fidelity_gpu
 # Results: see README 'Fidelity'
 """End-to-end fidelity of the shipped BalPoE recipe: the library as shipped vs a faithful
@@ -62,7 +64,8 @@ least 1: 12 epochs give warmup 1, milestones [9, 10]) and sets mixup alpha 0.4 (
 ``--threads`` (default 1 on the CPU) sets ``train.threads`` for both sides.
 
 Evaluation, identical for every run: the trained network (NCHW, float32, eval mode) on the
-library's test loader (``balpoe.evaluate.logits.collect_logits``), ensemble = mean expert logits;
+library's test loader (``balpoe.evaluate.logits.collect_logits``; batch 256 for every side,
+``train.eval_batch_size``, which does not touch training), ensemble = mean expert logits;
 balanced top-1, many/medium/few, ECE (15 bins), NLL (``balpoe.evaluate.metrics``); the 11 SADE
 test distributions indexed from the same logits (``balpoe.shift.targets.target_sets`` with
 ``parse_test_dists("all")``, no adaptation) and their mean accuracy.  The fast side's own
@@ -83,6 +86,17 @@ chunks that run one after the other or side by side, e.g.::
     python benchmarks/fidelity.py --sides reference --seeds 1
     python benchmarks/fidelity.py --report-only                   # ... then the table of all of them
 
+``--report-only`` needs the flags of the runs (``--device``, ``--epochs``, ``--set``, ...): a
+result made with another configuration is a one-line error, never mixed in.  Chunks may run side by
+side (the data are written once, atomically; the reference's ``--workers`` processes need CPU time
+too).
+
+Cost on the CPU, 1 thread (measured on 2,048 images, so approximate): the library about 1 min per
+epoch, the reference (PIL workers included) about 2.2 min; with the evaluations of the 10,000 test
+images (the library's own and the shared float32 one) about 13 and 27 minutes per run, about 2 hours
+for both sides and 3 seeds one after the other; ``--levers`` adds four library runs per seed.  Peak
+memory about 1.7 GB per process (the float32 activations of ResNet-32 x 3 at batch 128).
+
 ``--limit N`` trains on N images of the LT split (a fixed random subset, the same for every side
 and seed; the split is ordered by class, so its literal first N images would be one class): smoke
 tests only.
@@ -95,6 +109,7 @@ import gc
 import json
 import math
 import os
+import pickle
 import platform
 import shutil
 import sys
@@ -118,10 +133,10 @@ from balpoe.evaluate.metrics import accuracy
 from balpoe.evaluate.report import report_from_logits
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import load_recipe
-from balpoe.runtime.checkpoint import atomic_save, atomic_write_text
+from balpoe.runtime.checkpoint import atomic_save, atomic_write_text, json_text, write_json
 from balpoe.runtime.console import console as balpoe_console
 from balpoe.runtime.device import resolve_device
-from balpoe.runtime.precision import use_amp
+from balpoe.runtime.precision import amp_dtype
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.targets import parse_test_dists, target_sets
 from balpoe.training.build import build_plan, check_names, train
@@ -136,6 +151,8 @@ DEFAULT_OUT = Path("runs/fidelity")
 DEFAULT_DATA = Path("runs/fidelity/data")
 CPU_EPOCHS = 12
 SHORT_MIXUP_ALPHA = 0.4
+#: evaluation batch of every side (does not change training; 1024 costs twice the time on a CPU)
+EVAL_BATCH = 256
 DATA_MARKER = "fidelity_data.json"
 
 #: metrics of a run (ensemble, balanced test set) in table order; sade_mean = mean top-1 over the 11 SADE sets
@@ -145,7 +162,7 @@ LABELS = {"acc": "acc", "many": "many", "medium": "medium", "few": "few", "ece":
           "sade_mean": "SADE-11"}
 BASE_SIDES = ("fast", "reference")
 #: every lever side the script knows (key -> label); which apply depends on the recipe and device
-LEVER_LABELS = {"amp_off": "fast, bf16 autocast off", "channels_last_off": "fast, channels_last off",
+LEVER_LABELS = {"amp_off": "fast, autocast off (train.amp)", "channels_last_off": "fast, channels_last off",
                 "device_loader_off": "fast, DataLoader path (device augmentation off)",
                 "batched_experts_on": "fast, batched experts on", "batched_experts_off": "fast, batched experts off"}
 SIDE_LABELS = {"fast": "fast (library as shipped)", "reference": "reference (official-style)", **LEVER_LABELS}
@@ -163,33 +180,63 @@ def fmnist_as_cifar(images: np.ndarray) -> np.ndarray:
 
 def prepare_data(data_dir: Path, fmnist_root: str | None, console: Console) -> dict:
     """Write Fashion-MNIST as CIFAR-10 (``data_dir/cifar-10-batches-py``) unless a copy made from the
-    same source is there; returns the marker (source folder, image counts)."""
+    same source is there; returns the marker (source folder, image counts).  Only a folder this
+    script wrote (it holds the marker file) is ever replaced; the marker is written last."""
     source = find_fashion_mnist(fmnist_root)
     if source is None:
         load_fashion_mnist(fmnist_root, train=True)   # raises the library's one-line "not found" error
-    marker_path = data_dir / DATA_MARKER
-    if marker_path.is_file() and cifar_dir(data_dir, 10).is_dir():
-        marker = json.loads(marker_path.read_text())
-        if marker.get("source") == str(source.resolve()):
-            console.print(f"data: reusing {cifar_dir(data_dir, 10)} (Fashion-MNIST from {source})")
-            return marker
+    marker_path, target = data_dir / DATA_MARKER, cifar_dir(data_dir, 10)
+
+    def present() -> dict | None:
+        if marker_path.is_file() and target.is_dir():
+            marker = json.loads(marker_path.read_text())
+            if marker.get("source") == str(source.resolve()):
+                return marker
+        return None
+
+    if (marker := present()) is not None:
+        console.print(f"data: reusing {target} (Fashion-MNIST from {source})")
+        return marker
+    if target.exists() and not marker_path.is_file():
+        raise BalpoeError(f"{target} exists and was not written by fidelity.py; choose another --data-dir")
     start = time.perf_counter()
     train_x, train_y, _ = load_fashion_mnist(str(source), train=True)
     test_x, test_y, _ = load_fashion_mnist(str(source), train=False)
-    tmp = data_dir.parent / f".{data_dir.name}.tmp-{os.getpid()}"
+    tmp = data_dir / f".tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_cifar(tmp, 10, (fmnist_as_cifar(train_x), train_y), (fmnist_as_cifar(test_x), test_y),
                class_names=list(FMNIST_CLASS_NAMES))
     marker = {"source": str(source.resolve()), "train_images": int(len(train_y)), "test_images": int(len(test_y)),
               "format": "Fashion-MNIST, zero-padded 28x28 -> 32x32, grey replicated to 3 channels, "
                         "CIFAR-10 python-pickle layout"}
-    (tmp / DATA_MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-    shutil.rmtree(data_dir, ignore_errors=True)
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, data_dir)
-    console.print(f"data: wrote {cifar_dir(data_dir, 10)} from {source} ({len(train_y):,} training, "
-                  f"{len(test_y):,} test images) in {time.perf_counter() - start:.1f} s")
+    if present() is None:               # else a chunk started alongside wrote the same data meanwhile
+        marker_path.unlink(missing_ok=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(cifar_dir(tmp, 10), target)
+        atomic_write_text(json.dumps(marker, indent=1) + "\n", marker_path)
+        console.print(f"data: wrote {target} from {source} ({len(train_y):,} training, {len(test_y):,} test "
+                      f"images) in {time.perf_counter() - start:.1f} s")
+    shutil.rmtree(tmp, ignore_errors=True)
     return marker
+
+
+def full_train_labels(data_cfg) -> np.ndarray | None:
+    """The training labels before long-tailed subsampling (what the official CIFAR-LT dataset shuffles
+    with numpy's global RNG, :func:`reference_balpoe.official_numpy_reset`); ``None`` for a dataset
+    that is long-tailed as found.  CIFAR batches are read one at a time and their images dropped."""
+    spec = get_dataset(data_cfg.dataset)
+    if not spec.subsample_lt:
+        return None
+    if data_cfg.dataset in ("cifar10", "cifar100"):
+        folder = cifar_dir(data_cfg.root or "data", 10 if data_cfg.dataset == "cifar10" else 100)
+        files, key = ((sorted(folder.glob("data_batch_*")), b"labels") if data_cfg.dataset == "cifar10"
+                      else ([folder / "train"], b"fine_labels"))
+        labels = []
+        for f in files:
+            with open(f, "rb") as fh:
+                labels.append(np.asarray(pickle.load(fh, encoding="bytes")[key], dtype=np.int64))
+        return np.concatenate(labels)
+    return np.asarray(spec.read(data_cfg, "train").labels, dtype=np.int64)
 
 
 def limit_indices(n: int, limit: int) -> torch.Tensor:
@@ -234,9 +281,9 @@ def lever_specs(recipe, device: torch.device, workers: int) -> tuple[list[dict],
     t, levers, skipped = recipe.train, [], []
     if not t.amp:
         skipped.append({"key": "amp_off", "reason": "the recipe trains in float32 (train.amp: false)"})
-    elif not use_amp(device, True, warn=False):
-        skipped.append({"key": "amp_off", "reason": f"no native bf16 on this {device.type} device: the recipe "
-                                                    "already trains in float32 here"})
+    elif amp_dtype(device, True, warn=False) is None:
+        skipped.append({"key": "amp_off", "reason": f"no autocast on this {device.type} device (no native bf16): "
+                                                    "the recipe already trains in float32 here"})
     else:
         levers.append({"key": "amp_off", "overrides": ["train.amp=false"]})
     if t.channels_last:
@@ -306,6 +353,8 @@ class Evaluator:
 
 
 def finite_or_none(v) -> float | None:
+    if v is None:
+        return None
     v = float(v)
     return v if math.isfinite(v) else None
 
@@ -320,7 +369,7 @@ def train_library(recipe, out: Path, limit: int) -> None:
     quiet, balpoe_console.quiet = balpoe_console.quiet, True
     try:
         if not limit:
-            train(recipe, out, show_progress=False)
+            train(recipe, out, show_progress=False, report=False)
             return
         check_names(recipe)
         if recipe.train.threads:
@@ -330,7 +379,7 @@ def train_library(recipe, out: Path, limit: int) -> None:
         torch.manual_seed(recipe.seed)
         np.random.seed(recipe.seed)
         bundle = limit_bundle(build_data(recipe.data, device, seed=recipe.seed), limit)
-        train_model(build_plan(recipe, bundle, device), out, show_progress=False)
+        train_model(build_plan(recipe, bundle, device, html_report=False), out, show_progress=False)
     finally:
         balpoe_console.quiet = quiet
 
@@ -347,7 +396,7 @@ def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
     extra = {}
     if side == "reference":
         model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"],
-                                      full_train_labels=ctx["full_train_labels"](), train=evaluator.bundle.train,
+                                      full_train_labels=ctx["full_train_labels"], train=evaluator.bundle.train,
                                       metrics_path=run_dir / "metrics.jsonl")
         atomic_save(model.state_dict(), run_dir / "model.pt")
         extra["workers"] = ctx["workers"]
@@ -358,7 +407,8 @@ def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
         rows = read_rows(lib_dir / "metrics.jsonl")
         lib_eval = json.loads((lib_dir / "eval.json").read_text())
         extra["library_eval"] = {k: finite_or_none(lib_eval[k]) for k in ("acc", "ece", "nll")}
-        extra["library_eval"]["amp_bf16"] = use_amp(device, recipe.train.amp, warn=False)
+        dtype = amp_dtype(device, recipe.train.amp, warn=False)
+        extra["library_eval"]["autocast"] = None if dtype is None else str(dtype).replace("torch.", "")
     train_s = time.perf_counter() - start
     ev = ctx["evaluator"].evaluate(model)
     del model
@@ -588,7 +638,8 @@ def main(argv: list[str] | None = None) -> dict:
     elif data_source is None and not data_over:
         data_source = str(base0.data.root)
     schedule = schedule_overrides(base0, epochs, args.mixup_alpha)
-    common = data_over + schedule + [f"train.threads={threads}", f"train.device={device}"] + args.overrides
+    common = data_over + schedule + [f"train.threads={threads}", f"train.device={device}",
+                                      f"train.eval_batch_size={EVAL_BATCH}"] + args.overrides
 
     def recipe_for(side: str, seed: int, lever_over: list[str]):
         return load_recipe(args.recipe, common + lever_over + [f"seed={seed}"])
@@ -629,18 +680,9 @@ def main(argv: list[str] | None = None) -> dict:
                       f"class counts {counts}; test: {len(bundle.test):,} images")
         info["data"] = {"source": data_source, "train_images": len(bundle.train), "class_counts": counts,
                         "test_images": len(bundle.test), "dataset": base.data.dataset}
-        labels_cache: list = []
-
-        def full_train_labels():   # the training labels before LT subsampling (official numpy stream)
-            spec = get_dataset(base.data.dataset)
-            if not spec.subsample_lt:
-                return None
-            if not labels_cache:
-                labels_cache.append(np.asarray(spec.read(base.data, "train").labels, dtype=np.int64))
-            return labels_cache[0]
-
         ctx = {"device": device, "evaluator": Evaluator(bundle, base, device), "workers": args.workers,
-               "limit": args.limit, "full_train_labels": full_train_labels, "fingerprints": fingerprints}
+               "limit": args.limit, "full_train_labels": full_train_labels(base.data) if "reference" in sides else None,
+               "fingerprints": fingerprints}
         todo = [(side, seed) for seed in seeds for side in sides]
         for i, (side, seed) in enumerate(todo, 1):
             res = load_result(out, side, seed, fingerprints[(side, seed)])
@@ -654,7 +696,7 @@ def main(argv: list[str] | None = None) -> dict:
                 shutil.rmtree(run_dir)
             console.print(f"[{i}/{len(todo)}] {side} seed {seed}: training ...")
             res = run_side(side, recipes[(side, seed)], run_dir, ctx)
-            atomic_write_text(json.dumps(res, indent=1) + "\n", result_path(out, side, seed))
+            write_json(res, result_path(out, side, seed))
             done[(side, seed)] = res
             m = res["metrics"]
             console.print(f"[{i}/{len(todo)}] {side} seed {seed} done: acc {m['acc']:.2f}, ECE {m['ece']:.2f}, "
@@ -680,7 +722,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {**info, "metrics": list(METRICS), "test_distributions": list(TEST_DISTRIBUTIONS), "missing": missing,
               "complete": not missing, "runs": runs, **summarise(runs)}
     print_tables(result, console)
-    text = json.dumps(result, indent=1) + "\n"
+    text = json_text(result) + "\n"
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(text, out / "results.json")
     if args.json:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # gpu_suite.sh -- the GPU benchmark suite: speed levers + profile, the 200-epoch BalPoE run,
-# fast-vs-reference accuracy, torchrun with NCCL, in stages that each fit in 10 minutes (H100).
+# fast-vs-reference accuracy (fidelity.py), torchrun with NCCL, in stages that each fit in 10 minutes (H100).
 # What: s/epoch, img/s, peak memory and the speed-up vs the official-style reference per speed lever,
 # with a torch.profiler breakdown (GPU busy fraction, kernels and launches per step); the wall time
 # of a full 200-epoch `python -m balpoe train` of CIFAR-100-LT IR100 BalPoE (ResNet-32 x 3) on
@@ -13,7 +13,7 @@
 #                                               # then the fastest lever's settings again, longer, profiled
 #   bash benchmarks/gpu_suite.sh e2e            # full 200-epoch `python -m balpoe train` of the CIFAR-100-LT
 #                                               # IR100 recipe on synthetic data, tuned; plus the recipe as is
-#   bash benchmarks/gpu_suite.sh accuracy ddp   # fast vs reference accuracy (Fashion-MNIST-LT, 2 seeds);
+#   bash benchmarks/gpu_suite.sh accuracy ddp   # fast vs reference accuracy, fidelity.py (Fashion-MNIST-LT, 2 seeds);
 #                                               # torchrun --nproc_per_node 1 (sync_bn on) + an NCCL DDP check
 #   GPU_SUITE_SMOKE=1 bash benchmarks/gpu_suite.sh all   # tiny CPU sizes: checks this script, not the speed
 #
@@ -291,9 +291,10 @@ stage_accuracy() {
   else echo "== accuracy: Fashion-MNIST from the recipe's data.root, \$BALPOE_DATA or /usr/share/datasets"; fi
   local small=()
   [[ "$SMOKE" == 1 ]] && small=(--set train.threads=2 --set "model.kwargs={widths: [8, 16, 32]}")
-  run_step accuracy fast_vs_reference "$CAP_ACC" "$PY" benchmarks/fast_vs_reference_accuracy.py "$ACC_RECIPE" \
+  run_step accuracy fidelity "$CAP_ACC" "$PY" benchmarks/fidelity.py "$ACC_RECIPE" \
     --epochs "$ACC_EPOCHS" --seeds 0 1 --workers "$ACC_WORKERS" ${data[@]+"${data[@]}"} \
-    --set optim.schedule=cosine ${small[@]+"${small[@]}"} ${ACC_SET[@]+"${ACC_SET[@]}"} --json "$WORK/accuracy.json"
+    --set optim.schedule=cosine ${small[@]+"${small[@]}"} ${ACC_SET[@]+"${ACC_SET[@]}"} \
+    --out "$WORK/fidelity" --json "$WORK/accuracy.json"
   "$PY" - "$WORK" "$OUT_DIR/accuracy.json" "$ACC_RECIPE" <<'EOF' || echo "== accuracy.json: FAILED"
 import json, sys
 from pathlib import Path
@@ -305,9 +306,12 @@ out.write_text(json.dumps({"stage": "accuracy", "recipe_file": sys.argv[3],
                            "note": "schedule compressed: optim.epochs=--epochs, cosine (both paths alike)",
                            "steps": steps, "result": acc}, indent=1) + "\n")
 if acc:
-    d = acc["paired_difference"]
-    print(f"== accuracy summary: {acc['recipe']}, {acc['epochs']} epochs, seeds {acc['seeds']}: fast - reference "
-          f"acc {d['acc']['mean']:+.2f} (std {d['acc']['std']:.2f}), ece {d['ece']['mean']:+.2f}")
+    d = acc.get("difference") or {}
+    f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+    parts = [f"{k} {f(d[k]['diff'], '+.2f')} (Welch SE {f(d[k]['se'], '.2f')}, within 2 SE: {d[k]['within_2se']})"
+             for k in ("acc", "ece", "nll", "sade_mean") if k in d]
+    print(f"== accuracy summary: {acc['recipe_name']}, {acc['epochs']} epochs, seeds {acc['seeds']}: fast - reference "
+          + ("; ".join(parts) or "not computed (missing runs)"))
 print(f"  -> {out}")
 EOF
 }

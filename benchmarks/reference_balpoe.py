@@ -105,9 +105,10 @@ def reference_optimizer(model: torch.nn.Module, recipe) -> torch.optim.Optimizer
 
 
 def official_lr_factor(epoch: int, warmup_epochs: int, milestones: list[int], gamma: float) -> float:
-    """The official ``CustomLR`` multiplier of epoch ``epoch`` (0-based): gamma^2 from step2, gamma
-    from step1, 1 before; times ``(1 + epoch) / warmup`` during the warmup."""
-    step1, step2 = milestones[0], milestones[-1]
+    """The official ``CustomLR`` multiplier of epoch ``epoch`` (0-based) with ``milestones = [step1,
+    step2]``: gamma^2 from step2, gamma from step1, 1 before; times ``(1 + epoch) / warmup`` during
+    the warmup."""
+    step1, step2 = milestones
     factor = gamma * gamma if epoch >= step2 else gamma if epoch >= step1 else 1.0
     if epoch < warmup_epochs:
         factor *= float(1 + epoch) / warmup_epochs
@@ -115,10 +116,11 @@ def official_lr_factor(epoch: int, warmup_epochs: int, milestones: list[int], ga
 
 
 def reference_scheduler(optimizer: torch.optim.Optimizer, recipe):
-    """Per-epoch schedule: the official ``CustomLR`` ``LambdaLR`` for a multistep recipe with one or two
-    milestones; any other schedule (cosine, constant) as the library builds it."""
+    """Per-epoch schedule: the official ``CustomLR`` ``LambdaLR`` for a multistep recipe with two
+    milestones (step1, step2, as every official CIFAR config); any other schedule (cosine, constant,
+    other milestone counts) as the library builds it."""
     o = recipe.optim
-    if o.schedule == "multistep" and 1 <= len(o.milestones) <= 2:
+    if o.schedule == "multistep" and len(o.milestones) == 2:
         return torch.optim.lr_scheduler.LambdaLR(
             optimizer, lambda e: official_lr_factor(e, o.warmup_epochs, list(o.milestones), o.gamma))
     return build_scheduler(o, optimizer)

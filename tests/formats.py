@@ -98,8 +98,6 @@ def write_image_list(root: str | Path, kind: str, num_classes: int, train_per_cl
     """Write tiny RGB images under ``root`` and the conventional list files (e.g.
     ``ImageNet_LT_train.txt``) whose lines are ``relative/path label``; returns ``root``.
     ``image_format`` is ``"JPEG"`` (as the real datasets; lossy) or ``"PNG"`` (lossless)."""
-    from PIL import Image
-
     if kind not in LIST_FILES:
         raise ValueError(f"kind must be one of {sorted(LIST_FILES)}")
     ext = {"JPEG": "JPEG" if kind == "imagenet_lt" else "jpg", "PNG": "png"}[image_format]

@@ -28,6 +28,31 @@ def folder_transforms(name: str, train: bool, image_size: int = 224):
     return build_transforms(train, spec.mean, spec.std, image_size, spec.color_jitter and train)
 
 
+def largest_imb_factor(n_max: int, num_classes: int, profile: str) -> int:
+    """The largest integer imbalance ratio whose long-tailed split keeps at least one image of
+    every class: about ``n_max`` (the rarest class keeps ``int(n_max / IF)`` images for both
+    profiles; float rounding can make it ``n_max - 1``); 0 when even a balanced split is empty."""
+    for k in range(max(n_max, 1), 0, -1):
+        if min(lt_class_counts(n_max, num_classes, k, profile)) >= 1:
+            return k
+    return 0
+
+
+def check_no_empty_class(counts: list[int], class_names: list[str], n_max: int, imb_factor: float,
+                         profile: str) -> None:
+    """Every class keeps at least one training image in the long-tailed split ``counts``; otherwise
+    a one-line error naming the empty classes and the largest usable ``data.imb_factor``."""
+    empty = [c for c, n in enumerate(counts) if n < 1]
+    if not empty or n_max < 1:  # an empty training set is not the imbalance ratio's doing
+        return
+    names = [str(class_names[c]) if c < len(class_names) else str(c) for c in empty]
+    shown = ", ".join(n[:40] for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+    best = largest_imb_factor(n_max, len(counts), profile)
+    raise BalpoeError(f"recipe key 'data.imb_factor' ({imb_factor:g}) leaves {len(empty)} of {len(counts)} classes "
+                      f"without a training image ({shown}); with {n_max} images in the largest class the largest "
+                      f"usable imb_factor ({profile} profile) is {best}")
+
+
 def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBundle:
     """The long-tailed training split, the balanced test split and (``cfg.holdout_fraction > 0``) a
     stratified held-out slice of the training split, for the recipe's ``data`` section ``cfg``."""
@@ -39,8 +64,10 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
         raise BalpoeError(f"dataset {cfg.dataset!r}: training labels must lie in [0, {num_classes})")
     keep = np.arange(len(labels))
     if spec.subsample_lt:
-        n_max = int(np.bincount(labels, minlength=num_classes).max())
-        keep = lt_subsample_indices(labels, lt_class_counts(n_max, num_classes, cfg.imb_factor, cfg.imb_profile))
+        n_max = int(np.bincount(labels, minlength=num_classes).max()) if len(labels) else 0
+        lt_counts = lt_class_counts(n_max, num_classes, cfg.imb_factor, cfg.imb_profile)
+        check_no_empty_class(lt_counts, list(train.class_names), n_max, cfg.imb_factor, cfg.imb_profile)
+        keep = lt_subsample_indices(labels, lt_counts)
     hold = None
     if cfg.holdout_fraction > 0:
         kept, held = stratified_holdout(labels[keep], cfg.holdout_fraction, seed)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torchvision
 
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, short_path
 
 #: per variant: folder, train files, test files, meta file, label key, names key
 _LAYOUT: dict[int, tuple[str, tuple[str, ...], tuple[str, ...], str, bytes, bytes]] = {
@@ -35,6 +35,14 @@ def cifar_dir(root: str | Path, num_classes: int) -> Path:
     if num_classes not in _LAYOUT:
         raise BalpoeError(f"CIFAR has 10 or 100 classes, got num_classes={num_classes}")
     return Path(root).expanduser() / _LAYOUT[num_classes][0]
+
+
+def _is_file(path: Path) -> bool:
+    """``path.is_file()``, False where the name cannot even be looked up (too long)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
 
 
 def _unpickle(path: Path) -> dict:
@@ -84,12 +92,12 @@ def load_cifar(root: str | Path, num_classes: int, train: bool,
     folder = cifar_dir(root, num_classes)
     _, train_files, test_files, meta_file, label_key, names_key = _LAYOUT[num_classes]
     files = [folder / n for n in (train_files if train else test_files)] + [folder / meta_file]
-    if not all(p.is_file() for p in files):
+    if not all(_is_file(p) for p in files):
         if not download:
-            missing = next(p for p in files if not p.is_file())
+            missing = next(p for p in files if not _is_file(p))
             raise BalpoeError(
-                f"CIFAR-{num_classes} not found: {missing} is missing; set data.download: true or "
-                f"extract the python version of the archive so that {folder} exists")
+                f"CIFAR-{num_classes} not found: {short_path(missing)} is missing; set data.download: true or "
+                f"extract the python version of the archive so that {short_path(folder)} exists")
         _download(Path(root).expanduser(), num_classes, train)
     batches = [_read_batch(p, label_key) for p in files[:-1]]
     images = np.concatenate([b[0] for b in batches])

@@ -6,19 +6,21 @@ are ``{train,t10k}-{images-idx3,labels-idx1}-ubyte``, gzipped (``.gz``) or not.
 
 Where we look, in order: the recipe's ``data.root`` (files directly there or in a
 ``fashion-mnist`` / ``FashionMNIST/raw`` subfolder), ``$BALPOE_DATA`` (same three places), and the
-Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
+Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).  When
+``data.root`` is given but the files come from elsewhere, a warning names both folders.
 """
 
 from __future__ import annotations
 
 import gzip
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torchvision
 
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, short_path
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -60,10 +62,18 @@ def save_fashion_mnist(root: str | Path, train: tuple[np.ndarray, np.ndarray], t
     return root
 
 
+def _is(path: Path, kind: str) -> bool:
+    """``path.is_file()`` / ``path.is_dir()``, False where the name cannot even be looked up (too long)."""
+    try:
+        return path.is_file() if kind == "file" else path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
 def _idx_file(folder: Path, stem: str) -> Path | None:
     """The uncompressed file if present, else the ``.gz`` one, else None."""
     for name in (stem, stem + ".gz"):
-        if (folder / name).is_file():
+        if _is(folder / name, "file"):
             return folder / name
     return None
 
@@ -86,7 +96,7 @@ def find_fashion_mnist(root: str | Path | None) -> Path | None:
     """The first folder holding all four IDX files: ``root``, then ``$BALPOE_DATA`` (each directly
     or in ``fashion-mnist`` / ``FashionMNIST/raw``), then ``/usr/share/datasets/fashion-mnist``."""
     for p in fashion_mnist_search_paths(root):
-        if p.is_dir() and _complete(p):
+        if _is(p, "dir") and _complete(p):
             return p
     return None
 
@@ -145,7 +155,7 @@ def load_fashion_mnist(root: str | Path | None, train: bool,
     folder = find_fashion_mnist(root)
     if folder is None:
         if not download:
-            looked = ", ".join(str(p) for p in fashion_mnist_search_paths(root))
+            looked = ", ".join(short_path(p) for p in fashion_mnist_search_paths(root))
             raise BalpoeError(
                 f"Fashion-MNIST IDX files not found (looked in: {looked}); install them with "
                 f"`apt-get install dataset-fashion-mnist`, set ${ENV_VAR} to a folder holding them, "
@@ -159,5 +169,11 @@ def load_fashion_mnist(root: str | Path | None, train: bool,
         folder = target / "FashionMNIST" / "raw"
         if not _complete(folder):
             raise BalpoeError(f"Fashion-MNIST download finished but the IDX files are not in {folder}")
+    if root and folder not in fashion_mnist_search_paths(root)[:len(SUBDIRS)]:
+        given = Path(root).expanduser()
+        why = "does not exist" if not (_is(given, "dir") or _is(given, "file")) else \
+            "holds no complete set of Fashion-MNIST IDX files"
+        warnings.warn(f"data.root '{short_path(given)}' {why}; using the Fashion-MNIST files in {short_path(folder)}",
+                      UserWarning, stacklevel=2)
     images, labels = _read_split(folder, train)
     return images, labels, list(CLASS_NAMES)

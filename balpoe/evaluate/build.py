@@ -9,18 +9,24 @@ derives top-1, many/medium/few accuracy, ECE (15 bins), MCE, NLL and Brier score
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import platform
 import time
 import warnings
 from pathlib import Path
 
+import timm
 import torch
 
 from balpoe.data.build import build_data, build_loader
 from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import stratified_holdout
 from balpoe.errors import BalpoeError
+from balpoe.evaluate.calibration import apply_calibration, fit_post_hoc
+from balpoe.evaluate.html_report import write_html_report
 from balpoe.evaluate.logits import collect_logits
-from balpoe.evaluate.report import print_report, report_from_logits
+from balpoe.evaluate.report import analysis_from_logits, print_report, report_from_logits
+from balpoe.losses.build import expert_taus, model_prior_exponent
 from balpoe.losses.priors import balance_logits
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
@@ -28,6 +34,7 @@ from balpoe.recipe import Recipe, apply_overrides, recipe_from_dict
 from balpoe.runtime.checkpoint import ensure_writable_file, load_checkpoint, write_json
 from balpoe.runtime.console import console
 from balpoe.runtime.device import resolve_device
+from balpoe.runtime.precision import amp_dtype
 
 #: where the labelled source data for calibration come from
 SOURCES = ("auto", "holdout", "train")
@@ -105,29 +112,80 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
     return model, recipe, ckpt, bundle, dev
 
 
+def environment(device: torch.device, amp: bool) -> dict:
+    """Versions, device and dtype the numbers were computed with (for reports)."""
+    dtype = amp_dtype(device, amp, warn=False)
+    return {"balpoe": importlib.metadata.version("balpoe"), "torch": torch.__version__, "timm": timm.__version__,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} "
+            f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+            "dtype": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32"}
+
+
+def analysis_of(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
+                expert_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+    """The run report's analysis (:func:`~balpoe.evaluate.report.analysis_from_logits`) with
+    reliability after TS and BCTS fitted on the recipe's held-out slice, or else on a slice of the
+    training split (said in ``calibration_note``; image-file datasets without a holdout: none)."""
+    lam = model_prior_exponent(recipe)
+    calibrated, note = {}, "no post-hoc calibration: no labelled source data (set data.holdout_fraction)"
+    if bundle.holdout is not None or bundle.in_memory:
+        src = source_logits(model, bundle, recipe, device, lam_model=lam, warn=False)
+        fits = fit_post_hoc(src.logits, src.labels, src.prior)
+        bal = balance_logits(MultiExpertNet.ensemble(expert_logits), bundle.class_counts, lam).double()
+        calibrated = {name: (apply_calibration(bal, f["temperature"], f["bias"]), f["temperature"])
+                      for name, f in fits.items()}
+        note = f"TS and BCTS fitted by NLL on {len(src.labels)} images: {src.note}"
+    out = analysis_from_logits(expert_logits, labels, bundle.class_counts, bundle.class_names,
+                               many_threshold=recipe.data.many_threshold, few_threshold=recipe.data.few_threshold,
+                               taus=expert_taus(recipe), calibrated=calibrated)
+    out["calibration_note"] = note
+    out["environment"] = environment(device, recipe.train.amp)
+    return out
+
+
 def evaluate_model(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
-                   split: str = "test") -> dict:
-    """The report of ``split`` (:func:`~balpoe.evaluate.report.report_from_logits`)."""
+                   split: str = "test", analysis: bool = False) -> dict:
+    """The report of ``split`` (:func:`~balpoe.evaluate.report.report_from_logits`); with
+    ``analysis`` also what the run report draws (:func:`analysis_of`)."""
     loader = build_loader(bundle, split, recipe.train.eval_batch_size, recipe.data, train=False)
     logits, labels = collect_logits(model, loader, device, recipe.train.amp)
-    return report_from_logits(logits, labels, bundle.class_counts, recipe.data.many_threshold,
-                              recipe.data.few_threshold)
+    report = report_from_logits(logits, labels, bundle.class_counts, recipe.data.many_threshold,
+                                recipe.data.few_threshold)
+    if analysis:
+        report["analysis"] = analysis_of(model, bundle, recipe, device, logits, labels)
+    return report
+
+
+def write_run_report(run_dir: str | Path) -> Path | None:
+    """``RUN_DIR/report.html`` (:func:`~balpoe.evaluate.html_report.write_html_report`) when
+    ``run_dir`` is a run directory (holds ``recipe.yaml``); returns its path or None."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.yaml").is_file():
+        return None
+    path = write_html_report(run_dir)
+    console.print(f"saved {path}")
+    return path
 
 
 def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int | None = None,
-                        overrides: list[str] | None = None, out: str | Path | None = None) -> dict:
+                        overrides: list[str] | None = None, out: str | Path | None = None, *,
+                        report: bool = True) -> dict:
     """``balpoe eval CHECKPOINT``: top-1, many/medium/few, ECE, MCE, NLL, Brier on the balanced test
-    set; prints a table and writes ``eval.json`` next to the checkpoint (or to ``out``, checked
-    writable before the evaluation starts)."""
+    set, and the analysis the run report draws; prints a table and writes ``eval.json`` next to the
+    checkpoint (or to ``out``, checked writable before the evaluation starts) and, when that is the
+    checkpoint's run directory and ``report``, ``report.html`` there."""
     out_path = ensure_writable_file(Path(out) if out else Path(path).with_name("eval.json"), "evaluation output")
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
-    report = evaluate_model(model, bundle, recipe, dev)
-    report["checkpoint"] = str(path)
-    report["epoch"] = ckpt["epoch"]
-    write_json(report, out_path)
-    print_report(report, title=f"{recipe.name} (epoch {ckpt['epoch']}): balanced test set")
+    result = evaluate_model(model, bundle, recipe, dev, analysis=True)
+    result["checkpoint"] = str(path)
+    result["epoch"] = ckpt["epoch"]
+    write_json(result, out_path)
+    print_report(result, title=f"{recipe.name} (epoch {ckpt['epoch']}): balanced test set")
     console.print(f"saved {out_path}")
-    return report
+    if report and out_path.resolve().parent == Path(path).resolve().parent:
+        write_run_report(out_path.parent)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -168,7 +226,7 @@ def check_source(bundle: DataBundle, source: str) -> str:
 
 
 def source_logits(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
-                  source: str = "auto", lam_model: float = 0.0, seed: int = 0) -> SourceSet:
+                  source: str = "auto", lam_model: float = 0.0, seed: int = 0, warn: bool = True) -> SourceSet:
     """Balanced ensemble logits of the labelled source data: the recipe's held-out slice of the
     long-tailed training split (``data.holdout_fraction > 0``), or, without one, a stratified
     :data:`TRAIN_SLICE_FRACTION` slice of the training split the model *was trained on*, with a
@@ -184,8 +242,9 @@ def source_logits(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, de
         b = dataclasses.replace(bundle, holdout=bundle.train.subset(idx))
         note = (f"{TRAIN_SLICE_FRACTION:.0%} stratified slice of the training split the model WAS trained on "
                 "(no data.holdout_fraction): the temperature is under-estimated")
-        warnings.warn(f"calibration source data: {note}; retrain with data.holdout_fraction: 0.1 for an "
-                      "honest held-out slice", UserWarning, stacklevel=2)
+        if warn:
+            warnings.warn(f"calibration source data: {note}; retrain with data.holdout_fraction: 0.1 for an "
+                          "honest held-out slice", UserWarning, stacklevel=2)
     loader = build_loader(b, "holdout", recipe.train.eval_batch_size, recipe.data, train=False)
     start = time.perf_counter()
     expert, labels = collect_logits(model, loader, device, recipe.train.amp)

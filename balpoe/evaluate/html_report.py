@@ -29,12 +29,11 @@ access needed to view it.  The page and the sources of its numbers:
 
 Optional inputs that are missing leave a note in their section saying which command writes them.
 :func:`report_sections` returns the numbers behind the page (no images, no HTML) for programs and
-tests.  Run as ``python -m balpoe.evaluate.html_report RUN_DIR [--out PATH]``.
+tests.  ``balpoe report RUN_DIR`` writes the page; ``balpoe train`` and ``balpoe eval`` write it at the end.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import datetime
 import html
@@ -51,7 +50,7 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from balpoe.errors import BalpoeError, run_reporting_errors
+from balpoe.errors import BalpoeError
 
 DPI = 100
 GROUPS = ("many", "medium", "few")
@@ -619,7 +618,6 @@ def confusion_figure(cm: dict) -> bytes:
     fig = _figure(*((6.8, 6.0) if c <= 10 else (8.2, 7.4) if named else (7.6, 6.6)))
     ax = fig.add_subplot()
     norm = Normalize(0, 1) if named else PowerNorm(0.5, 0, 1)
-    block = cm["block"]
     im = ax.imshow(np.array(cm["cells"]), cmap="Blues", norm=norm, interpolation="nearest",
                    extent=(-0.5, c - 0.5, c - 0.5, -0.5))
     if numbers:
@@ -971,16 +969,4 @@ def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Pat
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m balpoe.evaluate.html_report",
-                                description="Write a self-contained HTML report of a balpoe run directory.")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
-    args = p.parse_args(argv)
-    print(run_reporting_errors(write_html_report, args.run_dir, args.out))
-
-
 __all__ = ["write_html_report", "report_sections", "build_html", "read_metrics", "stage1_metrics_path"]
-
-if __name__ == "__main__":
-    main()

@@ -59,11 +59,12 @@ def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, path: str | 
         heading = f"{title}: {heading}"
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _draw(data, path, heading, width, height)
+    draw_reliability(data, path, heading, width, height)
     return path
 
 
-def _draw(data: ReliabilityData, path: Path, heading: str, width: int, height: int) -> None:
+def draw_reliability(data: ReliabilityData, path: Path, heading: str, width: int, height: int) -> None:
+    """Draw ``data`` as a PNG of ``width`` x ``height`` pixels with the title ``heading``."""
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)

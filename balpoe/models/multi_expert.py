@@ -28,7 +28,7 @@ import torch
 import torch.nn as nn
 from einops import rearrange
 
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, clip
 from balpoe.models.grouped import GroupedBranches
 from balpoe.models.heads import build_head
 from balpoe.models.lws import LWSDeltaHead
@@ -122,17 +122,10 @@ def _load_pretrained(model: nn.Module, path: str) -> None:
     model.load_state_dict(usable, strict=False)
 
 
-def _clip(text: object, limit: int = 200) -> str:
-    """``str(text)``: first line, cut to ``limit`` characters (error messages stay one short line)."""
-    lines = str(text).strip().splitlines()
-    line = lines[0] if lines else ""
-    return line if len(line) <= limit else line[: limit - 3] + "..."
-
-
 def check_backbone(name: str) -> None:
     """``name`` is in timm's model registry (one-line error otherwise)."""
     if not isinstance(name, str) or not timm.is_model(name):
-        raise BalpoeError(f"model.backbone '{_clip(name, 120)}' is not a timm model name (see timm.list_models())")
+        raise BalpoeError(f"model.backbone '{clip(name, 120)}' is not a timm model name (see timm.list_models())")
 
 
 def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwargs: dict) -> nn.Module:
@@ -140,11 +133,11 @@ def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwar
     try:
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     except TypeError as e:
-        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {_clip(e)}") from None
+        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {clip(e)}") from None
     except Exception as e:  # noqa: BLE001 - a kwarg value the model cannot build with is a user error
         if not kwargs:
             raise
-        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {type(e).__name__}: {_clip(e)}") from None
+        raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {type(e).__name__}: {clip(e)}") from None
     if pretrained_file:
         _load_pretrained(model, pretrained_file)
     return model
@@ -155,8 +148,8 @@ def split_children(model: nn.Module, split: str) -> tuple[nn.Sequential, nn.Sequ
     children = list(model.named_children())
     names = [n for n, _ in children]
     if split not in names:
-        raise BalpoeError(f"model.split '{_clip(split, 80)}' is not a top-level stage of this backbone "
-                          f"(choose 'head' or one of: {_clip(', '.join(names), 200)})")
+        raise BalpoeError(f"model.split '{clip(split, 80)}' is not a top-level stage of this backbone "
+                          f"(choose 'head' or one of: {clip(', '.join(names), 200)})")
     i = names.index(split)
     tail = children[i + 1:]
     # timm applies ``drop_rate`` functionally inside ``forward_head`` (before the classifier), not as a
@@ -200,7 +193,7 @@ def check_split_forward(trunk: nn.Module, branch: nn.Module, split: str, backbon
     state is saved and restored around it."""
     modules = [*trunk.modules(), *branch.modules()]
     flags = [m.training for m in modules]
-    where = f"model.split '{_clip(split, 80)}' for backbone '{backbone}'"
+    where = f"model.split '{clip(split, 80)}' for backbone '{backbone}'"
     try:
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             trunk.eval(), branch.eval()
@@ -212,7 +205,7 @@ def check_split_forward(trunk: nn.Module, branch: nn.Module, split: str, backbon
                 except Exception as e:  # noqa: BLE001 - any failure means the split does not work here
                     if i + 1 == len(sizes):
                         raise BalpoeError(f"{where}: a {shape} batch through the shared stages and one expert branch "
-                                          f"fails ({type(e).__name__}: {_clip(e, 150)}); use model.split: head or "
+                                          f"fails ({type(e).__name__}: {clip(e, 150)}); use model.split: head or "
                                           "another stage") from None
     finally:
         for m, flag in zip(modules, flags):

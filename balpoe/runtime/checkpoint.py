@@ -40,7 +40,7 @@ REQUIRED_KEYS = ("recipe", "epoch", "model", "num_classes", "in_chans", "class_c
 RESUME_KEYS = ("optimizer", "scheduler", "rng")
 #: metadata of a weights file besides the tensors (JSON-encoded)
 _META_KEYS = ("recipe", "epoch", "num_classes", "in_chans", "class_counts", "mean", "std", "class_names", "taus",
-              "input_size")
+              "input_size", "image_files")
 _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)$")
 _multiarray = getattr(np, "_core", None) or np.core
 #: numpy's array reconstruction, for RNG states in checkpoints written by balpoe 0.1.0

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 from balpoe.data.build import build_loader
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import SOURCES, check_source, load_for_eval, source_logits
+from balpoe.evaluate.build import SOURCES, check_source, load_for_eval, source_logits, write_run_report
 from balpoe.evaluate.logits import collect_logits
 from balpoe.losses.build import model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
@@ -64,15 +64,17 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
                    priors: Sequence[str] | None = None, adapt: str = "none", calibration: str = "bcts",
                    estimator: str = "1d", source: str = "auto", labels_per_class: float = 5, seed: int = 0,
                    device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
-                   out: str | Path | None = None, plots: bool = True, quiet: bool = False) -> dict[str, Any]:
+                   out: str | Path | None = None, plots: bool = True, quiet: bool = False,
+                   html_report: bool = True) -> dict[str, Any]:
     """``balpoe eval CKPT --test-dists ... [--prior ...] [--adapt ...]``.
 
     Collects the test logits once, evaluates every requested distribution (default: all 11 when
     neither ``test_dists`` nor ``priors`` is given) with the requested adaptation, fits TS / BCTS on
     source data when there is a held-out slice (or when the unlabelled mode needs it), prints a
     table and writes ``shift_eval.json``, ``shift_eval.md`` and reliability diagrams into ``out``
-    (default: the checkpoint's directory).  ``priors`` are specs of
-    :func:`~balpoe.shift.targets.parse_prior`.  Returns the report dict."""
+    (default: the checkpoint's directory; there, with ``html_report``, ``report.html`` is rewritten to
+    include the label-shift plot).  ``priors`` are specs of :func:`~balpoe.shift.targets.parse_prior`.
+    Returns the report dict."""
     _check_options(adapt, calibration, source, estimator, labels_per_class)
     out_dir = ensure_writable_dir(Path(out) if out else Path(path).parent, "label-shift output directory")
     dists = parse_test_dists(test_dists)
@@ -149,4 +151,6 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     if not quiet:
         print_shift_report(report, console)
         console.print("saved " + ", ".join(str(f) for f in files))
+    if html_report and out_dir.resolve() == Path(path).resolve().parent:
+        write_run_report(out_dir)
     return report

@@ -19,7 +19,7 @@ from torch.optim import lr_scheduler
 from balpoe.data.build import build_data, build_loader, input_size
 from balpoe.data.bundle import DataBundle
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists
-from balpoe.evaluate.build import evaluate_model
+from balpoe.evaluate.build import evaluate_model, write_run_report
 from balpoe.evaluate.report import print_report
 from balpoe.data.registry import get_dataset
 from balpoe.losses.build import LOSSES, build_criterion, expert_taus
@@ -33,6 +33,7 @@ from balpoe.runtime.console import console
 from balpoe.runtime.device import resolve_device
 from balpoe.runtime.precision import amp_dtype
 from balpoe.training.stage2 import adopt_stage1_sections, check_stage2_data, prepare_stage2, set_stage2_mode
+from balpoe.training.tensorboard import TensorBoardLogger
 from balpoe.training.trainer import Plan, train_model
 
 
@@ -96,7 +97,7 @@ def resolve_stage2(recipe: Recipe, bundle: DataBundle) -> tuple[Recipe, dict]:
 
 
 def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank: int = 0,
-               world_size: int = 1) -> Plan:
+               world_size: int = 1, html_report: bool = True) -> Plan:
     """The :class:`~balpoe.training.trainer.Plan` of ``recipe``'s stage.
 
     Stage 1: the recipe's model and loss.  Stage 2 (MiSLAS): the stage-1 checkpoint's network with
@@ -136,15 +137,18 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
     scheduler = build_scheduler(recipe.optim, optimizer)
     meta = {"recipe": recipe.to_dict(), "taus": taus, "class_counts": bundle.class_counts.tolist(),
             "num_classes": bundle.num_classes, "in_chans": bundle.in_chans, "mean": list(bundle.mean),
-            "std": list(bundle.std), "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data)}
+            "std": list(bundle.std), "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data),
+            "image_files": not bundle.in_memory}
     resolved = recipe
     amp = amp_dtype(device, tc.amp, warn=rank == 0)
 
-    def evaluate(m: nn.Module) -> dict:
-        return evaluate_model(m, bundle, resolved, device)
+    def evaluate(m: nn.Module, analysis: bool = False) -> dict:
+        return evaluate_model(m, bundle, resolved, device, analysis=analysis)
 
     def show(out: Path, report: dict) -> None:
         print_report(report, title=f"{resolved.name}: balanced test set")
+        if html_report:
+            write_run_report(out)
 
     return Plan(name=recipe.name, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
                 loader=loader, device=device, epochs=recipe.optim.epochs, seed=recipe.seed,
@@ -215,13 +219,14 @@ def check_names(recipe: Recipe) -> None:
     check_backbone(recipe.model.backbone)
 
 
-def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_progress: bool = True) -> dict:
+def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_progress: bool = True,
+          report: bool = True) -> dict:
     """Train a (multi-expert) model as the recipe says into ``out_dir``; returns the final evaluation
     report.  ``resume``: True continues ``OUT/last.pt``; ``"auto"`` continues it if it exists and
     starts otherwise (one command line for job schedulers and elastic restarts).  On resuming, the
     learning-rate schedule is rebuilt from the recipe (so a longer ``optim.epochs`` extends the run
     with the schedule of the new horizon) and fast-forwarded to the restored epoch; other keys must
-    not change (:func:`resume_changes`)."""
+    not change (:func:`resume_changes`).  ``report``: write ``OUT/report.html`` at the end."""
     out = Path(out_dir)
     check_names(recipe)  # before anything is written
     if recipe.train.threads:
@@ -235,7 +240,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
-    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size)
+    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report)
     if ckpt is not None:
         changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)
         plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [
@@ -243,6 +248,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
         if rank == 0 and changes:
             warnings.warn(f"resuming '{resume_from}' at epoch {ckpt['epoch']} with changed recipe keys: "
                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), stacklevel=2)
+    if recipe.train.log_tensorboard and rank == 0:
+        tensorboard = TensorBoardLogger(out, plan.checkpoint_meta["recipe"])
+        plan.on_epoch.append(tensorboard.log_epoch)
+        plan.finish.append(tensorboard.close)
     report = train_model(plan, out, resume=ckpt, show_progress=show_progress)
     dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group
     dist.shutdown()

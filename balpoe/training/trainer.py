@@ -43,7 +43,7 @@ class Plan:
     seed: int
     num_classes: int
     set_train_mode: Callable[[nn.Module], Any]   # model.train(), or MiSLAS stage 2's shifted-BN mode
-    evaluate: Callable[[nn.Module], dict]        # the balanced test set's report
+    evaluate: Callable[..., dict]                # (model, analysis=False) -> the balanced test set's report
     checkpoint_meta: dict                        # saved with every checkpoint: the resolved recipe, taus, counts, ...
     recipe_yaml: str                             # the resolved recipe, written to OUT/recipe.yaml
     mixup_alpha: float = 0.0
@@ -55,6 +55,7 @@ class Plan:
     compile_mode: str = "default"
     sync_bn: bool = False
     finish: list = field(default_factory=list)   # callables (out_dir, report) run on rank 0 after the final evaluation
+    on_epoch: list = field(default_factory=list)  # callables (metrics row) run on rank 0 after each epoch
 
 
 #: steps between checks for a non-finite loss (the flag lives on the device; reading it syncs)
@@ -210,6 +211,8 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json_text(row, indent=None) + "\n")
+                for fn in plan.on_epoch:
+                    fn(row)
                 if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs:
                     atomic_save(_checkpoint(plan, epoch + 1), out / "last.pt")
     finally:
@@ -219,7 +222,7 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
     # 5. the final evaluation (rank 0)
     report: dict = {}
     if is_main:
-        report = plan.evaluate(dist.unwrap(model))
+        report = plan.evaluate(dist.unwrap(model), True)
         write_json(report, out / "eval.json")
         for fn in plan.finish:
             fn(out, report)

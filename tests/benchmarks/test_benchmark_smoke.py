@@ -1,30 +1,44 @@
 """The benchmark scripts at smoke size: ``benchmarks/speed.py`` runs both modes for one tiny epoch
-on synthetic CIFAR-100 and its output has the promised structure (timings are not asserted); every
-script imports and answers ``--help``; the label-shift rows run on the library's selector."""
+on synthetic CIFAR-100 and its output has the promised structure (timings are not asserted);
+``benchmarks/fidelity.py`` trains both sides on tiny Fashion-MNIST written as CIFAR-10 and its
+statistics are recomputed from the per-seed values and the saved logits; every script imports and
+answers ``--help``; the label-shift rows run on the library's selector."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace as E
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from formats import write_fashion_mnist
 from torch.autograd import DeviceType
 
 from balpoe.data.build import build_data
+from balpoe.data.cifar import load_cifar
+from balpoe.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from balpoe.data.lt import lt_class_counts
+from balpoe.data.mixup import mixup_targets
+from balpoe.losses.build import build_criterion
 from balpoe.recipe import load_recipe, recipe_from_dict
 from balpoe.runtime.precision import use_amp
+from balpoe.shift.distributions import TEST_DISTRIBUTIONS
+from balpoe.shift.targets import target_sets
+from balpoe.training.build import build_scheduler
 
 ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "benchmarks"
 SCRIPT = BENCH / "speed.py"
-SCRIPTS = ("speed", "fast_vs_reference_accuracy", "label_shift", "mislas_ablation")
+SCRIPTS = ("speed", "fidelity", "label_shift", "mislas_ablation")
+CIFAR10_RECIPE = ROOT / "recipes" / "balpoe" / "cifar10_lt_ir100.yaml"
 
 
 @pytest.fixture
@@ -183,6 +197,150 @@ def test_bad_lever_and_compile_mode_are_usage_errors(capsys, load_script):
         assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown lever(s) bogus" in err and "invalid choice: 'bogus'" in err and "--trace needs --profile" in err
+
+
+# ------------------------------------------------------------------------------------------------
+# fidelity.py: the library as shipped vs the official-style run, with statistics
+
+FIDELITY_TINY = ["--limit", "256", "--epochs", "1", "--seeds", "0", "1", "--workers", "0", "--threads", "1",
+                 "--device", "cpu", "--set", "model.backbone=small_cnn", "--set", "model.kwargs={widths: [8, 16, 32]}",
+                 "--set", "model.split=layer1"]
+
+
+def test_fidelity_smoke_statistics(tmp_path, load_script):
+    """Both sides, 2 seeds, 1 epoch on 256 images of tiny Fashion-MNIST written as CIFAR-10: the data
+    cache is the padded, 3-channel Fashion-MNIST; every run's metrics are those of its saved logits;
+    means, std, the Welch SE of fast - reference and the 11-distribution mean are recomputed."""
+    fm = write_fashion_mnist(tmp_path / "fm", 120, 20, seed=0)
+    data, out, js = tmp_path / "data", tmp_path / "out", tmp_path / "fidelity.json"
+    args = FIDELITY_TINY + ["--fmnist-root", str(fm), "--data-dir", str(data), "--out", str(out)]
+    proc = subprocess.run([sys.executable, str(BENCH / "fidelity.py"), *args, "--json", str(js)], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "fast - reference" in proc.stdout and "[4/4] reference seed 1 done" in proc.stdout
+
+    # the data: Fashion-MNIST zero-padded to 32 x 32 and replicated to 3 channels, CIFAR-10 layout
+    x, y, names = load_cifar(data, 10, train=True)
+    fx, fy, _ = load_fashion_mnist(fm, train=True)
+    assert x.shape == (1200, 3, 32, 32) and names == CLASS_NAMES and np.array_equal(y, fy)
+    assert np.array_equal(x[:, :, 2:30, 2:30], np.repeat(fx, 3, axis=1))
+    border = np.ones((32, 32), bool)
+    border[2:30, 2:30] = False
+    assert not x[:, :, border].any()
+
+    r = json.loads(js.read_text())
+    assert r == json.loads((out / "results.json").read_text())
+    assert r["data"]["train_images"] == 256 == sum(r["data"]["class_counts"]) and r["complete"]
+    assert r["epochs"] == 1 and r["schedule"]["warmup_epochs"] == 0 and r["schedule"]["mixup_alpha"] == 0.4
+    assert set(r["runs"]) == {"fast", "reference"}
+    labels = None
+    for side, by_seed in r["runs"].items():
+        assert set(by_seed) == {"0", "1"}
+        for seed, run in by_seed.items():
+            m = run["metrics"]
+            assert list(run["sade"]) == list(TEST_DISTRIBUTIONS) and len(run["sade"]) == 11
+            assert math.isclose(m["sade_mean"], sum(run["sade"].values()) / 11, rel_tol=1e-12)
+            # the shared evaluator: every number comes from the run's saved float32 test logits
+            saved = torch.load(out / side / f"seed{seed}" / "test_logits.pt")
+            expert, labels = saved["expert_logits"], saved["labels"]
+            assert expert.shape == (3, 200, 10) and expert.dtype == torch.float32
+            ens = expert.mean(0)
+            assert math.isclose(m["acc"], (ens.argmax(1) == labels).double().mean().item() * 100, rel_tol=1e-9)
+            assert math.isclose(m["nll"], F.cross_entropy(ens.double(), labels).item(), rel_tol=1e-9)
+            sets = target_sets(labels, r["data"]["class_counts"], list(TEST_DISTRIBUTIONS))
+            for name, t in sets.items():
+                acc = (ens[t.indices].argmax(1) == labels[t.indices]).double().mean().item() * 100
+                assert math.isclose(run["sade"][name], acc, rel_tol=1e-9), name
+            assert len(sets["forward50"].indices) < len(sets["uniform"].indices) == 200
+            assert [row["epoch"] for row in run["curve"]] == [1] and run["wall_s"] > 0
+        assert ("library_eval" in by_seed["0"]) == (side == "fast")
+
+    # the statistics, recomputed from the per-seed values
+    for metric in r["metrics"]:
+        stats = {}
+        for side in ("fast", "reference"):
+            v = [run["metrics"][metric] for run in r["runs"][side].values() if run["metrics"][metric] is not None]
+            s = r["summary"][side][metric]
+            assert s["n"] == len(v) and s["values"] == v
+            if len(v) == 2:
+                mean, std = (v[0] + v[1]) / 2, abs(v[0] - v[1]) / math.sqrt(2)
+                assert math.isclose(s["mean"], mean, rel_tol=1e-12, abs_tol=1e-12)
+                assert math.isclose(s["std"], std, rel_tol=1e-9, abs_tol=1e-12)
+                stats[side] = (mean, std)
+        d = r["difference"][metric]
+        if len(stats) == 2:
+            (ma, sa), (mb, sb) = stats["fast"], stats["reference"]
+            se = math.sqrt(sa ** 2 / 2 + sb ** 2 / 2)
+            assert math.isclose(d["diff"], ma - mb, rel_tol=1e-9, abs_tol=1e-12)
+            assert math.isclose(d["se"], se, rel_tol=1e-9, abs_tol=1e-12)
+            assert d["within_2se"] == (abs(ma - mb) <= 2 * se)
+        p = r["paired"][metric]
+        if p["n"] == 2:
+            diffs = [r["runs"]["fast"][k]["metrics"][metric] - r["runs"]["reference"][k]["metrics"][metric]
+                     for k in ("0", "1")]
+            assert math.isclose(p["mean"], sum(diffs) / 2, rel_tol=1e-9, abs_tol=1e-12)
+
+    # resumable: --report-only reuses every run (in process: no training, no thread change)
+    again = load_script("fidelity").main(args + ["--report-only"])
+    assert again["runs"] == r["runs"] and again["difference"] == r["difference"]
+
+
+def test_fidelity_schedule_matches_the_official_customlr(load_script):
+    """The CPU default compresses the recipe to 12 epochs (warmup 1, milestones [9, 10], mixup 0.4),
+    and the reference's official CustomLR gives the library's per-epoch learning rates, compressed
+    and at the full 200 epochs."""
+    mod = load_script("fidelity")
+    ref = load_script("reference_balpoe")
+    recipe = load_recipe(CIFAR10_RECIPE)
+    over = mod.schedule_overrides(recipe, 12, None)
+    assert over == ["optim.epochs=12", "optim.warmup_epochs=1", "optim.milestones=[9, 10]", "train.mixup_alpha=0.4"]
+    assert mod.schedule_overrides(recipe, 200, None) == []
+    assert mod.schedule_overrides(recipe, 1, None)[:3] == ["optim.epochs=1", "optim.warmup_epochs=0",
+                                                           "optim.milestones=[1, 1]"]
+    for r in (load_recipe(CIFAR10_RECIPE, over), recipe):
+        lrs = {}
+        for name in ("library", "official"):
+            opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=r.optim.lr)
+            sched = build_scheduler(r.optim, opt) if name == "library" else ref.reference_scheduler(opt, r)
+            lrs[name] = []
+            for _ in range(r.optim.epochs):
+                lrs[name].append(opt.param_groups[0]["lr"])
+                opt.step()
+                sched.step()
+        assert np.allclose(lrs["library"], lrs["official"], rtol=1e-12, atol=0)
+        assert lrs["official"][-1] == pytest.approx(r.optim.lr * r.optim.gamma ** 2)
+
+
+def test_fidelity_sides_start_alike_and_share_the_loss(tmp_path, cifar_root, load_script):
+    """Same seed, same initial weights: the library's ``train`` and the reference's official-style
+    run (seed_everything, the official numpy reset, the model) with a vanishing learning rate end
+    with identical parameters; and the library's soft-target loss is the official
+    ``lam * L(y_a) + (1 - lam) * L(y_b)`` of BSExpertLoss."""
+    mod = load_script("fidelity")
+    ref = load_script("reference_balpoe")
+    over = [f"data.root={cifar_root}", "data.download=false", "data.imb_factor=10", "seed=3", "optim.epochs=1",
+            "optim.warmup_epochs=0", "optim.lr=1e-30", "train.device=cpu", "model.backbone=small_cnn",
+            "model.kwargs={widths: [8, 16, 32]}"]
+    recipe = load_recipe(CIFAR10_RECIPE, over)
+    mod.train_library(recipe, tmp_path / "fast", limit=0)
+    fast = torch.load(tmp_path / "fast" / "last.pt", weights_only=False)["model"]
+    bundle = build_data(recipe.data, "cpu", seed=recipe.seed)
+    model, rows = ref.train_reference(recipe, bundle, torch.device("cpu"), 0,
+                                      full_train_labels=mod.full_train_labels(recipe.data))
+    assert len(rows) == 1 and rows[0]["images"] == len(bundle.train)
+    params = dict(model.named_parameters())
+    assert params and all(torch.allclose(fast[k], v.detach(), rtol=0, atol=1e-20) for k, v in params.items())
+
+    counts = bundle.class_counts
+    criterion = build_criterion(recipe, counts)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 16, 10, generator=gen) * 5
+    y_a, y_b, lam = torch.randint(0, 10, (16,), generator=gen), torch.randint(0, 10, (16,), generator=gen), 0.3
+    taus = [0.0, 1.0, 2.0]
+    prior = ref.official_log_prior(counts)
+    official = lam * ref.bs_expert_loss(logits, y_a, prior, taus) + (1 - lam) * ref.bs_expert_loss(logits, y_b, prior,
+                                                                                                     taus)
+    assert torch.allclose(criterion(logits, mixup_targets(y_a, y_b, lam, 10)), official, rtol=1e-6, atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -1,12 +1,15 @@
 """Multi-expert networks from timm models: shapes, split correctness, registry, heads."""
 
+import time
+
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert
+from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert, multi_expert, split_children
+from balpoe.models.multi_expert import probe_sizes
 
 
 def _resnet32_param_count(num_classes: int) -> int:
@@ -140,3 +143,110 @@ def test_flat_logits_is_the_sample_major_layout():
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         assert torch.equal(net.flat_logits(x), net(x).transpose(0, 1))
+
+
+# ------------------------------------------------------------------------------------------------
+# model.kwargs: only the backbones' real keyword arguments
+
+@pytest.mark.parametrize("backbone,in_chans,split", [("small_cnn", 1, "layer1"), ("resnet32_cifar", 3, "layer1"),
+                                                     ("resnet20_cifar", 3, "head")])
+def test_model_kwargs_typos_are_one_line_errors(backbone, in_chans, split):
+    for typo in ("widht", "drop_rat", "drop_path_rate", "img_size", "x" * 5000):
+        with pytest.raises(BalpoeError) as e:
+            build_multi_expert(backbone, 5, 2, split=split, in_chans=in_chans, kwargs={typo: 0.1})
+        msg = str(e.value)
+        assert msg.startswith(f"model.kwargs not accepted by timm model '{backbone}': ")
+        assert "unexpected keyword argument" in msg and typo[:50] in msg and len(msg) <= 300 and "\n" not in msg
+    for bad, what in (({"widths": 5}, "not subscriptable"), ({"global_pool": "nope"}, "AssertionError")):
+        with pytest.raises(BalpoeError, match=f"model.kwargs not accepted by timm model '{backbone}': .*{what}"):
+            build_multi_expert(backbone, 5, 2, split=split, in_chans=in_chans, kwargs=bad)
+    # Their real keyword arguments work, timm's bookkeeping ones (pretrained_cfg, ...) are popped by the factory.
+    net = build_multi_expert(backbone, 5, 2, split=split, in_chans=in_chans,
+                             kwargs={"widths": (8, 16, 32), "global_pool": "avg", "drop_rate": 0.5})
+    x = torch.randn(4, in_chans, 32, 32)
+    assert net(x).shape == (2, 4, 5) and net.heads[0].weight.shape[1] == 32
+    net.train()
+    assert (net.expert_features(x)[0] == 0).float().mean() > 0.2  # drop_rate is applied
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# model.split is checked with a dummy batch
+
+
+class _Reordered(torch.nn.Module):
+    """A backbone whose top-level children are not declared in forward order (``proj`` runs last)."""
+
+    def __init__(self, num_classes: int = 0, in_chans: int = 3, **kwargs):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(in_chans, 8, 3, padding=1)
+        self.proj = torch.nn.Linear(16, 16)
+        self.body = torch.nn.Conv2d(8, 16, 3, padding=1)
+        self.pool = torch.nn.AdaptiveAvgPool2d(1)
+        self.num_features = 16
+
+    def forward(self, x):
+        return self.proj(self.pool(self.body(self.stem(x))).flatten(1))
+
+
+@timm.models.register_model
+def reordered_test_net(pretrained: bool = False, **kwargs) -> _Reordered:
+    for k in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(k, None)
+    return _Reordered(**kwargs)
+
+
+def test_split_whose_children_do_not_run_in_forward_order_is_refused():
+    # ViT: the class token and position embedding live outside the children -> per-token features.
+    with pytest.raises(BalpoeError) as e:
+        build_multi_expert("vit_tiny_patch16_224", 10, 2, split="blocks")
+    assert str(e.value) == (
+        "model.split 'blocks' for backbone 'vit_tiny_patch16_224': the shared stages and one expert branch map a "
+        "[2, 3, 224, 224] batch to [2, 196, 192], not pooled features [2, 192] (the later top-level children do not "
+        "run in forward order); use model.split: head or another stage")
+    build_multi_expert("vit_tiny_patch16_224", 10, 2, split="head")  # the head split works for every timm model
+    # A forward that raises is the same kind of one-line error.
+    with pytest.raises(BalpoeError) as e:
+        build_multi_expert("reordered_test_net", 10, 2, split="stem")
+    msg = str(e.value)
+    assert msg.startswith("model.split 'stem' for backbone 'reordered_test_net': a [2, 3, 32, 32] batch through the "
+                          "shared stages and one expert branch fails (RuntimeError: ")
+    assert msg.endswith("; use model.split: head or another stage") and "\n" not in msg and len(msg) <= 400
+
+
+def test_split_check_sizes():
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=0)
+    assert probe_sizes(vit, {}) == [(224, 224)]                   # fixed input size
+    assert probe_sizes(vit, {"img_size": 64}) == [(64, 64)]
+    assert probe_sizes(timm.create_model("resnet18", num_classes=0), {}) == [(32, 32), (224, 224)]
+    assert probe_sizes(timm.create_model("small_cnn", num_classes=0), {}) == [(32, 32)]
+    # An img_size kwarg is the size the check uses.
+    with pytest.raises(BalpoeError, match=r"map a \[2, 3, 32, 32\] batch to \[2, 4, 192\]"):
+        build_multi_expert("vit_tiny_patch16_224", 10, 2, split="blocks", kwargs={"img_size": 32})
+
+
+def test_split_check_leaves_no_trace_and_is_fast(monkeypatch):
+    def build():
+        torch.manual_seed(0)
+        net = build_multi_expert("small_cnn", 5, num_experts=3, split="layer1", in_chans=1)
+        return net, torch.rand(3)
+
+    checked, after = build()
+    assert all(m.training for m in checked.modules())
+    bn = checked.trunk.bn1
+    assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
+    monkeypatch.setattr(multi_expert, "check_split_forward", lambda *a, **k: None)
+    unchecked, after_unchecked = build()
+    assert torch.equal(after, after_unchecked)                    # the global RNG is where it was
+    for (k, a), (_, b) in zip(checked.state_dict().items(), unchecked.state_dict().items()):
+        assert torch.equal(a, b), k
+    monkeypatch.undo()
+    for backbone, in_chans, split in (("small_cnn", 1, "layer1"), ("resnet32_cifar", 3, "layer1")):
+        m = timm.create_model(backbone, num_classes=0, in_chans=in_chans)
+        trunk, tail = split_children(m, split)
+        multi_expert.check_split_forward(trunk, tail, split, backbone, in_chans, m.num_features, [(32, 32)])
+        start = time.perf_counter()
+        multi_expert.check_split_forward(trunk, tail, split, backbone, in_chans, m.num_features, [(32, 32)])
+        assert time.perf_counter() - start < 0.5  # milliseconds when the machine is not busy

@@ -153,7 +153,7 @@ def test_cli_without_new_flags_is_unchanged(balpoe_ckpt, tmp_path):
     assert rc == 0
     report = json.loads((tmp_path / "e.json").read_text())
     assert set(report) == {"n", "acc", "many", "medium", "few", "ece", "mce", "nll", "brier", "expert_acc",
-                           "checkpoint", "epoch"}
+                           "checkpoint", "epoch", "analysis"}
     assert not list(tmp_path.glob("shift_eval*")) and not list(tmp_path.glob("*.png"))
 
 

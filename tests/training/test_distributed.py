@@ -246,9 +246,9 @@ def test_torchrun_cli_two_gloo_processes_rank0_writes_and_resume(tmp_path):
 
     proc = _torchrun([str(recipe), "--out", str(out)], tmp_path)
     log = proc.stdout + proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.jsonl", "recipe.yaml", "report.html"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1       # rank 1 wrote no row
-    assert log.count("saved ") == 1 and log.count("balanced test set") == 1  # one report, from rank 0
+    assert log.count("saved ") == 2 and log.count("balanced test set") == 1  # one report (+ report.html), from rank 0
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 1
     model, _, _ = load_model(ckpt)
@@ -259,4 +259,4 @@ def test_torchrun_cli_two_gloo_processes_rank0_writes_and_resume(tmp_path):
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.jsonl", "recipe.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.jsonl", "recipe.yaml", "report.html"]

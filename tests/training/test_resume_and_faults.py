@@ -356,7 +356,7 @@ def test_every_json_a_run_writes_is_strict(uninterrupted, tmp_path):
 
 def test_eval_checks_its_output_and_overrides_before_the_work(uninterrupted, tmp_path, capsys):
     ckpt = str(uninterrupted / "last.pt")
-    c100 = write_cifar(tmp_path / "c100", 100, 2, 1)
+    c100 = write_cifar(tmp_path / "c100", 100, 20, 1)
     cases = [
         (["--out", str(tmp_path)], "is a directory; give a file path"),
         (["--out", str(uninterrupted / "last.pt" / "e.json")], "last.pt' is a file, not a directory"),
