@@ -15,7 +15,7 @@ from pathlib import Path
 
 from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
 from balpoe.evaluate.build import SOURCES, evaluate_checkpoint
-from balpoe.evaluate.html_report import write_html_report
+from balpoe.evaluate.html_report import screenshot, write_html_report
 from balpoe.recipe import load_recipe
 from balpoe.runtime.console import console
 from balpoe.serve.export import FORMATS, export
@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--prior", action="append", metavar="SPEC",
                    help="a target prior: comma-separated class weights, or dirichlet:<profile>:<concentration>:"
                    "<seed> (e.g. dirichlet:forward10:100:0); repeatable")
+    s.add_argument("--test-list", action="append", metavar="FILE",
+                   help="a test-distribution list file ('path label' lines, a subset of the test split, e.g. a "
+                   "published ImageNet-LT / iNaturalist forward or backward test list), named by its file stem; "
+                   "repeatable (adds to the recipe's data.test_lists)")
     s.add_argument("--adapt", metavar="MODE", choices=list(ADAPT_MODES),
                    help="test-time tau selector: " + "; ".join(f"{k}: {m.help}" for k, m in ADAPT_MODES.items()))
     s.add_argument("--calibration", default="bcts", choices=CALIBRATIONS,
@@ -105,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
                        "accuracy, calibration, label shift, recipe (one self-contained file)")
     r.add_argument("run_dir")
     r.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
+    r.add_argument("--png", metavar="FILE", help="also save a screenshot of the page (needs headless Chromium)")
     _serve_parsers(sub)
     return p
 
@@ -154,12 +159,13 @@ def _train(args) -> None:
 
 
 def _eval(args) -> None:
-    if args.test_dists is None and args.prior is None and args.adapt is None:
+    if args.test_dists is None and args.prior is None and args.test_list is None and args.adapt is None:
         evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                             overrides=args.overrides, out=args.out, report=not args.no_report)
         return
     evaluate_shift(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
-                   out=args.out, test_dists=args.test_dists, priors=args.prior, adapt=args.adapt or "none",
+                   out=args.out, test_dists=args.test_dists, priors=args.prior, test_lists=args.test_list,
+                   adapt=args.adapt or "none",
                    calibration=args.calibration, estimator=args.estimator, source=args.source,
                    labels_per_class=args.labels_per_class, seed=args.seed, plots=not args.no_plots,
                    html_report=not args.no_report)
@@ -168,6 +174,8 @@ def _eval(args) -> None:
 def _report_cmd(args) -> None:
     path = write_html_report(args.run_dir, args.out)
     console.print(f"saved {path}")
+    if args.png:
+        console.print(f"saved {screenshot(path, args.png)}")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

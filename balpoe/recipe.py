@@ -51,10 +51,23 @@ def _f(default: Any = None, *, choices: tuple | None = None, min: float | None =
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation of the in-memory path (torchvision order: crop, flip, rotation)."""
+    """Training augmentation.  In-memory data (device path, in this order): random crop, flip,
+    rotation, ``policy``, Cutout.  Image files: RandomResizedCrop, flip, colour jitter, ``policy``,
+    Cutout."""
     crop_padding: int = _f(4, min=0, max=256, doc="zero padding of the random crop (0 = no crop)")
     flip: bool = _f(True, doc="random horizontal flip")
     rotation: float = _f(15.0, min=0, max=180, doc="random rotation in [-deg, deg] (BalPoE CIFAR: 15)")
+    policy: str = _f("none", choices=("none", "autoaugment_cifar10", "randaugment", "trivialaugment"),
+                     doc="strong augmentation per sample: AutoAugment (CIFAR-10 policy), RandAugment, "
+                         "TrivialAugmentWide")
+    randaugment: str = _f("rand-n2-m10-mstd0.5", doc="timm RandAugment config string (policy: randaugment)")
+    cutout: int = _f(0, min=0, max=1024, doc="Cutout hole side in pixels (0 = off; DeVries & Taylor 2017)")
+    interpolation: Union[str, None] = _f(None, choices=(None, "nearest", "bilinear"),
+                                         doc="resampling of the policy's geometric ops (null: the policy's "
+                                             "reference default: nearest for AutoAugment/TrivialAugment, "
+                                             "bilinear for RandAugment)")
+    color_jitter: Union[bool, None] = _f(None, doc="image files: ColorJitter(0.4, 0.4, 0.4, 0) (null: the "
+                                                   "dataset's default, on with policy randaugment)")
 
 
 @dataclass
@@ -67,7 +80,12 @@ class DataConfig:
     imb_factor: float = _f(100.0, min=1, doc="imbalance ratio N_max / N_min of the LT training split")
     imb_profile: str = _f("exp", choices=("exp", "step"))
     augment: AugmentConfig = _f(default_factory=AugmentConfig)
-    sampler: str = _f("instance", choices=("instance", "class_balanced"))
+    sampler: str = _f("instance", choices=("instance", "class_balanced", "class_aware"),
+                      doc="training stream: instance (each image once), class_balanced (class, then image, "
+                          "drawn with replacement), class_aware (official MiSLAS stage 2: classes in shuffled "
+                          "cycles, images_per_class_visit images a visit, ceil(n/B)+1 batches an epoch)")
+    images_per_class_visit: int = _f(4, min=1, max=MAX_BATCH, doc="images per class visit of sampler class_aware "
+                                                                  "(num_samples_cls, 4 in MiSLAS)")
     many_threshold: int = _f(100, min=0, max=10 ** 9, doc="many-shot: more than this many training images")
     few_threshold: int = _f(20, min=0, max=10 ** 9, doc="few-shot: fewer than this many training images")
     holdout_fraction: float = _f(0.0, min=0, max=0.5,
@@ -75,6 +93,31 @@ class DataConfig:
     loader: str = _f("auto", choices=("auto", "device", "dataloader"))
     num_workers: int = _f(4, min=0, max=256, doc="DataLoader workers (dataloader path only)")
     image_size: int = _f(224, min=8, max=4096, doc="crop size of the image-folder datasets")
+    decode: str = _f("tensor", choices=("tensor", "pil"),
+                     doc="image files: torchvision decoding into uint8 tensors (faster, same random draws) or PIL")
+    train_root: Union[str, None] = _f(None, max_len=PATH_CHARS,
+                                      doc="image_folder: training folder of class sub-folders (root/<class>/<image>)")
+    val_root: Union[str, None] = _f(None, max_len=PATH_CHARS,
+                                    doc="image_folder: validation folder (the calibration holdout)")
+    test_root: Union[str, None] = _f(None, max_len=PATH_CHARS, doc="image_folder: test folder")
+    test_fraction: float = _f(0.0, min=0, max=0.9, doc="no test split: a stratified slice of the training "
+                                                      "images (seeded with the recipe seed) is the test set")
+    train_list: Union[str, None] = _f(None, max_len=PATH_CHARS,
+                                      doc="image_list (and the LT list datasets): 'path label' lines, the paths "
+                                          "relative to data.root; the file itself in data.root or the working dir")
+    val_list: Union[str, None] = _f(None, max_len=PATH_CHARS,
+                                    doc="validation list (the calibration holdout); imagenet_lt / places_lt use "
+                                        "ImageNet_LT_val.txt / Places_LT_val.txt in data.root when present")
+    test_list: Union[str, None] = _f(None, max_len=PATH_CHARS, doc="test list ('path label' lines)")
+    class_names: Union[str, None] = _f(None, max_len=PATH_CHARS,
+                                       doc="list datasets: file of class names, one a line in label order "
+                                           "(default: the label numbers)")
+    lt_subsample: Union[bool, None] = _f(None, doc="build the LT training split from balanced classes with "
+                                                   "data.imb_factor (null: the dataset's default, on for CIFAR "
+                                                   "and Fashion-MNIST, off for image files)")
+    test_lists: list[str] = _f(default_factory=list, max_len=PATH_CHARS,
+                               doc="test-distribution list files ('path label' lines, subsets of the test split) "
+                                   "evaluated by label-shift evaluation, named by their file stem")
 
 
 @dataclass
@@ -83,8 +126,13 @@ class ModelConfig:
     num_experts: int = _f(3, min=1, max=64)
     split: str = _f("head", doc="'head' (experts own only heads) or the name of the last shared stage")
     head: str = _f("cosine", choices=("linear", "cosine"))
+    head_init: str = _f("default", choices=("default", "kaiming"), doc="linear heads: torch default, kaiming_normal_")
     scale: float = _f(30.0, gt=0, doc="cosine head scale s")
     pretrained_file: Union[str, None] = _f(None, max_len=PATH_CHARS, doc="local state_dict to load into the backbone")
+    pretrained: bool = _f(False, doc="timm's pretrained weights for model.backbone (downloaded once; offline: "
+                                     "model.pretrained_file)")
+    pretrained_strict: bool = _f(True, doc="refuse a model.pretrained_file whose keys or shapes do not all match "
+                                           "the backbone (false: load the matching tensors and report the rest)")
     batched_experts: bool = _f(False, doc="run the expert branches together as grouped convolutions "
                                           "(same maths and checkpoint keys; a GPU speed lever)")
     kwargs: dict = _f(default_factory=dict, doc="extra keyword arguments for timm.create_model")
@@ -144,6 +192,9 @@ class Stage2Config:
     eps_k: float = _f(0.0, min=0, max=1, doc="LAS smoothing of the rarest class")
     las_form: str = _f("concave", choices=("concave", "linear", "convex", "power"))
     las_power: Union[float, None] = _f(None, gt=0, doc="exponent p of the power form (Eq. 7)")
+    las_target: str = _f("paper", choices=("paper", "official"),
+                         doc="LAS target: paper (Eq. 1: eps_y/(K-1) on each wrong class) or official (MiSLAS "
+                             "methods.py: eps_y/K on every class, the label too)")
     expert_adjust: str = _f("relative", choices=("relative", "absolute", "none"),
                             doc="logit offset of expert k in the stage-2 loss: relative (tau_k - mean tau), "
                                 "absolute (tau_k, as stage 1) or none; 0 for E = 1 with relative")
@@ -366,7 +417,7 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
 #: timm.create_model arguments balpoe sets itself.
 _RESERVED_KWARGS = {"num_classes": "the number of classes comes from the dataset",
                     "in_chans": "the number of channels comes from the dataset",
-                    "pretrained": "load weights with model.pretrained_file"}
+                    "pretrained": "use model.pretrained or model.pretrained_file"}
 
 
 #: a run name is a plain name: it becomes the default output folder runs/<name>
@@ -395,6 +446,21 @@ def _cross_checks(r: Recipe) -> None:
         if early:
             raise BalpoeError(f"recipe key 'optim.milestones' has {early[0]} inside the warmup: milestones must be "
                               f">= optim.warmup_epochs ({r.optim.warmup_epochs})")
+    if r.data.test_fraction > 0:
+        for key in ("test_root", "test_list"):
+            if getattr(r.data, key):
+                raise BalpoeError(f"recipe key 'data.test_fraction' ({r.data.test_fraction}) and data.{key} both give "
+                                  "a test split: set one")
+    if r.data.holdout_fraction > 0:
+        for key in ("val_root", "val_list"):
+            if getattr(r.data, key):
+                raise BalpoeError(f"recipe key 'data.holdout_fraction' ({r.data.holdout_fraction}) and data.{key} both "
+                                  f"give the calibration holdout: set data.holdout_fraction: 0 to use data.{key}")
+    if len(set(r.data.test_lists)) != len(r.data.test_lists):
+        raise BalpoeError(f"recipe key 'data.test_lists' names a file twice: {shown(r.data.test_lists)}")
+    if r.model.pretrained and r.model.pretrained_file:
+        raise BalpoeError("recipe keys 'model.pretrained' and 'model.pretrained_file' both give initial weights: set "
+                          "one")
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
     for name, why in _RESERVED_KWARGS.items():

@@ -110,7 +110,6 @@ import json
 import math
 import os
 import pickle
-import platform
 import shutil
 import sys
 import time
@@ -135,7 +134,7 @@ from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import load_recipe
 from balpoe.runtime.checkpoint import atomic_save, atomic_write_text, json_text, write_json
 from balpoe.runtime.console import console as balpoe_console
-from balpoe.runtime.device import resolve_device
+from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import amp_dtype
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.targets import parse_test_dists, target_sets
@@ -514,12 +513,6 @@ def fmt_diff(w: dict) -> str:
     return text if w["within_2se"] is not False else f"[bold red]{text}[/]"
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def print_tables(result: dict, console: Console) -> None:
     runs, stats = result["runs"], result
     table = Table(title=f"{result['recipe_name']}: {fmt(result['data']['train_images'], ',')} training images, "
@@ -663,7 +656,7 @@ def main(argv: list[str] | None = None) -> dict:
             "overrides": common, "epochs": base.optim.epochs, "recipe_epochs": base0.optim.epochs,
             "schedule": {"warmup_epochs": base.optim.warmup_epochs, "milestones": list(base.optim.milestones),
                          "schedule": base.optim.schedule, "mixup_alpha": base.train.mixup_alpha},
-            "seeds": seeds, "sides": sides, "device": str(device), "device_name": device_description(device),
+            "seeds": seeds, "sides": sides, "device": str(device), "device_name": device_name(device),
             "threads": threads, "workers": args.workers, "limit": args.limit or None, "torch": torch.__version__,
             "levers": {lv["key"]: {"label": lv["label"], "overrides": lv["overrides"]} for lv in levers},
             "levers_skipped": skipped}

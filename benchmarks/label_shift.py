@@ -61,7 +61,6 @@ import argparse
 import dataclasses
 import json
 import os
-import platform
 import shutil
 import time
 from pathlib import Path
@@ -69,6 +68,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from balpoe.runtime.device import cpu_name
 from balpoe.data.build import build_loader
 from balpoe.evaluate.build import load_for_eval
 from balpoe.evaluate.calibration import apply_calibration
@@ -338,16 +338,6 @@ def markdown(reports: list[dict], meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=str(REPO / "runs/bench_shift"))
@@ -357,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     check_rows()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"cpu": _cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    meta = {"cpu": cpu_name(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "command": "python benchmarks/label_shift.py", "loadavg_start": os.getloadavg()[0]}
     reports = []
     for key in MODELS:

@@ -67,7 +67,6 @@ import argparse
 import copy
 import gc
 import json
-import platform
 import resource
 import shutil
 import sys
@@ -89,7 +88,7 @@ from balpoe.errors import BalpoeError, run_reporting_errors
 from balpoe.losses.build import build_criterion, expert_taus
 from balpoe.models.build import build_model
 from balpoe.recipe import apply_overrides, load_recipe, recipe_from_dict
-from balpoe.runtime.device import resolve_device
+from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import use_amp
 from balpoe.training.build import build_optimizer
 from balpoe.training.trainer import train_one_epoch
@@ -433,12 +432,6 @@ def load_bench_recipe(args):
     return recipe_from_dict(apply_overrides(copy.deepcopy(DEFAULT_RECIPE), overrides))
 
 
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"{device} ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def make_console():
     return Console() if sys.stdout.isatty() else Console(width=160)  # no wrapping when piped
 
@@ -509,7 +502,7 @@ def build_result(args, recipe, bundle, device, modes: dict, levers: list | None,
         speedup = modes["fast"]["img_per_s"] / modes["reference"]["img_per_s"]
         cpu_ratio = modes["reference"]["cpu_s_per_epoch"] / modes["fast"]["cpu_s_per_epoch"]
     result = {
-        "benchmark": "speed", "recipe": recipe.name, "device": device_description(device),
+        "benchmark": "speed", "recipe": recipe.name, "device": device_name(device),
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "data": {"dataset": recipe.data.dataset, "synthetic": bool(args.synthetic),
                  "note": SYNTHETIC_NOTE if args.synthetic else "real data",

@@ -17,7 +17,8 @@ from balpoe.recipe import (AugmentConfig, DataConfig, LossConfig, ModelConfig, O
                            TrainConfig, load_recipe, recipe_from_dict)
 from balpoe.errors import shown
 from balpoe.losses.build import expert_taus
-from balpoe.training.build import build_scheduler, train
+from balpoe.models.build import build_model
+from balpoe.training.build import build_scheduler, check_names, train
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
 
@@ -369,3 +370,20 @@ def test_error_values_are_shown_bounded(tmp_path):
     assert msg.startswith("override expects key=value, got 'xxx") and len(msg) <= 250
     assert _error(load_recipe, p, [".lr=1"]) == "override '.lr=1': the key must be dotted names such as optim.lr"
     assert _error(load_recipe, p, ["optim.lr.x=1"]) == "override 'optim.lr.x=1': 'lr' is not a section"
+
+
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "fashion_mnist": 10, "imagenet_lt": 1000, "places_lt": 365,
+               "inat": 8142}
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(p.parents[1])))
+def test_every_shipped_recipe_builds_its_model(path):
+    """The network each shipped recipe asks for (stage 1 and stage 2 architectures), with the
+    dataset's class count; weights are not loaded (``pretrained=False``), so no file is needed."""
+    r = load_recipe(path)
+    in_chans = 1 if r.data.dataset == "fashion_mnist" else 3
+    stage2 = r.stage2.classifier if r.stage == 2 else None
+    model = build_model(r.model, NUM_CLASSES[r.data.dataset], in_chans, stage2_classifier=stage2, pretrained=False)
+    assert model.num_experts == r.model.num_experts
+    assert all(h.out_features == NUM_CLASSES[r.data.dataset] for h in model.heads)
+    check_names(r)

@@ -1,8 +1,16 @@
-"""Batched, per-sample augmentation on the training device (no PIL, no worker processes).
+"""Training augmentation: batched and per sample on the training device for in-memory data, and
+the torchvision/timm transforms of the image-file path.
 
-Order as the official torchvision pipeline: random crop with zero padding -> random horizontal
-flip -> random rotation in [-deg, deg] (nearest, zero fill, about the centre) -> /255 ->
-normalise.  Every sample draws its own offsets, flip and angle from the given generator.
+Device path, in the order of the official torchvision pipelines: random crop with zero padding ->
+random horizontal flip -> random rotation in [-deg, deg] (nearest, zero fill, about the centre) ->
+strong policy (AutoAugment / RandAugment / TrivialAugmentWide, :mod:`balpoe.data.autoaugment`) ->
+Cutout -> /255 -> normalise.  Every sample draws its own offsets, flip, angle and policy ops from
+the given generator.
+
+Image-file path (:func:`folder_transform`): ``RandomResizedCrop`` -> flip -> ``ColorJitter(0.4, 0.4,
+0.4, 0)`` -> policy (torchvision's ``AutoAugment`` / ``TrivialAugmentWide``, timm's
+``rand_augment_transform``) -> ``ToTensor`` -> Cutout -> ``Normalize``; with RandAugment this is the
+official BalPoE long-training pipeline for ImageNet-LT and iNaturalist 2018 (PaCo's ``randncls``).
 """
 
 from __future__ import annotations
@@ -12,6 +20,12 @@ import math
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from timm.data import rand_augment_transform
+from timm.data.transforms import str_to_pil_interp
+from torchvision import transforms as T
+
+from balpoe.data.autoaugment import cutout, parse_randaugment, rand_augment, strong_augment
+from balpoe.errors import BalpoeError
 
 
 def random_crop_flip(x: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -55,10 +69,85 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
     return x.float().mul(scale).sub_(shift)
 
 
-def augment_batch(x: torch.Tensor, padding: int, flip: bool, rotation: float,
-                  generator: torch.Generator) -> torch.Tensor:
-    """Crop + flip (uint8) then rotation; returns float in [0, 255]."""
-    x = random_crop_flip(x, padding, flip, generator).float()
-    if rotation:
-        x = random_rotation(x, rotation, generator)
-    return x
+def augment_batch(x: torch.Tensor, padding: int, flip: bool, rotation: float, generator: torch.Generator,
+                  policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5", cutout_length: int = 0,
+                  interpolation: str | None = None, fill: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Crop + flip (uint8), rotation, then the strong ``policy`` and Cutout (uint8); returns float in
+    [0, 255].  ``fill``: RandAugment's fill colour (the dataset mean in [0, 255])."""
+    x = random_crop_flip(x, padding, flip, generator)
+    if policy == "none" and not cutout_length:
+        x = x.float()
+        return random_rotation(x, rotation, generator) if rotation else x
+    if rotation:  # nearest resampling with zero fill: the rotated values are exactly uint8 values
+        x = random_rotation(x.float(), rotation, generator).to(torch.uint8)
+    if policy == "randaugment":
+        x = rand_augment(x, generator, randaugment, fill=128 if fill is None else fill,
+                         interpolation=interpolation or "bilinear")
+    else:
+        x = strong_augment(x, policy, generator, interpolation=interpolation)
+    return cutout(x, cutout_length, generator).float()
+
+
+class Cutout:
+    """Cutout (DeVries & Taylor 2017) of one image tensor ``[C, H, W]`` after ``ToTensor``: one hole
+    of side ``length`` set to 0 (the reference ``Cutout(n_holes=1, length)``), drawn with torch's
+    global generator (the DataLoader seeds it per worker)."""
+
+    def __init__(self, length: int):
+        self.length = int(length)
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        _, h, w = img.shape
+        cy, cx = int(torch.randint(h, ())), int(torch.randint(w, ()))
+        half = self.length // 2
+        out = img.clone()
+        out[:, max(cy - half, 0):min(cy + half, h), max(cx - half, 0):min(cx + half, w)] = 0
+        return out
+
+    def __repr__(self) -> str:
+        return f"Cutout(length={self.length})"
+
+
+def policy_transform(policy: str, randaugment: str, fill: tuple[int, ...], interpolation: str | None):
+    """The image-file path's policy op (a PIL transform), or None for ``none``: torchvision's
+    ``AutoAugment(CIFAR10)`` / ``TrivialAugmentWide`` (nearest by default, as torchvision) or timm's
+    ``rand_augment_transform(config, {"img_mean": fill, "translate_pct": 0.45})`` (timm's random
+    bilinear/bicubic by default; ``interpolation`` fixes it)."""
+    mode = None if interpolation is None else getattr(T.InterpolationMode, interpolation.upper())
+    if policy == "autoaugment_cifar10":
+        return T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, **({"interpolation": mode} if mode else {}))
+    if policy == "trivialaugment":
+        return T.TrivialAugmentWide(**({"interpolation": mode} if mode else {}))
+    if policy == "randaugment":
+        parse_randaugment(randaugment)  # one-line error for a malformed config string
+        hparams = {"img_mean": tuple(fill), "translate_pct": 0.45}
+        if interpolation is not None:
+            hparams["interpolation"] = str_to_pil_interp(interpolation)
+        return rand_augment_transform(randaugment, hparams)
+    if policy != "none":
+        raise BalpoeError(f"unknown strong augmentation policy {policy!r}")
+    return None
+
+
+def folder_transform(train: bool, mean, std, image_size: int = 224, *, color_jitter: bool = True,
+                     policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5", cutout_length: int = 0,
+                     interpolation: str | None = None, flip: bool = True) -> T.Compose:
+    """The image-file path's transform.  Train: ``RandomResizedCrop(image_size)`` -> flip ->
+    ``ColorJitter(0.4, 0.4, 0.4, 0)`` (``color_jitter``) -> policy (:func:`policy_transform`) ->
+    ``ToTensor`` -> Cutout -> ``Normalize``.  Test: ``Resize(image_size * 256 / 224)`` ->
+    ``CenterCrop(image_size)`` -> ``ToTensor`` -> ``Normalize``."""
+    if not train:
+        ops = [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)]
+        return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+    ops: list = [T.RandomResizedCrop(image_size)]
+    if flip:
+        ops.append(T.RandomHorizontalFlip())
+    if color_jitter:
+        ops.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0))
+    strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation)
+    if strong is not None:
+        ops.append(strong)
+    ops.append(T.ToTensor())
+    if cutout_length:
+        ops.append(Cutout(cutout_length))
+    return T.Compose(ops + [T.Normalize(mean, std)])

@@ -12,20 +12,30 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from balpoe.data.augment import folder_transform
 from balpoe.data.bundle import ArraySplit, DataBundle, ImageArrays
 from balpoe.data.device_loader import DeviceLoader
 from balpoe.data.folder_loader import ArrayImageDataset, FolderLoader, array_transforms
-from balpoe.data.image_list import ImageListDataset, build_transforms
+from balpoe.data.image_list import ImageListDataset
 from balpoe.data.lt import lt_class_counts, lt_subsample_indices, stratified_holdout
-from balpoe.data.registry import get_dataset
+from balpoe.data.registry import check_dataset_keys, get_dataset
 from balpoe.errors import BalpoeError
 
 
-def folder_transforms(name: str, train: bool, image_size: int = 224):
-    """The train / test transform of the image-file dataset ``name`` (its registry entry's
-    statistics and colour jitter; :func:`~balpoe.data.image_list.build_transforms`)."""
+def folder_transforms(name: str, train: bool, image_size: int = 224, augment=None):
+    """The train / test transform of the image-file dataset ``name``
+    (:func:`~balpoe.data.augment.folder_transform`): its registry entry's statistics; colour jitter
+    as ``augment.color_jitter`` says (null: the dataset's default, always with RandAugment, as the
+    official long regime); the strong policy and Cutout of the recipe's ``data.augment`` section."""
     spec = get_dataset(name)
-    return build_transforms(train, spec.mean, spec.std, image_size, spec.color_jitter and train)
+    if augment is None:
+        return folder_transform(train, spec.mean, spec.std, image_size, color_jitter=spec.color_jitter)
+    jitter = augment.color_jitter
+    if jitter is None:
+        jitter = spec.color_jitter or augment.policy == "randaugment"
+    return folder_transform(train, spec.mean, spec.std, image_size, color_jitter=jitter, policy=augment.policy,
+                            randaugment=augment.randaugment, cutout_length=augment.cutout,
+                            interpolation=augment.interpolation, flip=augment.flip)
 
 
 def largest_imb_factor(n_max: int, num_classes: int, profile: str) -> int:
@@ -53,26 +63,85 @@ def check_no_empty_class(counts: list[int], class_names: list[str], n_max: int, 
                       f"usable imb_factor ({profile} profile) is {best}")
 
 
+def _names(class_names: list[str], classes) -> str:
+    shown = [repr(str(class_names[c]) if c < len(class_names) else str(c))[:40] for c in classes]
+    return ", ".join(shown[:4]) + (f" and {len(shown) - 4} more" if len(shown) > 4 else "")
+
+
+def check_lt_subsample(have: np.ndarray, want: list[int], class_names: list[str], imb_factor: float) -> None:
+    """Every class has the images its long-tailed count asks for (``data.lt_subsample`` on data
+    that are not balanced); a one-line error naming the first short class otherwise."""
+    short = [c for c, (h, w) in enumerate(zip(have.tolist(), want)) if h < w]
+    if short:
+        c = short[0]
+        raise BalpoeError(f"recipe key 'data.lt_subsample': class {_names(class_names, [c])} (label {c}) has "
+                          f"{int(have[c])} training images but the long-tailed split (imb_factor {imb_factor:g}, "
+                          f"classes in label order from {want[0]} images down) asks for {want[c]} ({len(short)} "
+                          "classes short); LT subsampling expects balanced classes: set data.lt_subsample: false "
+                          "to keep the imbalance as found")
+
+
+def check_split_labels(split, num_classes: int, what: str, train_source: str) -> None:
+    """Labels of a test / validation split lie in the training classes ``[0, num_classes)``."""
+    labels = np.asarray(split.labels, dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if len(bad):
+        where = getattr(split, "source", "") or what
+        raise BalpoeError(f"{where}: label {int(labels[bad[0]])} of the {what} is not a training class (the training "
+                          f"split{' ' + train_source if train_source else ''} has {num_classes} classes, labels 0.."
+                          f"{num_classes - 1}); every class needs training images")
+
+
 def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBundle:
-    """The long-tailed training split, the balanced test split and (``cfg.holdout_fraction > 0``) a
-    stratified held-out slice of the training split, for the recipe's ``data`` section ``cfg``."""
+    """The long-tailed training split, the test split and the calibration holdout for the recipe's
+    ``data`` section ``cfg``.
+
+    * Test split: the dataset's own, or (``data.test_fraction > 0``) a stratified slice of the full
+      training split (seeded with ``seed``), taken before any long-tailed subsampling.
+    * Training split: long-tailed by subsampling (``DatasetSpec.subsample_lt``, overridden by
+      ``data.lt_subsample``; Cao et al. 2019, classes in label order) or as found.
+    * Holdout: the dataset's validation split when there is one (``DatasetSpec.read_val``:
+      ``data.val_root`` / ``data.val_list`` / ``ImageNet_LT_val.txt``), else (``data.holdout_fraction
+      > 0``) a stratified slice of the long-tailed training split, else None."""
     spec = get_dataset(cfg.dataset)
+    check_dataset_keys(cfg.dataset, spec, cfg)
     train = spec.read(cfg, "train")
     labels = np.asarray(train.labels, dtype=np.int64)
-    num_classes = len(train.class_names)
+    class_names = list(train.class_names)
+    num_classes = len(class_names)
+    train_source = getattr(train, "source", "")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         raise BalpoeError(f"dataset {cfg.dataset!r}: training labels must lie in [0, {num_classes})")
-    keep = np.arange(len(labels))
-    if spec.subsample_lt:
-        n_max = int(np.bincount(labels, minlength=num_classes).max()) if len(labels) else 0
+    pool, test_idx = np.arange(len(labels)), None
+    test_fraction = getattr(cfg, "test_fraction", 0.0) or 0.0
+    if test_fraction > 0:
+        pool, test_idx = stratified_holdout(labels, test_fraction, seed, min_per_class=1)
+    keep = pool
+    subsample = getattr(cfg, "lt_subsample", None)
+    if spec.subsample_lt if subsample is None else subsample:
+        have = np.bincount(labels[pool], minlength=num_classes)
+        n_max = int(have.max()) if len(pool) else 0
         lt_counts = lt_class_counts(n_max, num_classes, cfg.imb_factor, cfg.imb_profile)
-        check_no_empty_class(lt_counts, list(train.class_names), n_max, cfg.imb_factor, cfg.imb_profile)
-        keep = lt_subsample_indices(labels, lt_counts)
-    hold = None
-    if cfg.holdout_fraction > 0:
+        check_no_empty_class(lt_counts, class_names, n_max, cfg.imb_factor, cfg.imb_profile)
+        check_lt_subsample(have, lt_counts, class_names, cfg.imb_factor)
+        keep = pool[lt_subsample_indices(labels[pool], lt_counts)]
+    elif len(keep):
+        absent = np.flatnonzero(np.bincount(labels[keep], minlength=num_classes) == 0)
+        if len(absent):
+            raise BalpoeError(f"{train_source or 'the training split'}: {len(absent)} of {num_classes} classes have no "
+                              f"training image ({_names(class_names, absent)}, label {int(absent[0])}); every class "
+                              "needs training images: give it some, or renumber the labels without it")
+    val = spec.read_val(cfg) if spec.read_val is not None else None
+    hold, holdout_note = None, None
+    if val is not None:
+        check_split_labels(val, num_classes, "validation split", train_source)
+        holdout_note = f"validation split ({getattr(val, 'source', '') or cfg.dataset}, {len(val.labels)} images)"
+    elif cfg.holdout_fraction > 0:
         kept, held = stratified_holdout(labels[keep], cfg.holdout_fraction, seed)
         keep, hold = keep[kept], keep[held]
-    test = spec.read(cfg, "test")
+    test = spec.read(cfg, "test") if test_idx is None else None
+    if test is not None:
+        check_split_labels(test, num_classes, "test split", train_source)
     counts = torch.bincount(torch.from_numpy(labels[keep]), minlength=num_classes)
     if isinstance(train, ArraySplit):
         dev = torch.device(device)
@@ -82,16 +151,24 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
             return ImageArrays(torch.from_numpy(np.ascontiguousarray(x)),
                                torch.from_numpy(np.asarray(y, dtype=np.int64))).to(dev)
 
+        holdout = arrays(val) if val is not None else None if hold is None else arrays(train, hold)
         return DataBundle(cfg.dataset, num_classes, int(train.images.shape[1]), counts, spec.mean, spec.std,
-                          list(train.class_names), arrays(train, keep), arrays(test),
-                          None if hold is None else arrays(train, hold), in_memory=True)
-    train_tf, test_tf = folder_transforms(cfg.dataset, True, cfg.image_size), folder_transforms(cfg.dataset, False,
-                                                                                                  cfg.image_size)
-    full = ImageListDataset(train, train_tf)
-    test.class_names = list(train.class_names)
-    return DataBundle(cfg.dataset, num_classes, 3, counts, spec.mean, spec.std, list(train.class_names),
-                      full.subset(keep), ImageListDataset(test, test_tf),
-                      None if hold is None else full.subset(hold, test_tf), in_memory=False)
+                          class_names, arrays(train, keep), arrays(train, test_idx) if test is None else arrays(test),
+                          holdout, in_memory=True, holdout_note=holdout_note)
+    train_tf = folder_transforms(cfg.dataset, True, cfg.image_size, cfg.augment)
+    test_tf = folder_transforms(cfg.dataset, False, cfg.image_size)
+    full = ImageListDataset(train, train_tf, cfg.decode)
+    if test is not None:
+        test.class_names = list(class_names)
+    if val is not None:
+        val.class_names = list(class_names)
+    if val is not None:
+        holdout = ImageListDataset(val, test_tf, cfg.decode)
+    else:
+        holdout = None if hold is None else full.subset(hold, test_tf)
+    test_set = full.subset(test_idx, test_tf) if test is None else ImageListDataset(test, test_tf, cfg.decode)
+    return DataBundle(cfg.dataset, num_classes, 3, counts, spec.mean, spec.std, class_names, full.subset(keep), test_set,
+                      holdout, in_memory=False, holdout_note=holdout_note)
 
 
 def input_size(bundle: DataBundle, cfg) -> list[int]:
@@ -119,12 +196,17 @@ def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg, *, train:
     sampler = sampler or (cfg.sampler if train else "instance")
     a = cfg.augment
     if uses_device_loader(cfg, bundle):
+        strong = {"policy": a.policy, "randaugment": a.randaugment, "cutout_length": a.cutout,
+                  "interpolation": a.interpolation}
         return DeviceLoader(data.images, data.labels, batch_size, bundle.mean, bundle.std, train=train,
                             padding=a.crop_padding, flip=a.flip, rotation=a.rotation, sampler=sampler,
-                            seed=seed, rank=rank, world_size=world_size, channels_last=channels_last)
+                            images_per_class_visit=cfg.images_per_class_visit,
+                            seed=seed, rank=rank, world_size=world_size, channels_last=channels_last,
+                            strong=strong)
     if bundle.in_memory:
         tf = array_transforms(tuple(data.images.shape[-2:]), bundle.mean, bundle.std, train, a.crop_padding,
-                              a.flip, a.rotation)
+                              a.flip, a.rotation, a.policy, a.randaugment, a.cutout, a.interpolation)
         data = ArrayImageDataset(data, tf)
     return FolderLoader(data, bundle.labels_of(split), batch_size, train=train, sampler=sampler, seed=seed,
+                        images_per_class_visit=cfg.images_per_class_visit,
                         rank=rank, world_size=world_size, num_workers=cfg.num_workers)

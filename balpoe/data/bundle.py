@@ -21,10 +21,14 @@ class ArraySplit:
 
 @dataclass
 class FileSplit:
-    """One split of an image-file dataset: image paths, int64 labels ``[N]``, class names."""
+    """One split of an image-file dataset: image paths, int64 labels ``[N]``, class names; ``root``:
+    the folder relative paths (list files) are taken from; ``source``: where the split was read
+    (``"list file 'train.txt'"``, ``"folder 'data/train'"``), for messages."""
     paths: list[Path]
     labels: np.ndarray
     class_names: list[str]
+    root: Path | None = None
+    source: str = ""
 
 
 @dataclass
@@ -56,8 +60,9 @@ class DataBundle:
     class_names: list[str]
     train: object                       # ImageArrays, or an ImageListDataset for image-file datasets
     test: object
-    holdout: object | None = None       # held-out labelled slice of the LT training split
+    holdout: object | None = None       # held-out labelled slice of the LT training split, or the validation split
     in_memory: bool = True
+    holdout_note: str | None = None     # what ``holdout`` is when it is not a slice of the training split
 
     def labels_of(self, split: str) -> torch.Tensor:
         """int64 labels (CPU) of ``split`` in {'train', 'test', 'holdout'}."""

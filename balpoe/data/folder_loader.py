@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 from torchvision import transforms as T
 
+from balpoe.data.augment import Cutout, policy_transform
 from balpoe.data.bundle import ImageArrays
-from balpoe.data.samplers import ClassBalancedSampler
+from balpoe.data.samplers import ClassAwareSampler, ClassBalancedSampler
 from balpoe.runtime.seeding import stream_seed
 
 
@@ -37,9 +38,11 @@ class ArrayImageDataset(torch.utils.data.Dataset):
 
 
 def array_transforms(size: tuple[int, int], mean, std, train: bool, padding: int = 0, flip: bool = False,
-                     rotation: float = 0.0) -> T.Compose:
+                     rotation: float = 0.0, policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5",
+                     cutout_length: int = 0, interpolation: str | None = None) -> T.Compose:
     """torchvision twin of the device path: ``RandomCrop(size, padding)`` -> ``RandomHorizontalFlip``
-    -> ``RandomRotation(rotation)`` (train only) -> ``ToTensor`` -> ``Normalize(mean, std)``."""
+    -> ``RandomRotation(rotation)`` -> policy (:func:`~balpoe.data.augment.policy_transform`) ->
+    ``ToTensor`` -> Cutout (train only) -> ``Normalize(mean, std)``."""
     ops = []
     if train:
         if padding:
@@ -48,22 +51,34 @@ def array_transforms(size: tuple[int, int], mean, std, train: bool, padding: int
             ops.append(T.RandomHorizontalFlip())
         if rotation:
             ops.append(T.RandomRotation(rotation))
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
+        strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation)
+        if strong is not None:
+            ops.append(strong)
+    ops.append(T.ToTensor())
+    if train and cutout_length:
+        ops.append(Cutout(cutout_length))
+    return T.Compose(ops + [T.Normalize(mean, std)])
 
 
 class FolderLoader:
     """A ``DataLoader`` over ``dataset`` with per-epoch seeding and DDP sharding.
 
-    Training: shuffled (``sampler='instance'``) or class-balanced (``'class_balanced'``,
-    :class:`~balpoe.data.samplers.ClassBalancedSampler`); under DDP ``DistributedSampler``
-    semantics.  The shuffle and the sampler are re-seeded in :meth:`set_epoch` from the ``order``
-    stream of :mod:`balpoe.runtime.seeding`."""
+    Training: shuffled (``sampler='instance'``), class-balanced (``'class_balanced'``,
+    :class:`~balpoe.data.samplers.ClassBalancedSampler`) or class-aware (``'class_aware'``,
+    :class:`~balpoe.data.samplers.ClassAwareSampler`: ``ceil(n / B) + 1`` global batches of
+    ``B = batch_size * world_size``, ``images_per_class_visit`` images per class visit); under DDP
+    ``DistributedSampler`` semantics.  The shuffle and the sampler are re-seeded in
+    :meth:`set_epoch` from the ``order`` stream of :mod:`balpoe.runtime.seeding`."""
 
     def __init__(self, dataset, labels: torch.Tensor, batch_size: int, *, train: bool, sampler: str = "instance",
-                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 images_per_class_visit: int = 4):
         self.seed, self.world_size = seed, world_size
         if train and sampler == "class_balanced":
             self.sampler = ClassBalancedSampler(labels, seed=seed, rank=rank, world_size=world_size)
+        elif train and sampler == "class_aware":
+            self.sampler = ClassAwareSampler(labels, batch_size * world_size, images_per_class_visit, seed=seed,
+                                             rank=rank, world_size=world_size)
         elif world_size > 1:
             self.sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=world_size, rank=rank,
                                                                shuffle=train, seed=seed)

@@ -33,7 +33,7 @@ from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import Recipe, apply_overrides, recipe_from_dict
 from balpoe.runtime.checkpoint import ensure_writable_file, load_checkpoint, write_json
 from balpoe.runtime.console import console
-from balpoe.runtime.device import resolve_device
+from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import amp_dtype
 
 #: where the labelled source data for calibration come from
@@ -63,7 +63,7 @@ def load_model(checkpoint: str | Path | dict, device: torch.device | str = "cpu"
 #: sections of a checkpoint's recipe that fix the weights' shapes and meaning: overrides may not change them
 _FIXED_SECTIONS = ("model", "loss", "stage", "stage2.classifier")
 #: model keys that do not change the weights (a batched checkpoint loads into the looped model and back)
-_FREE_MODEL_KEYS = ("pretrained_file", "batched_experts")
+_FREE_MODEL_KEYS = ("pretrained_file", "pretrained", "pretrained_strict", "batched_experts")
 
 
 def _conflicting_key(before: dict, after: dict) -> tuple[str, object, object] | None:
@@ -117,8 +117,7 @@ def environment(device: torch.device, amp: bool) -> dict:
     dtype = amp_dtype(device, amp, warn=False)
     return {"balpoe": importlib.metadata.version("balpoe"), "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} "
-            f"({torch.get_num_threads()} threads, {platform.processor() or platform.machine()})",
+            "device": device_name(device),
             "dtype": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32"}
 
 
@@ -128,7 +127,8 @@ def analysis_of(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, devi
     reliability after TS and BCTS fitted on the recipe's held-out slice, or else on a slice of the
     training split (said in ``calibration_note``; image-file datasets without a holdout: none)."""
     lam = model_prior_exponent(recipe)
-    calibrated, note = {}, "no post-hoc calibration: no labelled source data (set data.holdout_fraction)"
+    calibrated, note = {}, ("no post-hoc calibration: no labelled source data (set data.holdout_fraction, or give "
+                            "a validation split)")
     if bundle.holdout is not None or bundle.in_memory:
         src = source_logits(model, bundle, recipe, device, lam_model=lam, warn=False)
         fits = fit_post_hoc(src.logits, src.labels, src.prior)
@@ -217,25 +217,29 @@ def check_source(bundle: DataBundle, source: str) -> str:
         return "holdout"
     if source == "holdout":
         raise BalpoeError("calibration source 'holdout': the checkpoint's recipe has no held-out slice "
-                          "(data.holdout_fraction is 0); retrain with data.holdout_fraction: 0.1, or use the "
-                          "training slice (source 'train')")
+                          "(data.holdout_fraction is 0) and no validation split; retrain with data.holdout_fraction: "
+                          "0.1, give a validation split (data.val_root / data.val_list), or use the training slice "
+                          "(source 'train')")
     if not bundle.in_memory:
         raise BalpoeError(f"no labelled source data for calibration: {bundle.name} has no held-out slice "
-                          "(data.holdout_fraction is 0); retrain with data.holdout_fraction: 0.1")
+                          "(data.holdout_fraction is 0) and no validation split; retrain with data.holdout_fraction: "
+                          "0.1, or give a validation split (data.val_root / data.val_list)")
     return "train_slice"
 
 
 def source_logits(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
                   source: str = "auto", lam_model: float = 0.0, seed: int = 0, warn: bool = True) -> SourceSet:
-    """Balanced ensemble logits of the labelled source data: the recipe's held-out slice of the
-    long-tailed training split (``data.holdout_fraction > 0``), or, without one, a stratified
+    """Balanced ensemble logits of the labelled source data: the dataset's validation split
+    (``data.val_root`` / ``data.val_list`` / ``ImageNet_LT_val.txt``), else the recipe's held-out slice
+    of the long-tailed training split (``data.holdout_fraction > 0``), or, without one, a stratified
     :data:`TRAIN_SLICE_FRACTION` slice of the training split the model *was trained on*, with a
     warning: the model is over-confident on images it has seen, so a temperature fitted there is
     under-estimated."""
     kind = check_source(bundle, source)
     if kind == "holdout":
         b = bundle
-        note = (f"held-out slice of the long-tailed training split (data.holdout_fraction = "
+        note = (f"{bundle.holdout_note}, not trained on" if bundle.holdout_note else
+                f"held-out slice of the long-tailed training split (data.holdout_fraction = "
                 f"{recipe.data.holdout_fraction}), not trained on")
     else:
         _, idx = stratified_holdout(bundle.train.labels.cpu(), TRAIN_SLICE_FRACTION, seed=seed, min_per_class=1)

@@ -40,11 +40,15 @@ import html
 import io
 import json
 import math
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import matplotlib
 import numpy as np
 import yaml
+from PIL import Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
@@ -969,4 +973,41 @@ def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Pat
     return path
 
 
-__all__ = ["write_html_report", "report_sections", "build_html", "read_metrics", "stage1_metrics_path"]
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--hide-scrollbars")
+
+
+def find_chromium() -> str | None:
+    """The headless Chromium executable (Debian package ``chromium``), or None."""
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def chromium(args: list[str], profile: Path, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run headless Chromium with ``args`` and a fresh profile folder (no network access needed)."""
+    exe = find_chromium()
+    if exe is None:
+        raise BalpoeError("a screenshot of the report needs headless Chromium: apt-get install -y chromium")
+    return subprocess.run([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args], capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int = 12000) -> Path:
+    """A PNG of the page ``html`` as Chromium shows it ``width`` pixels wide; the white space below the
+    content is cut off (the window is ``height`` pixels tall)."""
+    html, png = Path(html).resolve(), Path(png)
+    png.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        shot = Path(tmp) / "shot.png"
+        r = chromium([f"--window-size={width},{height}", f"--screenshot={shot}", html.as_uri()], Path(tmp) / "profile")
+        if not shot.is_file():
+            raise BalpoeError(f"Chromium wrote no screenshot of '{html}' ({r.stderr.strip().splitlines()[-1:]})")
+        with Image.open(shot) as img:
+            rgb = np.asarray(img.convert("RGB"))
+    rows = np.where((rgb < 250).any(axis=(1, 2)))[0]
+    bottom = int(rows[-1]) + 24 if len(rows) else rgb.shape[0]
+    Image.fromarray(rgb[:min(bottom, rgb.shape[0])]).save(png, format="PNG", optimize=True)
+    return png
+
+
+__all__ = ["write_html_report", "screenshot", "find_chromium", "chromium", "report_sections", "build_html", "read_metrics", "stage1_metrics_path"]

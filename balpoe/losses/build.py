@@ -25,6 +25,9 @@ from balpoe.losses.priors import logit_prior_exponent, make_tau_list, stage2_exp
 
 LossBuilder = Callable[[Any, torch.Tensor, list], nn.Module]
 
+#: ``data.sampler`` values whose stream has a uniform label prior (every class equally often).
+BALANCED_SAMPLERS = ("class_balanced", "class_aware")
+
 #: ``loss.name`` -> builder(recipe, class_counts, taus)
 LOSSES: dict[str, LossBuilder] = {
     "logit_adjusted": lambda recipe, counts, taus: BalPoELoss(counts, taus),
@@ -46,7 +49,8 @@ def expert_taus(recipe) -> list[float]:
 
 
 def build_stage2_criterion(recipe, class_counts) -> nn.Module:
-    """MiSLAS stage 2: label-aware smoothing (MiSLAS Eq. 1, 3, 7) of each expert's logits plus its
+    """MiSLAS stage 2: label-aware smoothing (MiSLAS Eq. 3, 7; target ``stage2.las_target``: Eq. 1
+    (``paper``) or the official ``methods.py`` (``official``)) of each expert's logits plus its
     offset from :func:`~balpoe.losses.priors.stage2_expert_offsets` (``stage2.expert_adjust``), mean
     over experts.  ``eps_1 = eps_k = 0`` is cross-entropy; E = 1 is exactly label-aware smoothing."""
     s = recipe.stage2
@@ -55,9 +59,10 @@ def build_stage2_criterion(recipe, class_counts) -> nn.Module:
         raise BalpoeError(f"recipe key 'loss.tau' gives {len(offsets)} experts but model.num_experts is "
                           f"{recipe.model.num_experts}")
     try:
-        return ExpertLabelAwareSmoothingLoss(class_counts, offsets, s.eps_1, s.eps_k, s.las_form, s.las_power)
+        return ExpertLabelAwareSmoothingLoss(class_counts, offsets, s.eps_1, s.eps_k, s.las_form, s.las_power,
+                                             s.las_target)
     except BalpoeError as e:
-        raise BalpoeError(f"recipe section 'stage2' (eps_1, eps_k, las_form, las_power): {e}") from None
+        raise BalpoeError(f"recipe section 'stage2' (eps_1, eps_k, las_form, las_power, las_target): {e}") from None
 
 
 def build_criterion(recipe, class_counts) -> nn.Module:
@@ -74,7 +79,7 @@ def build_criterion(recipe, class_counts) -> nn.Module:
 def model_prior_exponent(recipe) -> float:
     """``lambda_m``: the power of ``pi_train`` the trained ensemble's logits keep
     (:func:`~balpoe.losses.priors.logit_prior_exponent`): the stage-1 taus, or the stage-2 offsets,
-    and whether the recipe samples class-balanced."""
+    and whether the recipe samples with a uniform label prior (``class_balanced``, ``class_aware``)."""
     taus = expert_taus(recipe)
     offsets = stage2_expert_offsets(taus, recipe.stage2.expert_adjust) if recipe.stage == 2 else taus
-    return logit_prior_exponent(offsets, recipe.data.sampler == "class_balanced")
+    return logit_prior_exponent(offsets, recipe.data.sampler in BALANCED_SAMPLERS)

@@ -1,8 +1,17 @@
 """Label-aware smoothing (MiSLAS, Zhong et al. CVPR 2021, Sec. 3.2 and Appendix D.2).
 
 Each class ``y`` gets its own smoothing factor ``eps_y = f(N_y)`` that grows with its training
-count ``N_y`` (Eq. 3 / Eq. 7), so head classes are smoothed more than tail classes.  The target
-distribution of Eq. 1 puts ``1 - eps_y`` on the label and ``eps_y / (K - 1)`` on every other class.
+count ``N_y`` (Eq. 3 / Eq. 7), so head classes are smoothed more than tail classes.  Two target
+distributions (:data:`TARGETS`), both with ``eps_y`` of the label ``y``:
+
+* ``paper`` (MiSLAS Eq. 1): ``1 - eps_y`` on the label, ``eps_y / (K - 1)`` on every other class;
+* ``official`` (the official code, ``LabelAwareSmoothing`` in ``methods.py`` of
+  dvlab-research/MiSLAS: ``(1 - eps_y) * NLL + eps_y * mean_k(-log p_k)``): ``eps_y / K`` on every
+  class, the label included, so ``1 - eps_y + eps_y / K`` on the label.
+
+``paper`` with ``eps`` is ``official`` with ``eps * K / (K - 1)`` (11% more smoothing for K = 10):
+the shipped MiSLAS recipes, which reproduce the paper's tables with the official code's values of
+``eps_1, eps_K``, say ``stage2.las_target: official``.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from balpoe.errors import BalpoeError
 from balpoe.losses.priors import log_prior
 
 FORMS = ("concave", "linear", "convex", "power")
+#: Target distributions of the smoothing: ``paper`` (MiSLAS Eq. 1) or ``official`` (MiSLAS methods.py).
+TARGETS = ("paper", "official")
 
 
 def label_aware_epsilons(class_counts: torch.Tensor | Sequence[int], eps_1: float, eps_K: float,
@@ -72,22 +83,33 @@ def label_aware_epsilons(class_counts: torch.Tensor | Sequence[int], eps_1: floa
 
 
 class LabelAwareSmoothingLoss(nn.Module):
-    """Label-aware smoothing loss, MiSLAS Eq. 1: ``l(q, p) = -sum_i q_i log p_i`` with
-    ``q_i = 1 - eps_y`` for ``i = y`` and ``eps_y / (K - 1)`` otherwise, ``eps`` from
-    :func:`label_aware_epsilons`; mean over the batch.
+    """Label-aware smoothing loss ``l(q, p) = -sum_i q_i log p_i``, ``eps`` from
+    :func:`label_aware_epsilons`; mean over the batch.  ``target`` picks ``q`` (:data:`TARGETS`):
+
+    * ``'paper'`` (default; MiSLAS Eq. 1): ``q_i = 1 - eps_y`` for ``i = y``, ``eps_y / (K - 1)``
+      otherwise;
+    * ``'official'`` (official MiSLAS ``methods.py``, ``LabelAwareSmoothing``):
+      ``q_i = (1 - eps_y) [i = y] + eps_y / K``, i.e. the loss
+      ``(1 - eps_y) * (-log p_y) + eps_y * mean_k(-log p_k)``.
 
     ``logits`` is ``[B, C]`` or per-expert ``[E, B, C]`` (the loss is then the mean of the expert
     losses, each expert fitting the same targets).  ``target`` is int64 labels ``[B]`` or soft
     targets ``[B, C]`` (rows summing to 1, e.g. mixup); a soft target ``t`` uses the same mixture
-    of the per-label distributions, ``q = sum_y t_y q^(y)``, so ``loss(t)`` is linear in ``t``.
+    of the per-label distributions, ``q = sum_y t_y q^(y)``, so ``loss(t)`` is linear in ``t``
+    (for two-label mixup ``t = lam e_a + (1 - lam) e_b`` this is the official
+    ``lam * loss(y_a) + (1 - lam) * loss(y_b)``).
     """
 
     def __init__(self, class_counts: torch.Tensor | Sequence[int], eps_1: float, eps_K: float,
-                 form: str = "concave", power: float | None = None):
+                 form: str = "concave", power: float | None = None, target: str = "paper"):
         super().__init__()
+        if target not in TARGETS:
+            raise BalpoeError(f"label-aware smoothing target must be one of {TARGETS}, got {target!r}")
         eps = label_aware_epsilons(class_counts, eps_1, eps_K, form, power)
         self.num_classes = eps.numel()
-        self.form, self.power, self.eps_1, self.eps_K = form, power, eps_1, eps_K
+        self.form, self.power, self.eps_1, self.eps_K, self.target = form, power, eps_1, eps_K, target
+        # the smoothing mass eps_y is spread over K - 1 classes (paper) or all K classes (official)
+        self.spread = self.num_classes - 1 if target == "paper" else self.num_classes
         self.register_buffer("epsilons", eps.to(torch.float32))
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -106,19 +128,25 @@ class LabelAwareSmoothingLoss(nn.Module):
         if target.dim() == 1:
             e = eps[target]                                          # [B]
             logp_y = logp.gather(1, target[:, None]).squeeze(1)      # [B]
-            off = logp.sum(1) - logp_y                               # sum over i != y
-            loss = -((1.0 - e) * logp_y + e / (K - 1) * off)
+            if self.target == "official":
+                # methods.py: confidence * nll_loss + smoothing * smooth_loss
+                loss = (1.0 - e) * -logp_y + e * -logp.mean(1)
+            else:
+                off = logp.sum(1) - logp_y                           # sum over i != y
+                loss = -((1.0 - e) * logp_y + e / (K - 1) * off)
         else:
             t = target.to(logp.dtype)
-            # q = (t . eps)/(K-1) * 1 + t * (1 - eps - eps/(K-1)), the t-mixture of Eq. 1's targets.
-            uniform = (t @ eps) / (K - 1)                            # [B]
-            peak = t * (1.0 - eps * K / (K - 1))                     # [B, C]
+            # the t-mixture of the per-label targets, q = (t . eps)/S * 1 + t * peak with S = K - 1 and
+            # peak = 1 - eps - eps/S (paper: eps/S off the label only), S = K and peak = 1 - eps (official)
+            uniform = (t @ eps) / self.spread                        # [B]
+            peak = t * (1.0 - eps - eps / self.spread if self.target == "paper" else 1.0 - eps)  # [B, C]
             loss = -(uniform * logp.sum(1) + (peak * logp).sum(1))
         return loss.mean()
 
     def extra_repr(self) -> str:
         p = f", power={self.power}" if self.power is not None else ""
-        return f"num_classes={self.num_classes}, eps_1={self.eps_1}, eps_K={self.eps_K}, form={self.form!r}{p}"
+        return (f"num_classes={self.num_classes}, eps_1={self.eps_1}, eps_K={self.eps_K}, form={self.form!r}{p}, "
+                f"target={self.target!r}")
 
 
 class ExpertLabelAwareSmoothingLoss(LabelAwareSmoothingLoss):
@@ -132,8 +160,9 @@ class ExpertLabelAwareSmoothingLoss(LabelAwareSmoothingLoss):
     """
 
     def __init__(self, class_counts: torch.Tensor | Sequence[int], expert_offsets: Sequence[float],
-                 eps_1: float, eps_K: float, form: str = "concave", power: float | None = None):
-        super().__init__(class_counts, eps_1, eps_K, form, power)
+                 eps_1: float, eps_K: float, form: str = "concave", power: float | None = None,
+                 target: str = "paper"):
+        super().__init__(class_counts, eps_1, eps_K, form, power, target)
         offsets = torch.tensor([float(d) for d in expert_offsets], dtype=torch.float32)
         if offsets.dim() != 1 or offsets.numel() < 1 or not bool(torch.isfinite(offsets).all()):
             raise BalpoeError(f"expert_offsets must be a non-empty list of finite numbers, got {list(expert_offsets)}")

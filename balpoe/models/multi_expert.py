@@ -20,6 +20,7 @@ state-dict keys, one kernel per layer instead of E.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import OrderedDict
 from pathlib import Path
 
@@ -27,11 +28,14 @@ import timm
 import torch
 import torch.nn as nn
 from einops import rearrange
+from safetensors.torch import load_file as load_safetensors
 
 from balpoe.errors import BalpoeError, clip
 from balpoe.models.grouped import GroupedBranches
 from balpoe.models.heads import build_head
 from balpoe.models.lws import LWSDeltaHead
+from balpoe.runtime import distributed as dist
+from balpoe.runtime.console import console
 
 # Importing registers our models in timm's registry.
 from balpoe.models import resnet_cifar as _resnet_cifar  # noqa: F401
@@ -103,23 +107,123 @@ class MultiExpertNet(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-def _load_pretrained(model: nn.Module, path: str) -> None:
-    p = Path(path)
+#: top-level modules holding a timm model's classifier: a weights file's tensors under them are not used
+#: (the backbone is built without a classifier; each expert has its own head)
+CLASSIFIER_NAMES = ("fc", "head", "classifier", "last_linear")
+#: how many key names a message shows
+SHOWN_KEYS = 3
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weights file: a ``state_dict``, a checkpoint dict holding one under
+    ``'state_dict'`` or ``'model'`` (loaded with ``torch.load(weights_only=True)``: no code runs), or
+    a ``.safetensors`` file.  A DDP ``module.`` prefix on every key is dropped.  One-line errors
+    name ``model.pretrained_file``."""
+    p = Path(path).expanduser()
+    where = f"model.pretrained_file '{clip(str(path), 200)}'"
     if not p.is_file():
-        raise BalpoeError(f"model.pretrained_file '{path}' not found")
+        raise BalpoeError(f"{where} not found")
     try:
-        state = torch.load(p, map_location="cpu", weights_only=True)
+        state = load_safetensors(str(p)) if p.suffix == ".safetensors" else \
+            torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
-        raise BalpoeError(f"model.pretrained_file '{path}' could not be read as a torch state_dict ({e})") from None
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
-        state = state["model"]
-    own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise BalpoeError(f"model.pretrained_file '{path}' has no tensor matching the backbone's parameters")
-    model.load_state_dict(usable, strict=False)
+        kind = "safetensors" if p.suffix == ".safetensors" else "torch state_dict (weights only)"
+        raise BalpoeError(f"{where} could not be read as a {kind} ({type(e).__name__}: {clip(e, 150)})") from None
+    for wrapper in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
+            state = state[wrapper]
+            break
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BalpoeError(f"{where} holds no state_dict (expected a mapping of parameter names to tensors, or a "
+                          "checkpoint dict with one under 'state_dict' or 'model')")
+    if all(str(k).startswith("module.") for k in state):
+        state = {str(k)[len("module."):]: v for k, v in state.items()}
+    return {str(k): v for k, v in state.items()}
+
+
+@dataclasses.dataclass
+class WeightMatch:
+    """How a weights file's tensors match a backbone's state: ``loaded`` keys (same name and shape),
+    ``missing`` (in the backbone, not in the file; BN ``num_batches_tracked`` counters excepted),
+    ``unexpected`` (in the file, not in the backbone), ``mismatched`` (same name, other shape:
+    ``(key, file shape, backbone shape)``) and ``unused`` classifier tensors of the file
+    (:data:`CLASSIFIER_NAMES`), which do not count against a match."""
+    loaded: list[str]
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[tuple[str, tuple, tuple]]
+    unused: list[str]
+    parameters: int
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    @property
+    def total(self) -> int:
+        """Tensors the backbone expects (loaded + missing + of another shape)."""
+        return len(self.loaded) + len(self.missing) + len(self.mismatched)
+
+    def problems(self) -> str:
+        """``2 missing (a, b), 1 unexpected (c), 1 of another shape (d: file [..], backbone [..])``."""
+        def names(keys: list[str]) -> str:
+            return ", ".join(keys[:SHOWN_KEYS]) + (", ..." if len(keys) > SHOWN_KEYS else "")
+        parts = []
+        if self.missing:
+            parts.append(f"{len(self.missing)} missing ({names(self.missing)})")
+        if self.unexpected:
+            parts.append(f"{len(self.unexpected)} unexpected ({names(self.unexpected)})")
+        if self.mismatched:
+            shown_ = [f"{k}: file {list(a)}, backbone {list(b)}" for k, a, b in self.mismatched[:SHOWN_KEYS]]
+            parts.append(f"{len(self.mismatched)} of another shape ({'; '.join(shown_)}"
+                         f"{'; ...' if len(self.mismatched) > SHOWN_KEYS else ''})")
+        return ", ".join(parts)
+
+    def summary(self) -> str:
+        """One line: what loaded, what did not, what was unused."""
+        line = f"loaded {len(self.loaded)} of {self.total} backbone tensors ({self.parameters:,} parameters)"
+        if not self.complete:
+            line += f"; not loaded: {self.problems()}"
+        if self.unused:
+            line += f"; {len(self.unused)} classifier tensors unused"
+        return line
+
+
+def match_weights(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor]) -> WeightMatch:
+    """Compare a backbone's ``state_dict()`` ``own`` with a weights file's tensors ``given`` by
+    name and shape (works on meta tensors too)."""
+    loaded, missing, mismatched = [], [], []
+    for k, v in own.items():
+        if k not in given:
+            if not k.endswith("num_batches_tracked"):
+                missing.append(k)
+        elif tuple(given[k].shape) != tuple(v.shape):
+            mismatched.append((k, tuple(given[k].shape), tuple(v.shape)))
+        else:
+            loaded.append(k)
+    extra = [k for k in given if k not in own]
+    unused = [k for k in extra if k.split(".", 1)[0] in CLASSIFIER_NAMES]
+    unexpected = [k for k in extra if k.split(".", 1)[0] not in CLASSIFIER_NAMES]
+    params = sum(own[k].numel() for k in loaded if own[k].is_floating_point())
+    return WeightMatch(loaded, missing, unexpected, mismatched, unused, params)
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, backbone: str,
+                 strict: bool = True) -> WeightMatch:
+    """Load the tensors of ``state`` (from ``model.pretrained_file`` ``path``) that match ``model``
+    by name and shape.  With ``strict`` a partial match is refused with a one-line error (missing,
+    unexpected and other-shape keys: counts and the first names); otherwise the matching tensors are
+    loaded and the match returned for the report.  No matching tensor at all is always an error."""
+    match = match_weights(model.state_dict(), state)
+    where = f"model.pretrained_file '{clip(str(path), 200)}'"
+    if not match.loaded:
+        raise BalpoeError(f"{where} has no tensor matching backbone '{backbone}' ({match.problems()})")
+    if strict and not match.complete:
+        raise BalpoeError(f"{where} does not match backbone '{backbone}': {match.problems()}; {len(match.loaded)} of "
+                          f"{match.total} tensors ({match.parameters:,} parameters) would load: set "
+                          "model.pretrained_strict: false to load those, or use a file of this backbone")
+    model.load_state_dict({k: state[k] for k in match.loaded}, strict=False)
+    return match
 
 
 def check_backbone(name: str) -> None:
@@ -128,18 +232,20 @@ def check_backbone(name: str) -> None:
         raise BalpoeError(f"model.backbone '{clip(name, 120)}' is not a timm model name (see timm.list_models())")
 
 
-def _create_backbone(name: str, in_chans: int, pretrained_file: str | None, kwargs: dict) -> nn.Module:
+def _create_backbone(name: str, in_chans: int, kwargs: dict, pretrained: bool = False) -> nn.Module:
     check_backbone(name)
     try:
-        model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+        model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
     except TypeError as e:
         raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {clip(e)}") from None
     except Exception as e:  # noqa: BLE001 - a kwarg value the model cannot build with is a user error
+        if pretrained:  # no network (hub / HTTP errors), no such weights, or a bad cached file
+            raise BalpoeError(f"model.pretrained: timm could not load the pretrained weights of '{name}' "
+                              f"({type(e).__name__}: {clip(e, 150)}); without network access, download them where "
+                              "there is one and set model.pretrained_file to the local file instead") from None
         if not kwargs:
             raise
         raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {type(e).__name__}: {clip(e)}") from None
-    if pretrained_file:
-        _load_pretrained(model, pretrained_file)
     return model
 
 
@@ -220,14 +326,32 @@ def check_split_forward(trunk: nn.Module, branch: nn.Module, split: str, backbon
 def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, split: str = "head",
                        head: str = "cosine", scale: float = 30.0, in_chans: int = 3,
                        pretrained_file: str | None = None, kwargs: dict | None = None,
-                       batched: bool = False) -> MultiExpertNet:
+                       batched: bool = False, pretrained: bool = False,
+                       pretrained_strict: bool = True) -> MultiExpertNet:
     """Build a :class:`MultiExpertNet` from a timm model name.
 
     The branches are built (and initialised) one by one in both modes, so a seed gives the same
     initial weights with ``batched`` on or off.  A stage split is checked with a dummy batch
-    (:func:`check_split_forward`) before the other experts are built."""
+    (:func:`check_split_forward`) before the other experts are built.
+
+    Initial weights of the backbone (every expert's copy): timm's pretrained weights
+    (``pretrained``), or a local ``pretrained_file`` (:func:`read_weights`) matched by name and
+    shape (:func:`load_weights`; ``pretrained_strict``: refuse a partial match); what loaded is said
+    in one console line."""
     kwargs = dict(kwargs or {})
-    first = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
+    state = read_weights(pretrained_file) if pretrained_file else None
+
+    def create() -> tuple[nn.Module, WeightMatch | None]:
+        model = _create_backbone(backbone, in_chans, kwargs, pretrained)
+        if state is None:
+            return model, None
+        return model, load_weights(model, state, pretrained_file, backbone, pretrained_strict)
+
+    first, match = create()
+    if match is not None and dist.rank() == 0:
+        console.print(f"model.pretrained_file '{clip(str(pretrained_file), 200)}': {match.summary()}"
+                      + (f", into each of the {num_experts} expert copies" if split != "head" and num_experts > 1
+                         else ""), highlight=False, soft_wrap=True)
     # timm: pooled pre-logit width is ``head_hidden_size`` where a model has a pre-logits layer.
     num_features = getattr(first, "head_hidden_size", None) or first.num_features
     if split == "head":
@@ -237,7 +361,7 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
         check_split_forward(trunk, tail, split, backbone, in_chans, num_features, probe_sizes(first, kwargs))
         branches = [tail]
         for _ in range(num_experts - 1):
-            other = _create_backbone(backbone, in_chans, pretrained_file, kwargs)
+            other, _ = create()
             branches.append(split_children(other, split)[1])
     heads = [build_head(head, num_features, num_classes, scale) for _ in range(num_experts)]
     if batched:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import platform
+from pathlib import Path
+
 import torch
 
 from balpoe.errors import BalpoeError
@@ -18,3 +21,21 @@ def resolve_device(name: str, what: str = "recipe key 'train.device'") -> torch.
         return torch.device(name)
     except (RuntimeError, TypeError):
         raise BalpoeError(f"{what} is not a device name: {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+
+
+def cpu_name() -> str:
+    """The CPU model (from ``/proc/cpuinfo`` on Linux), for reports and benchmark tables."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    """``NVIDIA H100 80GB HBM3`` for a CUDA device, ``cpu (AMD EPYC ..., 2 threads)`` for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{device.type} ({cpu_name()}, {torch.get_num_threads()} threads)"

@@ -25,7 +25,7 @@ import torch.nn as nn
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms as T
 
-from balpoe.data.image_list import build_transforms
+from balpoe.data.augment import folder_transform
 from balpoe.errors import BalpoeError
 from balpoe.losses.priors import log_prior
 from balpoe.models.multi_expert import MultiExpertNet
@@ -72,7 +72,7 @@ class Preprocess:
     def transform(self):
         """PIL image (any mode, any size) -> float tensor ``[C, H, W]`` in [0, 1]."""
         if self.crop_resize is not None:
-            test = build_transforms(False, self.mean, self.std, self.height)
+            test = folder_transform(False, self.mean, self.std, self.height)
             ops = [t for t in test.transforms if not isinstance(t, T.Normalize)]
         else:
             ops = [_ResizeTo(self.height, self.width), T.ToTensor()]

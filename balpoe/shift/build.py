@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from balpoe.data.build import build_loader
+from balpoe.data.image_list import find_list_file
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import SOURCES, check_source, load_for_eval, source_logits, write_run_report
 from balpoe.evaluate.logits import collect_logits
@@ -45,7 +46,7 @@ from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.render import plot_targets, print_shift_report, write_reports
 from balpoe.shift.scoring import accuracy_curves, calibration_section, evaluate_targets
 from balpoe.shift.selector import CALIBRATIONS, ESTIMATORS, TauSelector, get_adapt_mode
-from balpoe.shift.targets import parse_prior, parse_test_dists, prior_names, target_sets
+from balpoe.shift.targets import list_target_sets, parse_prior, parse_test_dists, prior_names, target_sets
 
 
 def _check_options(adapt_mode: str, calibration: str, source: str, estimator: str, labels_per_class: float) -> None:
@@ -61,30 +62,40 @@ def _check_options(adapt_mode: str, calibration: str, source: str, estimator: st
 
 
 def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None = None,
-                   priors: Sequence[str] | None = None, adapt: str = "none", calibration: str = "bcts",
+                   priors: Sequence[str] | None = None, test_lists: Sequence[str | Path] | None = None,
+                   adapt: str = "none", calibration: str = "bcts",
                    estimator: str = "1d", source: str = "auto", labels_per_class: float = 5, seed: int = 0,
                    device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
                    out: str | Path | None = None, plots: bool = True, quiet: bool = False,
                    html_report: bool = True) -> dict[str, Any]:
     """``balpoe eval CKPT --test-dists ... [--prior ...] [--adapt ...]``.
 
-    Collects the test logits once, evaluates every requested distribution (default: all 11 when
-    neither ``test_dists`` nor ``priors`` is given) with the requested adaptation, fits TS / BCTS on
+    Collects the test logits once, evaluates every requested distribution with the requested
+    adaptation (default, when none of ``test_dists``, ``priors``, ``test_lists`` is given: the
+    recipe's ``data.test_lists``, or else all 11 protocol distributions), fits TS / BCTS on
     source data when there is a held-out slice (or when the unlabelled mode needs it), prints a
     table and writes ``shift_eval.json``, ``shift_eval.md`` and reliability diagrams into ``out``
     (default: the checkpoint's directory; there, with ``html_report``, ``report.html`` is rewritten to
-    include the label-shift plot).  ``priors`` are specs of :func:`~balpoe.shift.targets.parse_prior`.
-    Returns the report dict."""
+    include the label-shift plot).  ``priors`` are specs of :func:`~balpoe.shift.targets.parse_prior`;
+    ``test_lists`` (added to the recipe's ``data.test_lists``) are test-distribution list files of
+    ``path label`` lines whose images are a subset of the test split, each named by its file stem
+    (:func:`~balpoe.shift.targets.list_target_sets`).  Returns the report dict."""
     _check_options(adapt, calibration, source, estimator, labels_per_class)
     out_dir = ensure_writable_dir(Path(out) if out else Path(path).parent, "label-shift output directory")
     dists = parse_test_dists(test_dists)
     priors = [priors] if isinstance(priors, str) else list(priors or [])
-    if not dists and not priors:
-        dists = list(TEST_DISTRIBUTIONS)
+    lists = [str(test_lists)] if isinstance(test_lists, (str, Path)) else [str(f) for f in test_lists or []]
 
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
+    for given in recipe.data.test_lists:
+        found = str(find_list_file(given, recipe.data.root, "data.test_lists"))
+        if found not in lists:
+            lists.append(found)
+    if not dists and not priors and not lists:
+        dists = list(TEST_DISTRIBUTIONS)
     counts = bundle.class_counts
     prior_vecs = {n: parse_prior(s, counts) for n, s in zip(prior_names(priors), priors)}
+    listed = list_target_sets(bundle.test, lists, taken=[*dists, *prior_vecs])  # before any forward pass
     need_source = adapt == "unlabelled" and calibration != "none"
     if need_source or source != "auto":
         check_source(bundle, source)  # fail before any forward pass
@@ -95,7 +106,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     start = time.perf_counter()
     expert_logits, labels = collect_logits(model, loader, dev, recipe.train.amp)
     forward_s = time.perf_counter() - start
-    targets = target_sets(labels, counts, dists, prior_vecs, seed=seed)
+    targets = {**target_sets(labels, counts, dists, prior_vecs, seed=seed), **listed}
     many, few = recipe.data.many_threshold, recipe.data.few_threshold
 
     # 2. source data: post-hoc calibration (TS, BCTS) and the unlabelled selector's calibrator
@@ -140,6 +151,8 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
         "post_hoc_calibration": calib,
         "priors": {n: {"spec": s, "prior": [float(p) for p in prior_vecs[n]]}
                    for n, s in zip(prior_names(priors), priors)},
+        "test_lists": {n: {"file": t.file, "n": int(t.indices.numel())} for n, t in listed.items()},
+        "class_names": list(bundle.class_names),
         "distributions": rows,
         "curves": curves,
     }

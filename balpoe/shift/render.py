@@ -125,6 +125,10 @@ def markdown_report(report: dict) -> str:
             r = c[name]
             lines.append(f"| {name} | {_fmt(r.get('temperature'), 3)} | {r['acc']:.2f} | {r['ece']:.2f} | "
                          f"{r['mce']:.2f} | {r['nll']:.3f} | {r['brier']:.4f} |")
+    if report.get("test_lists"):
+        lines += ["", "## Test-distribution lists", ""]
+        for n, t in report["test_lists"].items():
+            lines.append(f"* {n}: `{t['file']}` ({t['n']} images of the test split)")
     if report.get("priors"):
         lines += ["", "## User priors", ""]
         for n, p in report["priors"].items():
@@ -135,15 +139,16 @@ def markdown_report(report: dict) -> str:
 
 
 def plot_targets(targets: dict[str, TargetSet]) -> list[str]:
-    return [n for n, t in targets.items() if n == "uniform" or t.kind == "prior"]
+    return [n for n, t in targets.items() if n == "uniform" or t.kind in ("prior", "list")]
 
 
 def write_reports(report: dict, out_dir: Path, expert_logits: torch.Tensor, labels: torch.Tensor,
                   targets: dict[str, TargetSet], class_counts, lam_model: float = 0.0,
                   adapted: dict[str, tuple] | None = None, plots: bool = True) -> list[Path]:
     """``shift_eval.json``, ``shift_eval.md`` and reliability diagrams: ``reliability_<dist>.png``
-    (no adaptation) and ``reliability_<dist>_<adapt>.png`` (after adaptation) for ``uniform`` and
-    each user prior; ``reliability_uniform_{ts,bcts}.png`` after post-hoc calibration."""
+    (no adaptation) and ``reliability_<dist>_<adapt>.png`` (after adaptation) for ``uniform``, each
+    user prior and each test-distribution list; ``reliability_uniform_{ts,bcts}.png`` after post-hoc
+    calibration."""
     files: list[Path] = []
     if plots:
         ens = MultiExpertNet.ensemble(expert_logits)

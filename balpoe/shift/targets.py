@@ -3,17 +3,21 @@
 Protocol distributions (forward50 .. uniform .. backward50, SADE, Zhang et al. NeurIPS 2022) are
 picked exactly as the reference code (:func:`~balpoe.shift.distributions.test_subset_indices`);
 a user prior q gets the largest subset whose class counts follow q
-(:func:`~balpoe.shift.distributions.prior_subset_indices`).
+(:func:`~balpoe.shift.distributions.prior_subset_indices`); a published test-distribution list
+file (``path label`` lines, e.g. the ImageNet-LT / iNaturalist forward and backward test lists)
+names its subset image by image (:func:`list_target_sets`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
 
+from balpoe.data.image_list import match_image_list
 from balpoe.errors import BalpoeError
 from balpoe.shift.distributions import (TEST_DISTRIBUTIONS, check_prior, dirichlet_prior, distribution_prior,
                                         parse_distribution, prior_subset_indices, test_subset_indices)
@@ -91,8 +95,9 @@ class TargetSet:
     """One target distribution: indices into the balanced test set and, for user priors, the prior."""
     name: str
     indices: torch.LongTensor
-    kind: str                        # "protocol" or "prior"
+    kind: str                        # "protocol", "prior" or "list"
     prior: torch.Tensor | None = None
+    file: str | None = None          # the list file of a "list" target set
 
 
 def target_sets(labels: torch.Tensor, class_counts: Sequence[int] | torch.Tensor, dists: Sequence[str],
@@ -103,4 +108,33 @@ def target_sets(labels: torch.Tensor, class_counts: Sequence[int] | torch.Tensor
     out = {n: TargetSet(n, test_subset_indices(labels, class_counts, n), "protocol") for n in dists}
     for name, q in (priors or {}).items():
         out[name] = TargetSet(name, prior_subset_indices(labels, q, seed=seed), "prior", q)
+    return out
+
+
+def list_name(path: str | Path) -> str:
+    """The name of a test-distribution list file: its stem (``ImageNet_LT_forward50.txt`` ->
+    ``ImageNet_LT_forward50``)."""
+    return Path(path).stem
+
+
+def list_target_sets(test, lists: Sequence[str | Path], taken: Iterable[str] = ()) -> dict[str, TargetSet]:
+    """Index sets of test-distribution list files into the test split ``test`` (an image-file
+    dataset: ``paths``, ``labels``, ``root``), each named by its file stem
+    (:func:`~balpoe.data.image_list.match_image_list`: an image not in the test split is a one-line
+    error naming it).  Two lists with one name, or a name in ``taken`` (other target sets), are
+    refused."""
+    if not lists:
+        return {}
+    if not hasattr(test, "paths"):
+        raise BalpoeError("test-distribution list files name image files, but this dataset is held in memory (no "
+                          "image paths): use the generated test distributions or user priors")
+    out: dict[str, TargetSet] = {}
+    taken = set(taken)
+    for f in lists:
+        name = list_name(f)
+        if name in out or name in taken:
+            other = out[name].file if name in out else "another target set"
+            raise BalpoeError(f"test list {f} is named {name!r} (its file stem), as {other}: rename one of them")
+        idx = match_image_list(f, test.paths, test.labels, getattr(test, "root", None))
+        out[name] = TargetSet(name, torch.from_numpy(idx), "list", file=str(f))
     return out

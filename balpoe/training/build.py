@@ -17,6 +17,7 @@ from timm.optim import create_optimizer_v2
 from torch.optim import lr_scheduler
 
 from balpoe.data.build import build_data, build_loader, input_size
+from balpoe.data.autoaugment import parse_randaugment
 from balpoe.data.bundle import DataBundle
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists
 from balpoe.evaluate.build import evaluate_model, write_run_report
@@ -164,7 +165,9 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
 RESUMABLE_KEYS = ("name", "optim.lr", "optim.epochs", "optim.warmup_epochs", "optim.schedule", "optim.milestones",
                   "optim.gamma", "optim.min_lr", "train.device", "train.threads", "train.checkpoint_every",
                   "train.eval_every", "train.eval_batch_size", "train.compile", "train.compile_mode", "data.root",
-                  "data.download", "data.num_workers", "stage2.init_checkpoint")
+                  "data.download", "data.num_workers", "data.decode", "data.train_root", "data.val_root",
+                  "data.test_root", "data.train_list", "data.val_list", "data.test_list", "data.class_names",
+                  "data.test_lists", "stage2.init_checkpoint")
 
 
 def prepare_output_dir(out: Path, resume: bool | str) -> Path | None:
@@ -212,8 +215,11 @@ def resume_changes(recipe: dict, ckpt: dict, path: Path) -> dict[str, tuple]:
 
 def check_names(recipe: Recipe) -> None:
     """The recipe's registered names exist: ``data.dataset`` (:data:`balpoe.data.registry.DATASETS`),
-    ``loss.name`` (:data:`balpoe.losses.build.LOSSES`) and ``model.backbone`` (timm's registry)."""
+    ``loss.name`` (:data:`balpoe.losses.build.LOSSES`) and ``model.backbone`` (timm's registry); a
+    RandAugment config string parses."""
     get_dataset(recipe.data.dataset)
+    if recipe.data.augment.policy == "randaugment":
+        parse_randaugment(recipe.data.augment.randaugment)
     if recipe.loss.name not in LOSSES:
         raise BalpoeError(f"recipe key 'loss.name' is unknown: {recipe.loss.name!r} (known: {', '.join(LOSSES)})")
     check_backbone(recipe.model.backbone)

@@ -22,9 +22,9 @@ From a recipe (``stage: 2``; :func:`balpoe.training.build.build_plan`):
   copied into the resolved recipe, :func:`adopt_stage1_sections`) or repeats them exactly; a
   stage-2 ``model``/``loss`` section that disagrees with the checkpoint is an error naming the key.
   The stage-2 data must give the checkpoint's class counts (:func:`check_stage2_data`).
-* Stage 2 must train on the class-balanced stream: a stage-2 recipe has to say
-  ``data.sampler: class_balanced`` (validated, not silently defaulted, so the sampler a run used is
-  always the one its ``recipe.yaml`` shows).  Mixup off, a cosine schedule over the stage-2 epochs
+* Stage 2 must train on a class-balanced stream: a stage-2 recipe has to say
+  ``data.sampler: class_aware`` (the official MiSLAS sampler) or ``class_balanced`` (validated, not
+  silently defaulted, so the sampler a run used is always the one its ``recipe.yaml`` shows).  Mixup off, a cosine schedule over the stage-2 epochs
   and no warmup are what the shipped ``recipes/mislas`` stage-2 recipes set (MiSLAS Table 5).
 * Difference from the official MiSLAS code, on purpose: it fine-tunes ``W`` itself at
   ``lr * lr_factor`` with weight decay pulling ``W`` to 0; here ``dW`` (init 0) is learnt at that
@@ -118,9 +118,9 @@ def adopt_stage1_sections(recipe, stage1, path: str):
 
 def check_stage2_data(sampler: str, num_classes: int, in_chans: int, class_counts, ckpt: dict, path: str) -> None:
     """The stage-2 data must be the stage-1 data (classes, channels, LT counts), sampled class-balanced."""
-    if sampler != "class_balanced":
+    if sampler not in ("class_balanced", "class_aware"):
         raise BalpoeError(f"recipe key 'data.sampler' is {sampler!r} but stage 2 re-trains the classifier "
-                          "on the class-balanced stream (MiSLAS Sec. 3.3); set data.sampler: class_balanced")
+                          "on the class-balanced stream (MiSLAS Sec. 3.3); set data.sampler: class_aware or class_balanced")
     if ckpt["num_classes"] != num_classes or ckpt["in_chans"] != in_chans:
         raise BalpoeError(f"recipe key 'data.dataset': the stage-2 data has {num_classes} classes and "
                           f"{in_chans} channels, the stage-1 checkpoint '{path}' {ckpt['num_classes']} and "

@@ -9,15 +9,13 @@ import base64
 import io
 import json
 import re
-import shutil
-import subprocess
 
 import numpy as np
 import pytest
 import yaml
 
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.html_report import SECTIONS, report_sections, write_html_report
+from balpoe.evaluate.html_report import SECTIONS, chromium, find_chromium, report_sections, screenshot, write_html_report
 
 CLASS_NAMES = ["T-shirt/top", "<b>Bag</b> & co", "Sneaker $5", "Ankle boot"]
 CLASS_COUNTS = [120, 500, 8, 40]  # training-count order: 1, 0, 3, 2; many: 0, 1; medium: 3; few: 2
@@ -279,28 +277,17 @@ def test_many_classes(tmp_path):
 
 
 def _chromium():
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
+    if find_chromium() is None:
         pytest.skip("headless Chromium not found: apt-get install -y chromium")
-    return exe
-
-
-def _chromium_run(exe, tmp_path, *args) -> subprocess.CompletedProcess:
-    cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={tmp_path / 'chromium-profile'}", "--hide-scrollbars", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 def test_as_seen_in_a_browser(runs, tmp_path):
     """Chromium renders the page (screenshot not blank) and decodes every image (naturalWidth > 0)."""
-    exe = _chromium()
+    _chromium()
     image = pytest.importorskip("PIL.Image")
-    shot = tmp_path / "report.png"
-    r = _chromium_run(exe, tmp_path, "--window-size=1200,3000", f"--screenshot={shot}", runs["html1"].as_uri())
-    assert shot.is_file(), r.stderr[-2000:]
+    shot = screenshot(runs["html1"], tmp_path / "report.png", width=1200, height=3000)
     a = np.asarray(image.open(shot).convert("RGB"))
-    assert a.shape[:2] == (3000, 1200)
+    assert a.shape[1] == 1200 and 1000 < a.shape[0] <= 3000
     non_white = (a.min(axis=2) < 235).mean()
     colours = _n_colours(a)
     assert non_white > 0.08 and colours > 500, (non_white, colours)
@@ -315,7 +302,7 @@ def test_as_seen_in_a_browser(runs, tmp_path):
     for name, page in pages.items():
         copy = tmp_path / f"{name}-probe.html"
         copy.write_text(page.replace("</body>", probe + "</body>"))
-        r = _chromium_run(exe, tmp_path, "--dump-dom", copy.as_uri())
+        r = chromium(["--dump-dom", copy.as_uri()], tmp_path / "profile")
         m = re.search(r'<div id="img-probe">broken=(\d+) total=(\d+)</div>', r.stdout)
         assert m, r.stderr[-2000:]
         broken, total = int(m.group(1)), int(m.group(2))

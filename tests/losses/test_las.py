@@ -188,3 +188,100 @@ def test_loss_gradient_flows_and_device_buffer():
     assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
     # per-row gradient of -sum q log softmax is softmax - q: rows sum to zero
     assert torch.allclose(logits.grad.sum(1), torch.zeros(4), atol=1e-6)
+
+
+# ------------------------------------------------------------------ official target (MiSLAS methods.py)
+
+def official_closed_form(logits: torch.Tensor, target: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """The official ``LabelAwareSmoothing.forward`` (dvlab-research/MiSLAS methods.py), in float64:
+    ``(1 - eps_y) * NLL + eps_y * mean_k(-log p_k)``, mean over the batch."""
+    logp = F.log_softmax(logits.double(), dim=-1)
+    e = eps.double()[target]
+    nll = -logp.gather(1, target[:, None]).squeeze(1)
+    return ((1 - e) * nll + e * (-logp.mean(1))).mean()
+
+
+@pytest.mark.parametrize("form,power", FORMS)
+def test_official_target_matches_closed_form(form, power):
+    gen = torch.Generator().manual_seed(21)
+    K = len(LT_COUNTS)
+    logits = 3 * torch.randn(64, K, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, K, (64,), generator=gen)
+    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, 0.4, 0.1, form, power, target="official")
+    eps = label_aware_epsilons(LT_COUNTS, 0.4, 0.1, form, power)
+    got = loss_fn(logits, target)
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(official_closed_form(logits, target, eps).item(), rel=1e-7)
+    # the same loss as -sum_i q_i log p_i with q = (1 - eps_y) e_y + eps_y / K
+    q = (1 - eps[target])[:, None] * F.one_hot(target, K).double() + (eps[target] / K)[:, None]
+    assert torch.allclose(q.sum(1), torch.ones(64, dtype=torch.float64))
+    explicit = -(q * F.log_softmax(logits, -1)).sum(1).mean()
+    assert got.item() == pytest.approx(explicit.item(), rel=1e-7)  # eps is stored in float32
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
+def test_official_constant_eps_is_torch_label_smoothing(eps):
+    # torch's label_smoothing spreads eps over all K classes: exactly the official target.
+    gen = torch.Generator().manual_seed(22)
+    K = len(LT_COUNTS)
+    logits = 4 * torch.randn(32, K, generator=gen)
+    target = torch.randint(0, K, (32,), generator=gen)
+    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, eps, eps, target="official")
+    assert torch.allclose(loss_fn(logits, target), F.cross_entropy(logits, target, label_smoothing=eps), atol=1e-6)
+
+
+def test_paper_with_eps_is_official_with_eps_times_k_over_k_minus_1():
+    gen = torch.Generator().manual_seed(23)
+    K = len(LT_COUNTS)
+    logits = 3 * torch.randn(40, K, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, K, (40,), generator=gen)
+    paper = LabelAwareSmoothingLoss(LT_COUNTS, 0.3, 0.05)
+    official = LabelAwareSmoothingLoss(LT_COUNTS, 0.3 * K / (K - 1), 0.05 * K / (K - 1), target="official")
+    assert official.epsilons.double() == pytest.approx((paper.epsilons.double() * K / (K - 1)).tolist(), rel=1e-6)
+    assert paper(logits, target).item() == pytest.approx(official(logits, target).item(), rel=1e-6)
+    # with the same eps the official target smooths less: a different loss
+    same = LabelAwareSmoothingLoss(LT_COUNTS, 0.3, 0.05, target="official")
+    assert abs(same(logits, target).item() - paper(logits, target).item()) > 1e-3
+
+
+def test_official_soft_targets_are_the_linear_extension():
+    gen = torch.Generator().manual_seed(24)
+    K = len(LT_COUNTS)
+    logits = torch.randn(12, K, generator=gen, dtype=torch.float64)
+    ya, yb = torch.randint(0, K, (12,), generator=gen), torch.randint(0, K, (12,), generator=gen)
+    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, 0.4, 0.1, target="official")
+    eps = loss_fn.epsilons
+    one_hot = F.one_hot(ya, K).double()
+    assert loss_fn(logits, one_hot).item() == pytest.approx(loss_fn(logits, ya).item(), rel=1e-12)
+    # mixup: the official mixup_criterion, lam * loss(y_a) + (1 - lam) * loss(y_b)
+    lam = 0.3
+    mixed = lam * one_hot + (1 - lam) * F.one_hot(yb, K).double()
+    expect = lam * official_closed_form(logits, ya, eps) + (1 - lam) * official_closed_form(logits, yb, eps)
+    assert loss_fn(logits, mixed).item() == pytest.approx(expect.item(), rel=1e-6)
+    # any soft target t: per row sum_y t_y loss(y)
+    t = torch.softmax(torch.randn(12, K, generator=gen, dtype=torch.float64), -1)
+    per_label = torch.stack([torch.stack([official_closed_form(logits[b:b + 1], torch.tensor([y]), eps)
+                                          for y in range(K)]) for b in range(12)])  # [B, K]
+    assert loss_fn(logits, t).item() == pytest.approx((t * per_label).sum(1).mean().item(), rel=1e-6)
+
+
+def test_official_optimum_and_experts():
+    # the minimiser of the official loss puts log((1 - eps_y + eps_y/K) / (eps_y/K)) + c on the label
+    K = len(LT_COUNTS)
+    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, 0.4, 0.1, target="official")
+    eps = loss_fn.epsilons.double()
+    target = torch.arange(K)
+    logits = torch.full((K, K), -0.4, dtype=torch.float64)
+    logits[target, target] += torch.log((1 - eps + eps / K) / (eps / K))
+    logits.requires_grad_(True)
+    loss_fn(logits, target).backward()
+    assert logits.grad.abs().max().item() < 1e-6
+    z = torch.randn(3, 8, K, generator=torch.Generator().manual_seed(25))
+    y = torch.arange(8) % K
+    assert torch.allclose(loss_fn(z, y), torch.stack([loss_fn(z[e], y) for e in range(3)]).mean(), atol=1e-6)
+    assert "target='official'" in repr(loss_fn) and "target='paper'" in repr(LabelAwareSmoothingLoss(LT_COUNTS, 0, 0))
+
+
+def test_target_validation():
+    with pytest.raises(BalpoeError, match="target must be one of"):
+        LabelAwareSmoothingLoss(LT_COUNTS, 0.4, 0.1, target="uniform")

@@ -1,5 +1,7 @@
 """Multi-expert networks from timm models: shapes, split correctness, registry, heads."""
 
+import dataclasses
+import math
 import time
 
 import pytest
@@ -9,7 +11,10 @@ import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
 from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert, multi_expert, split_children
+from balpoe.models.build import build_model
+from balpoe.models.heads import HEAD_INITS, LinearHead, build_head
 from balpoe.models.multi_expert import probe_sizes
+from balpoe.recipe import recipe_from_dict
 
 
 def _resnet32_param_count(num_classes: int) -> int:
@@ -105,6 +110,56 @@ def test_cosine_head_closed_form():
     expected = 30.0 * (F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).T)
     assert torch.allclose(head(x), expected, atol=1e-5)
     assert torch.allclose(head.weight.norm(dim=1), torch.ones(4), atol=1e-6)  # renormalised at init
+
+
+@pytest.mark.parametrize("fan_in", [64, 256])
+def test_linear_head_init_std_matches_closed_form(fan_in):
+    # nn.Linear default: kaiming_uniform_(a=sqrt(5)) -> U(-1/sqrt(D), 1/sqrt(D)), std 1/sqrt(3 D)
+    # (0.072 for D = 64); official MiSLAS / LDAM-DRW: kaiming_normal_ -> N(0, 2/D), std sqrt(2/D) (0.177)
+    torch.manual_seed(0)
+    default = build_head("linear", fan_in, 2000)
+    kaiming = build_head("linear", fan_in, 2000, init="kaiming")
+    assert isinstance(kaiming, LinearHead) and HEAD_INITS == ("default", "kaiming")
+    n = 2000 * fan_in  # relative standard error of a sample std ~ 1/sqrt(2n) < 0.2%
+    assert default.weight.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.01)
+    assert default.weight.abs().max().item() <= 1 / math.sqrt(fan_in)
+    assert kaiming.weight.std().item() == pytest.approx(math.sqrt(2 / fan_in), rel=0.01)
+    assert abs(kaiming.weight.mean().item()) < 4 * math.sqrt(2 / fan_in) / math.sqrt(n)
+    # Gaussian, not uniform: kurtosis 3 (a uniform's is 1.8)
+    w = kaiming.weight.double().flatten()
+    assert (((w - w.mean()) ** 4).mean() / w.var() ** 2).item() == pytest.approx(3.0, abs=0.1)
+    # the bias keeps torch's default U(-1/sqrt(D), 1/sqrt(D)), as the official code
+    assert kaiming.bias.abs().max().item() <= 1 / math.sqrt(fan_in)
+    assert kaiming.bias.std().item() == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.1)
+    if fan_in == 64:
+        assert round(default.weight.std().item(), 3) == 0.072 and round(kaiming.weight.std().item(), 2) == 0.18
+
+
+def test_head_init_from_the_recipe():
+    torch.manual_seed(1)
+    r = recipe_from_dict({"model": {"backbone": "small_cnn", "num_experts": 3, "head": "linear",
+                                    "head_init": "kaiming", "kwargs": {"widths": [8, 16, 64]}}, "loss": {"tau": [0, 1, 2]}})
+    net = build_model(r.model, 500, 3, pretrained=False)
+    for head in net.heads:  # every expert's linear head
+        assert head.weight.shape == (500, 64)
+        assert head.weight.std().item() == pytest.approx(math.sqrt(2 / 64), rel=0.03)
+    # default: torch's nn.Linear init; recipes (and checkpoints) without the key get it
+    assert recipe_from_dict({}).model.head_init == "default"
+    plain = build_model(dataclasses.replace(r.model, head_init="default"), 500, 3, pretrained=False)
+    assert plain.heads[0].weight.std().item() == pytest.approx(1 / math.sqrt(3 * 64), rel=0.03)
+    # the same seed gives the same network as before the key existed (default draws nothing extra)
+    torch.manual_seed(2)
+    a = build_model(dataclasses.replace(r.model, head_init="default"), 10, 3, pretrained=False)
+    torch.manual_seed(2)
+    b = build_multi_expert("small_cnn", 10, 3, "head", "linear", 30.0, 3, kwargs={"widths": [8, 16, 64]})
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    # cosine heads keep their own initialisation
+    with pytest.raises(BalpoeError, match="recipe key 'model.head_init' is 'kaiming' but model.head is 'cosine'"):
+        build_model(dataclasses.replace(r.model, head="cosine"), 10, 3, pretrained=False)
+    with pytest.raises(ValueError):
+        build_head("cosine", 8, 4, init="kaiming")
+    with pytest.raises(ValueError):
+        build_head("linear", 8, 4, init="xavier")
 
 
 def test_unknown_backbone_and_bad_split_are_one_line_errors(tmp_path):

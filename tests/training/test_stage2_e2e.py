@@ -5,6 +5,7 @@ checkpoint, one-line errors, and BalPoE's multi-expert model with the same stage
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -14,14 +15,15 @@ import torch.nn.functional as F
 import yaml
 
 from balpoe import evaluate_checkpoint, load_recipe, recipe_from_dict, train
-from balpoe.runtime.checkpoint import load_checkpoint
+from balpoe.data.build import build_data
+from balpoe.runtime.checkpoint import atomic_save, load_checkpoint
 from balpoe.errors import BalpoeError
 from balpoe.losses.las import LabelAwareSmoothingLoss
 from balpoe.models.lws import LWSDeltaHead
 from balpoe.evaluate.build import load_model
-from balpoe.losses.build import build_stage2_criterion
+from balpoe.losses.build import build_stage2_criterion, model_prior_exponent
 from balpoe.losses.priors import stage2_expert_offsets
-from balpoe.training.build import load_init_checkpoint
+from balpoe.training.build import build_plan, load_init_checkpoint
 from balpoe.training.stage2 import adopt_stage1_sections
 
 SMALL = {"backbone": "small_cnn", "kwargs": {"widths": [8, 16, 16]}}
@@ -123,6 +125,35 @@ def test_mislas_stage1_to_stage2_api_eval_and_what_stage2_changes(mislas_stage1,
     # A stage-2 checkpoint cannot start another stage 2.
     with pytest.raises(BalpoeError, match="is a stage-2 checkpoint; point it at a stage-1 run"):
         load_init_checkpoint(str(tmp_path / "s2" / "last.pt"))
+
+
+def test_official_mislas_stage2_and_checkpoints_from_before_the_keys(mislas_stage1, cifar_root, tmp_path):
+    # A stage-1 checkpoint written before model.head_init, data.images_per_class_visit and
+    # stage2.las_target existed: its recipe lacks them and must still load (with the defaults).
+    old = load_checkpoint(mislas_stage1 / "last.pt")
+    del old["recipe"]["model"]["head_init"], old["recipe"]["data"]["images_per_class_visit"]
+    del old["recipe"]["stage2"]["las_target"]
+    atomic_save(old, tmp_path / "old.pt")
+    _, stage1 = load_init_checkpoint(str(tmp_path / "old.pt"))
+    assert stage1.model.head_init == "default" and stage1.stage2.las_target == "paper"
+    assert evaluate_checkpoint(tmp_path / "old.pt", device="cpu", out=tmp_path / "e1.json")["n"] == 80
+
+    # Stage 2 as the official code: class-aware sampler (ceil(n/B) + 1 batches), official LAS target.
+    raw = _stage2(cifar_root, tmp_path / "old.pt", las_target="official")
+    raw["data"].update(sampler="class_aware", images_per_class_visit=4)
+    recipe = recipe_from_dict(raw)
+    bundle = build_data(recipe.data, "cpu")
+    plan = build_plan(recipe, bundle, torch.device("cpu"), html_report=False)
+    n = int(bundle.class_counts.sum())
+    assert len(plan.loader) == math.ceil(n / 32) + 1 and plan.loader.num_samples == 32 * len(plan.loader)
+    assert plan.criterion.target == "official" and plan.criterion.spread == 10
+    assert model_prior_exponent(recipe) == model_prior_exponent(recipe_from_dict(_stage2(cifar_root, "x.pt"))) == 0.0
+    report = train(recipe, tmp_path / "s2", show_progress=False)
+    saved = load_recipe(tmp_path / "s2" / "recipe.yaml")
+    assert saved.data.sampler == "class_aware" and saved.stage2.las_target == "official"
+    assert saved.model.head_init == "default"  # adopted from the old checkpoint, default filled in
+    again = evaluate_checkpoint(tmp_path / "s2" / "last.pt", device="cpu", out=tmp_path / "e2.json")
+    assert again["acc"] == pytest.approx(report["acc"]) and again["ece"] == pytest.approx(report["ece"])
 
 
 def test_stage2_without_shifted_bn_changes_only_the_eq4_tensors(mislas_stage1, cifar_root, tmp_path):
@@ -250,6 +281,11 @@ def test_stage2_loss_is_las_for_one_expert_and_adjusts_experts():
     # One expert with tau 1 (logit-adjusted stage 1): 'relative' is still exactly LAS.
     r.loss.tau, r.stage2.expert_adjust = [1.0], "relative"
     assert torch.equal(build_stage2_criterion(r, counts)(logits, y), las(logits[0], y))
+    # stage2.las_target picks the target distribution (paper Eq. 1 by default, or official methods.py)
+    r.stage2.las_target = "official"
+    official = LabelAwareSmoothingLoss(counts, 0.4, 0.1, target="official")
+    assert torch.equal(build_stage2_criterion(r, counts)(logits, y), official(logits[0], y))
+    assert not torch.equal(official(logits[0], y), las(logits[0], y))
     # eps 0: cross-entropy.  Three experts: LAS of f_k + delta_k log pi, delta = tau_k - mean tau.
     r = recipe_from_dict({"model": {"num_experts": 3}, "loss": {"tau": [0, 1, 2]}})
     logits3 = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(1))
