@@ -8,6 +8,7 @@ script writes JPEG/PNG class folders, a recipe names them, ``balpoe train`` trai
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -24,69 +25,32 @@ from balpoe.cli import main
 from balpoe.data.build import build_data
 from balpoe.errors import BalpoeError
 
-# ---- the README example, verbatim -----------------------------------------------------------
+# ---- the README example, read from the README ------------------------------------------------
 
-MAKE_FOLDERS = '''\
-# make_folders.py: a tiny 3-class long-tailed image folder (40 / 12 / 4 training images), JPEG and PNG
-from pathlib import Path
+README = Path(__file__).resolve().parents[2] / "README.md"
 
-import numpy as np
-from PIL import Image
 
-rng = np.random.default_rng(0)
-colours = {"cat": (200, 60, 60), "dog": (60, 200, 60), "fox": (60, 60, 200)}
-for split, counts in {"train": [40, 12, 4], "val": [4, 4, 4], "test": [10, 10, 10]}.items():
-    for (name, rgb), n in zip(colours.items(), counts):
-        folder = Path("mydata", split, name)
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            pixels = np.clip(np.array(rgb) + rng.normal(0, 40, (32, 32, 3)), 0, 255).astype(np.uint8)
-            Image.fromarray(pixels).save(folder / f"{i:03d}.{'png' if i % 2 else 'jpg'}")
-'''
-
-RECIPE = '''\
-name: mydata_balpoe
-data:
-  dataset: image_folder
-  train_root: mydata/train     # mydata/train/<class>/<image>; class names = folder names
-  val_root: mydata/val         # optional: the calibration holdout (TS / BCTS, --adapt unlabelled)
-  test_root: mydata/test
-  image_size: 32               # crop size (default 224)
-  num_workers: 0
-  many_threshold: 20           # many-shot: > 20 training images; few-shot: < 5
-  few_threshold: 5
-model: {backbone: resnet20_cifar, num_experts: 3, split: layer1, head: cosine}
-loss: {tau: [0, 1, 2]}
-optim: {lr: 0.05, batch_size: 16, epochs: 2, warmup_epochs: 0, schedule: cosine}
-train: {mixup_alpha: 0.2}
-'''
-
-FORWARD_LIST = '''\
-cat/000.jpg 0
-cat/001.png 0
-cat/002.jpg 0
-cat/003.png 0
-dog/000.jpg 1
-dog/001.png 1
-fox/000.jpg 2
-'''
-
-COMMANDS = [
-    "balpoe train mydata.yaml --out runs/mydata",
-    "balpoe eval runs/mydata/last.pt",
-    "balpoe eval runs/mydata/last.pt --test-list cat_heavy.txt --adapt unlabelled",
-    "balpoe predict runs/mydata/last.pt mydata/test/fox --out runs/mydata/fox.jsonl",
-]
+def readme_example() -> tuple[str, str, str, list[str]]:
+    """The blocks of README's "Your own data" section: make_folders.py, mydata.yaml, cat_heavy.txt and
+    the commands (without the `python make_folders.py` line)."""
+    text = README.read_text()
+    section = text[text.index("## Your own data"):]
+    section = section[:section.index("\n## ", 5)]
+    blocks = dict(re.findall(r"```(python|yaml|text|bash)\n(.*?)```", section, re.S))
+    commands = [c for c in blocks["bash"].splitlines() if c.startswith("balpoe ")]
+    return blocks["python"], blocks["yaml"], blocks["text"], commands
 
 
 def test_readme_own_data_example_end_to_end(tmp_path, monkeypatch):
+    make_folders, recipe, forward_list, commands = readme_example()
+    assert len(commands) == 4
     monkeypatch.chdir(tmp_path)
-    (tmp_path / "make_folders.py").write_text(MAKE_FOLDERS)
-    (tmp_path / "mydata.yaml").write_text(RECIPE)
-    (tmp_path / "cat_heavy.txt").write_text(FORWARD_LIST)
+    (tmp_path / "make_folders.py").write_text(make_folders)
+    (tmp_path / "mydata.yaml").write_text(recipe)
+    (tmp_path / "cat_heavy.txt").write_text(forward_list)
     subprocess.run([sys.executable, "make_folders.py"], check=True, timeout=120)
     assert {p.suffix for p in (tmp_path / "mydata" / "train" / "cat").iterdir()} == {".jpg", ".png"}
-    for cmd in COMMANDS:
+    for cmd in commands:
         argv = shlex.split(cmd)
         assert argv[0] == "balpoe"
         if argv[1] == "train":
