@@ -993,7 +993,7 @@ def chromium(args: list[str], profile: Path, timeout: float = 120) -> subprocess
 
 
 def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int = 12000) -> Path:
-    """A PNG of the page ``html`` as Chromium shows it ``width`` pixels wide; the white space below the
+    """A PNG of the page ``html`` as Chromium shows it ``width`` pixels wide; the empty page below the
     content is cut off (the window is ``height`` pixels tall)."""
     html, png = Path(html).resolve(), Path(png)
     png.parent.mkdir(parents=True, exist_ok=True)
@@ -1004,7 +1004,8 @@ def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int
             raise BalpoeError(f"Chromium wrote no screenshot of '{html}' ({r.stderr.strip().splitlines()[-1:]})")
         with Image.open(shot) as img:
             rgb = np.asarray(img.convert("RGB"))
-    rows = np.where((rgb < 250).any(axis=(1, 2)))[0]
+    background = rgb[-1, rgb.shape[1] // 2].astype(int)  # the page colour below the content
+    rows = np.where((np.abs(rgb.astype(int) - background) > 8).any(axis=(1, 2)))[0]
     bottom = int(rows[-1]) + 24 if len(rows) else rgb.shape[0]
     Image.fromarray(rgb[:min(bottom, rgb.shape[0])]).save(png, format="PNG", optimize=True)
     return png
