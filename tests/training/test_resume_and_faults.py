@@ -33,6 +33,7 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import evaluate_checkpoint
 from balpoe.losses.build import LOSSES, register_loss
 from balpoe.losses.logit_adjusted import BalPoELoss
+from balpoe.shift.build import evaluate_shift
 from balpoe.runtime.checkpoint import (FORMAT, atomic_write_text, load_checkpoint, remove_stale_temporaries,
                                        save_safetensors)
 
@@ -378,3 +379,32 @@ def test_under_torchrun_only_rank_0_prints_the_error(monkeypatch, capsys, tmp_pa
     monkeypatch.setenv("RANK", "0")
     assert main(["train", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_unwritable_output_and_missing_cuda_are_one_line_before_any_work(uninterrupted, tmp_path, capsys,
+                                                                        monkeypatch, cifar_root):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text(yaml.safe_dump(_recipe(cifar_root, epochs=1)))
+    real = Path.write_bytes
+
+    def refuse(self, data):
+        if self.name.startswith(".write-test-"):
+            raise PermissionError(13, "Permission denied")
+        return real(self, data)
+    monkeypatch.setattr(Path, "write_bytes", refuse)        # a read-only folder (root can write anywhere)
+    assert main(["train", str(recipe_file), "--out", str(tmp_path / "ro")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not writable (Permission denied)" in err
+    assert not (tmp_path / "ro" / "metrics.jsonl").exists()
+    monkeypatch.setattr(Path, "write_bytes", real)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["eval", str(uninterrupted / "last.pt"), "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: device is 'cuda' but CUDA is not available on this machine (use 'cpu' or 'auto')\n"
+
+
+def test_label_shift_json_is_strict(uninterrupted, tmp_path):
+    evaluate_shift(uninterrupted / "last.pt", test_dists="all", adapt="known", device="cpu", out=tmp_path,
+                   plots=False, quiet=True)
+    report = _strict((tmp_path / "shift_eval.json").read_text())
+    assert report["curves"]["distributions"][0] == "forward50"
