@@ -79,8 +79,9 @@ Output: ``--out DIR`` (default ``runs/fidelity``) holds one folder per side and 
 (``DIR/<side>/seed<S>/``: ``result.json``, ``test_logits.pt``, the training curve; the fast side's
 library run in ``run/``) and ``DIR/results.json``; ``--json PATH`` writes a copy.  A side/seed whose
 ``result.json`` exists is reused (its configuration must match, else a one-line error), a folder
-without one (an interrupted run) is started again, so the long CPU job can be resumed and split into
-chunks that run one after the other or side by side, e.g.::
+without one (an interrupted run) is started again (a reference run whose training finished and
+whose evaluation was interrupted is only evaluated, from its ``model.pt``), so the long CPU job can
+be resumed and split into chunks that run one after the other or side by side, e.g.::
 
     python benchmarks/fidelity.py --sides fast --seeds 1          # one chunk per side and seed ...
     python benchmarks/fidelity.py --sides reference --seeds 1
@@ -130,6 +131,7 @@ from balpoe.evaluate.build import load_model
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy
 from balpoe.evaluate.report import report_from_logits
+from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import load_recipe
 from balpoe.runtime.checkpoint import atomic_save, atomic_write_text, json_text, write_json
@@ -387,13 +389,26 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
+def finished_reference(run_dir: Path, recipe) -> bool:
+    """Whether ``run_dir`` holds a reference run whose training finished (``model.pt`` is saved after
+    the last epoch, and ``metrics.jsonl`` has one row per epoch) but whose evaluation did not."""
+    return (run_dir / "model.pt").is_file() and len(read_rows(run_dir / "metrics.jsonl")) == recipe.optim.epochs
+
+
 def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
     """Train one side for one seed into ``run_dir`` and evaluate it; returns the result dict."""
     run_dir.mkdir(parents=True, exist_ok=True)
     device, evaluator = ctx["device"], ctx["evaluator"]
     start = time.perf_counter()
     extra = {}
-    if side == "reference":
+    if side == "reference" and finished_reference(run_dir, recipe):
+        # training finished (model.pt is written only after the last epoch) but the evaluation was
+        # interrupted: evaluate the saved weights instead of training again
+        model = build_model(recipe.model, evaluator.bundle.num_classes, evaluator.bundle.in_chans).to(device)
+        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True))
+        rows = read_rows(run_dir / "metrics.jsonl")
+        extra["workers"] = ctx["workers"]
+    elif side == "reference":
         model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"],
                                       full_train_labels=ctx["full_train_labels"], train=evaluator.bundle.train,
                                       metrics_path=run_dir / "metrics.jsonl")
@@ -684,10 +699,14 @@ def main(argv: list[str] | None = None) -> dict:
                 done[(side, seed)] = res
                 continue
             run_dir = result_path(out, side, seed).parent
-            if run_dir.exists():
+            if run_dir.exists() and not (side == "reference" and finished_reference(run_dir, recipes[(side, seed)])):
                 console.print(f"{side} seed {seed}: discarding the unfinished run in {run_dir}")
                 shutil.rmtree(run_dir)
-            console.print(f"[{i}/{len(todo)}] {side} seed {seed}: training ...")
+            if run_dir.exists():
+                console.print(f"[{i}/{len(todo)}] {side} seed {seed}: training had finished; evaluating "
+                              f"{run_dir / 'model.pt'} ...")
+            else:
+                console.print(f"[{i}/{len(todo)}] {side} seed {seed}: training ...")
             res = run_side(side, recipes[(side, seed)], run_dir, ctx)
             write_json(res, result_path(out, side, seed))
             done[(side, seed)] = res

@@ -18,6 +18,7 @@ from pathlib import Path
 import timm
 import torch
 
+import balpoe
 from balpoe.data.build import build_data, build_loader
 from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import stratified_holdout
@@ -115,7 +116,11 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
 def environment(device: torch.device, amp: bool) -> dict:
     """Versions, device and dtype the numbers were computed with (for reports)."""
     dtype = amp_dtype(device, amp, warn=False)
-    return {"balpoe": importlib.metadata.version("balpoe"), "torch": torch.__version__, "timm": timm.__version__,
+    try:
+        version = importlib.metadata.version("balpoe")
+    except importlib.metadata.PackageNotFoundError:   # run from a source tree that is not installed
+        version = balpoe.__version__
+    return {"balpoe": version, "torch": torch.__version__, "timm": timm.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
             "device": device_name(device),
             "dtype": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32"}

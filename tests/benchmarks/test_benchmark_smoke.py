@@ -284,6 +284,20 @@ def test_fidelity_smoke_statistics(tmp_path, load_script):
     again = load_script("fidelity").main(args + ["--report-only"])
     assert again["runs"] == r["runs"] and again["difference"] == r["difference"]
 
+    # a reference run killed during its evaluation (model.pt written, no result.json) is evaluated
+    # from its saved weights, not trained again: same metrics, same training curve
+    ref_dir = out / "reference" / "seed1"
+    (ref_dir / "result.json").unlink()
+    mtime = (ref_dir / "model.pt").stat().st_mtime_ns
+    proc = subprocess.run([sys.executable, str(BENCH / "fidelity.py"), *args, "--sides", "reference", "--seeds", "1"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "training had finished; evaluating" in proc.stdout and "training ..." not in proc.stdout
+    redone = json.loads((ref_dir / "result.json").read_text())
+    assert (ref_dir / "model.pt").stat().st_mtime_ns == mtime
+    assert redone["metrics"] == r["runs"]["reference"]["1"]["metrics"]
+    assert redone["curve"] == r["runs"]["reference"]["1"]["curve"]
+
 
 def test_fidelity_schedule_matches_the_official_customlr(load_script):
     """The CPU default compresses the recipe to 12 epochs (warmup 1, milestones [9, 10], mixup 0.4),
