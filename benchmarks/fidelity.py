@@ -133,7 +133,7 @@ from balpoe.evaluate.metrics import accuracy
 from balpoe.evaluate.report import report_from_logits
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.recipe import load_recipe
+from balpoe.recipe import Recipe, load_recipe
 from balpoe.runtime.checkpoint import atomic_save, atomic_write_text, json_text, write_json
 from balpoe.runtime.console import console as balpoe_console
 from balpoe.runtime.device import device_name, resolve_device
@@ -307,10 +307,32 @@ def lever_specs(recipe, device: torch.device, workers: int) -> tuple[list[dict],
 def fingerprint(recipe, limit: int, data_source: str | None) -> dict:
     """What a reusable result must have been made with: the resolved recipe (CPU threads and
     DataLoader worker counts aside), ``--limit`` and the data source."""
-    r = recipe.to_dict()
+    return {"recipe": comparable(recipe.to_dict()), "limit": limit or None, "data_source": data_source}
+
+
+def comparable(r: dict) -> dict:
+    """A recipe dict without the keys that do not change results (CPU threads, DataLoader workers)."""
+    r = dict(r)
     r["train"] = {k: v for k, v in r["train"].items() if k != "threads"}
     r["data"] = {k: v for k, v in r["data"].items() if k != "num_workers"}
-    return {"recipe": r, "limit": limit or None, "data_source": data_source}
+    return r
+
+
+def with_later_defaults(config: dict | None) -> dict | None:
+    """A stored fingerprint with the recipe keys it lacks filled in from the recipe defaults: a key
+    added to the recipe schema after the result was made matches when the current recipe leaves it
+    at its default (every new key's default keeps the earlier behaviour); a key the stored recipe
+    has with another value still differs."""
+    if not isinstance(config, dict) or not isinstance(config.get("recipe"), dict):
+        return config
+
+    def fill(stored, default):
+        if not (isinstance(stored, dict) and isinstance(default, dict)):
+            return stored
+        return {**{k: v for k, v in default.items() if k not in stored},
+                **{k: fill(v, default.get(k)) for k, v in stored.items()}}
+
+    return {**config, "recipe": fill(config["recipe"], comparable(Recipe().to_dict()))}
 
 
 def first_difference(a, b, path: str = "") -> str:
@@ -448,8 +470,9 @@ def load_result(out: Path, side: str, seed: int, expected: dict | None) -> dict 
     if not path.is_file():
         return None
     res = json.loads(path.read_text())
-    if expected is not None and res.get("config") != expected:
-        raise BalpoeError(f"{path} was made with another configuration ({first_difference(res.get('config'), expected)}"
+    if expected is not None and with_later_defaults(res.get("config")) != expected:
+        raise BalpoeError(f"{path} was made with another configuration "
+                          f"({first_difference(with_later_defaults(res.get('config')), expected)}"
                           f"); use another --out or delete {path.parent}")
     return res
 

@@ -27,6 +27,7 @@ from balpoe.data.cifar import load_cifar
 from balpoe.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 from balpoe.data.lt import lt_class_counts
 from balpoe.data.mixup import mixup_targets
+from balpoe.errors import BalpoeError
 from balpoe.losses.build import build_criterion
 from balpoe.recipe import load_recipe, recipe_from_dict
 from balpoe.runtime.precision import use_amp
@@ -394,3 +395,25 @@ def test_label_shift_rows_run_on_the_library_selector(load_script):
             assert len(yt) == len(y) - round(row.labels_per_class * 10)
         else:
             assert torch.equal(yt, y)
+
+
+def test_fidelity_results_from_an_older_schema_match_at_the_new_defaults(tmp_path, load_script):
+    """A result stored before a recipe key existed is reused when the current recipe leaves that key
+    at its default, and is a one-line mismatch error naming the key when it does not."""
+    mod = load_script("fidelity")
+    recipe = load_recipe(CIFAR10_RECIPE)
+    current = mod.fingerprint(recipe, 0, "fmnist")
+    older = json.loads(json.dumps(current))
+    del older["recipe"]["data"]["augment"]["cutout"], older["recipe"]["model"]["head_init"]
+    assert older != current and mod.with_later_defaults(older) == current
+    path = mod.result_path(tmp_path, "fast", 1)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"config": older, "metrics": {"acc": 1.0}}))
+    assert mod.load_result(tmp_path, "fast", 1, current)["metrics"] == {"acc": 1.0}
+    changed = mod.fingerprint(load_recipe(CIFAR10_RECIPE, ["data.augment.cutout=8"]), 0, "fmnist")
+    with pytest.raises(BalpoeError, match=r"recipe\.data\.augment\.cutout: 0 vs 8"):
+        mod.load_result(tmp_path, "fast", 1, changed)
+    older["recipe"]["train"]["mixup_alpha"] = 0.1   # a key the old result has, with another value
+    path.write_text(json.dumps({"config": older}))
+    with pytest.raises(BalpoeError, match=r"recipe\.train\.mixup_alpha: 0\.1 vs"):
+        mod.load_result(tmp_path, "fast", 1, current)
