@@ -169,7 +169,9 @@ class TrainConfig:
     device: str = _f("auto", doc="auto, cpu, cuda, cuda:N")
     amp: bool = _f(False, doc="bf16 autocast where native: CUDA, AVX512-BF16/AMX CPUs (heads, loss in fp32)")
     channels_last: bool = _f(False)
-    compile: bool = _f(False, doc="torch.compile the model")
+    compile: Union[bool, str] = _f(False, choices=(False, True, "auto"),
+                                   doc="torch.compile the model; auto: on CUDA devices only (on a CPU "
+                                       "compiling does not repay its time)")
     compile_mode: str = _f("default", choices=("default", "reduce-overhead", "max-autotune",
                                               "max-autotune-no-cudagraphs"),
                            doc="torch.compile mode ('reduce-overhead': CUDA graphs)")
@@ -366,11 +368,18 @@ def _coerce(value: Any, tp: Any, key: str, max_len: int = NAME_CHARS) -> Any:
     raise _wrong_type(key, tp, value)
 
 
+def _yaml_text(choice: Any) -> str:
+    """A choice as a recipe writes it (``true``, ``null``), for messages."""
+    if choice is True or choice is False or choice is None:
+        return {True: "true", False: "false", None: "null"}[choice]
+    return str(choice)
+
+
 def _check_range(value: Any, meta: dict, key: str, written: Any = None) -> None:
     """``value`` is among ``meta``'s choices and within its bounds (each item of a list); messages
     show ``written`` (what the recipe says, e.g. ``'1e6'``) where it is a string."""
     if meta.get("choices") is not None and value not in meta["choices"]:
-        raise BalpoeError(f"recipe key '{key}' must be one of {', '.join(map(str, meta['choices']))}; "
+        raise BalpoeError(f"recipe key '{key}' must be one of {', '.join(map(_yaml_text, meta['choices']))}; "
                           f"got {shown(value)}")
     vals = value if isinstance(value, list) else [value]
     for i, v in enumerate(vals):

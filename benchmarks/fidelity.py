@@ -140,7 +140,7 @@ from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import amp_dtype
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.targets import parse_test_dists, target_sets
-from balpoe.training.build import build_plan, check_names, train
+from balpoe.training.build import build_plan, check_names, compile_enabled, train
 from balpoe.training.trainer import train_model
 
 # a sibling in benchmarks/ (a script's own directory is importable)
@@ -304,25 +304,28 @@ def lever_specs(recipe, device: torch.device, workers: int) -> tuple[list[dict],
     return levers, skipped
 
 
-def fingerprint(recipe, limit: int, data_source: str | None) -> dict:
-    """What a reusable result must have been made with: the resolved recipe (CPU threads and
-    DataLoader worker counts aside), ``--limit`` and the data source."""
-    return {"recipe": comparable(recipe.to_dict()), "limit": limit or None, "data_source": data_source}
+#: recipe keys the reference side does not read (it trains float32 NCHW, uncompiled, looped experts,
+#: from its own PIL DataLoader): left out of its fingerprint
+REFERENCE_IGNORES = {"train": ("amp", "channels_last", "compile", "compile_mode"), "model": ("batched_experts",),
+                     "data": ("loader", "decode")}
 
 
-def comparable(r: dict) -> dict:
-    """A recipe dict without the keys that do not change results (CPU threads, DataLoader workers)."""
-    r = dict(r)
-    r["train"] = {k: v for k, v in r["train"].items() if k != "threads"}
-    r["data"] = {k: v for k, v in r["data"].items() if k != "num_workers"}
-    return r
+def fingerprint(recipe, limit: int, data_source: str | None, device: torch.device, side: str) -> dict:
+    """What a reusable result must have been made with: the resolved recipe (see :func:`canonical`;
+    ``train.compile`` as it applies on ``device``: ``auto`` is ``false`` on a CPU), ``--limit`` and
+    the data source."""
+    r = recipe.to_dict()
+    r["train"]["compile"] = compile_enabled(recipe.train.compile, device)
+    return canonical({"recipe": r, "limit": limit or None, "data_source": data_source}, side)
 
 
-def with_later_defaults(config: dict | None) -> dict | None:
-    """A stored fingerprint with the recipe keys it lacks filled in from the recipe defaults: a key
-    added to the recipe schema after the result was made matches when the current recipe leaves it
-    at its default (every new key's default keeps the earlier behaviour); a key the stored recipe
-    has with another value still differs."""
+def canonical(config: dict | None, side: str) -> dict | None:
+    """A fingerprint in the form results are compared in: without the keys that do not change the
+    result (CPU threads, DataLoader workers; ``train.compile_mode`` of an uncompiled run; for the
+    reference side :data:`REFERENCE_IGNORES`), and with the recipe keys a stored result lacks filled
+    in from the recipe defaults: a key added to the recipe schema after the result was made matches
+    when the current recipe leaves it at its default (every new key's default keeps the earlier
+    behaviour); a key the stored recipe has with another value still differs."""
     if not isinstance(config, dict) or not isinstance(config.get("recipe"), dict):
         return config
 
@@ -332,7 +335,16 @@ def with_later_defaults(config: dict | None) -> dict | None:
         return {**{k: v for k, v in default.items() if k not in stored},
                 **{k: fill(v, default.get(k)) for k, v in stored.items()}}
 
-    return {**config, "recipe": fill(config["recipe"], comparable(Recipe().to_dict()))}
+    drop = {"train": {"threads"}, "data": {"num_workers"}}
+    if side == "reference":
+        for section, keys in REFERENCE_IGNORES.items():
+            drop[section] = drop.get(section, set()) | set(keys)
+    r = fill(config["recipe"], Recipe().to_dict())
+    if r["train"].get("compile") is False:
+        drop["train"] = drop["train"] | {"compile_mode"}
+    r = {sec: ({k: v for k, v in val.items() if k not in drop.get(sec, ())} if isinstance(val, dict) else val)
+         for sec, val in r.items()}
+    return {**config, "recipe": r}
 
 
 def first_difference(a, b, path: str = "") -> str:
@@ -342,121 +354,6 @@ def first_difference(a, b, path: str = "") -> str:
             if a.get(k) != b.get(k):
                 return first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
     return f"{path}: {a!r} vs {b!r}"
-
-
-# ------------------------------------------------------------------------------------------------
-# The shared evaluator
-
-
-class Evaluator:
-    """The balanced test set of the base recipe, its loader and the 11 SADE target sets: every run is
-    evaluated here, identically (float32, NCHW, the library's test loader and metrics)."""
-
-    def __init__(self, bundle, recipe, device: torch.device):
-        self.bundle, self.device = bundle, device
-        self.counts = bundle.class_counts.clone()
-        self.many, self.few = recipe.data.many_threshold, recipe.data.few_threshold
-        self.loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)
-        self.labels = bundle.test.labels.cpu()
-        self.targets = target_sets(self.labels, self.counts, parse_test_dists("all"))
-
-    def evaluate(self, model: torch.nn.Module) -> dict:
-        model = model.to(self.device).to(memory_format=torch.contiguous_format)
-        start = time.perf_counter()
-        expert, labels = collect_logits(model, self.loader, self.device, amp=False)
-        if not torch.equal(labels, self.labels):
-            raise BalpoeError("the test loader's labels are not the test set's, in order")
-        rep = report_from_logits(expert, labels, self.counts, self.many, self.few)
-        ens = MultiExpertNet.ensemble(expert)
-        sade = {name: accuracy(ens[t.indices], labels[t.indices]) for name, t in self.targets.items()}
-        metrics = {k: finite_or_none(rep[k]) for k in ("acc", "many", "medium", "few", "ece", "mce", "nll", "brier")}
-        metrics["sade_mean"] = float(np.mean(list(sade.values())))
-        return {"metrics": metrics, "sade": sade, "expert_acc": rep["expert_acc"],
-                "eval_s": time.perf_counter() - start, "logits": expert, "labels": labels}
-
-
-def finite_or_none(v) -> float | None:
-    if v is None:
-        return None
-    v = float(v)
-    return v if math.isfinite(v) else None
-
-
-# ------------------------------------------------------------------------------------------------
-# Runs
-
-
-def train_library(recipe, out: Path, limit: int) -> None:
-    """The fast side: ``balpoe.training.build.train`` (``balpoe train``); with ``limit`` the same
-    steps (seed, data, plan, ``train_model``) with the training split cut to :func:`limit_bundle`."""
-    quiet, balpoe_console.quiet = balpoe_console.quiet, True
-    try:
-        if not limit:
-            train(recipe, out, show_progress=False, report=False)
-            return
-        check_names(recipe)
-        if recipe.train.threads:
-            torch.set_num_threads(recipe.train.threads)
-        device = resolve_device(recipe.train.device)
-        out.mkdir(parents=True, exist_ok=False)
-        torch.manual_seed(recipe.seed)
-        np.random.seed(recipe.seed)
-        bundle = limit_bundle(build_data(recipe.data, device, seed=recipe.seed), limit)
-        train_model(build_plan(recipe, bundle, device, html_report=False), out, show_progress=False)
-    finally:
-        balpoe_console.quiet = quiet
-
-
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
-
-
-def finished_reference(run_dir: Path, recipe) -> bool:
-    """Whether ``run_dir`` holds a reference run whose training finished (``model.pt`` is saved after
-    the last epoch, and ``metrics.jsonl`` has one row per epoch) but whose evaluation did not."""
-    return (run_dir / "model.pt").is_file() and len(read_rows(run_dir / "metrics.jsonl")) == recipe.optim.epochs
-
-
-def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
-    """Train one side for one seed into ``run_dir`` and evaluate it; returns the result dict."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    device, evaluator = ctx["device"], ctx["evaluator"]
-    start = time.perf_counter()
-    extra = {}
-    if side == "reference" and finished_reference(run_dir, recipe):
-        # training finished (model.pt is written only after the last epoch) but the evaluation was
-        # interrupted: evaluate the saved weights instead of training again
-        model = build_model(recipe.model, evaluator.bundle.num_classes, evaluator.bundle.in_chans).to(device)
-        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True))
-        rows = read_rows(run_dir / "metrics.jsonl")
-        extra["workers"] = ctx["workers"]
-    elif side == "reference":
-        model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"],
-                                      full_train_labels=ctx["full_train_labels"], train=evaluator.bundle.train,
-                                      metrics_path=run_dir / "metrics.jsonl")
-        atomic_save(model.state_dict(), run_dir / "model.pt")
-        extra["workers"] = ctx["workers"]
-    else:
-        lib_dir = run_dir / "run"
-        train_library(recipe, lib_dir, ctx["limit"])
-        model, _, _ = load_model(lib_dir / "last.pt", device)
-        rows = read_rows(lib_dir / "metrics.jsonl")
-        lib_eval = json.loads((lib_dir / "eval.json").read_text())
-        extra["library_eval"] = {k: finite_or_none(lib_eval[k]) for k in ("acc", "ece", "nll")}
-        dtype = amp_dtype(device, recipe.train.amp, warn=False)
-        extra["library_eval"]["autocast"] = None if dtype is None else str(dtype).replace("torch.", "")
-    train_s = time.perf_counter() - start
-    ev = ctx["evaluator"].evaluate(model)
-    del model
-    gc.collect()
-    torch.save({"expert_logits": ev.pop("logits"), "labels": ev.pop("labels")}, run_dir / "test_logits.pt")
-    wall_s = time.perf_counter() - start
-    return {"side": side, "seed": recipe.seed, **ev, "wall_s": wall_s, "train_s": train_s,
-            "train_images": len(evaluator.bundle.train), "class_counts": evaluator.counts.tolist(),
-            "epoch_time_s_sum": float(sum(r["epoch_time_s"] for r in rows)),
-            "final_loss": rows[-1]["loss"] if rows else None,
-            "curve": [{k: r[k] for k in ("epoch", "loss", "lr", "epoch_time_s")} for r in rows], **extra,
-            "config": ctx["fingerprints"][(side, recipe.seed)]}
 
 
 def result_path(out: Path, side: str, seed: int) -> Path:
@@ -470,9 +367,9 @@ def load_result(out: Path, side: str, seed: int, expected: dict | None) -> dict 
     if not path.is_file():
         return None
     res = json.loads(path.read_text())
-    if expected is not None and with_later_defaults(res.get("config")) != expected:
-        raise BalpoeError(f"{path} was made with another configuration "
-                          f"({first_difference(with_later_defaults(res.get('config')), expected)}"
+    stored = canonical(res.get("config"), side)
+    if expected is not None and stored != expected:
+        raise BalpoeError(f"{path} was made with another configuration ({first_difference(stored, expected)}"
                           f"); use another --out or delete {path.parent}")
     return res
 
@@ -688,7 +585,7 @@ def main(argv: list[str] | None = None) -> dict:
             raise BalpoeError(f"side {s!r} does not apply here: {reason}")
     recipes = {(side, seed): recipe_for(side, seed, lever_over.get(side, [])) for side in SIDE_LABELS
                if side in BASE_SIDES or side in lever_over for seed in seeds}
-    fingerprints = {k: fingerprint(r, args.limit, data_source) for k, r in recipes.items()}
+    fingerprints = {k: fingerprint(r, args.limit, data_source, device, k[0]) for k, r in recipes.items()}
 
     info = {"benchmark": "fidelity", "recipe_file": str(args.recipe), "recipe_name": base.name,
             "overrides": common, "epochs": base.optim.epochs, "recipe_epochs": base0.optim.epochs,

@@ -645,7 +645,8 @@ def main(argv: list[str] | None = None) -> dict:
                     r["profile"]["trace"] = args.trace if r is best else None
         elif not args.no_fast:
             settings = FastSettings(amp=args.amp or tc.amp, channels_last=args.channels_last or tc.channels_last,
-                                    compile=args.compile or tc.compile or args.compile_mode != "default",
+                                    compile=(args.compile or compile_enabled(tc.compile, device)
+                                             or args.compile_mode != "default"),
                                     compile_mode=args.compile_mode if args.compile_mode != "default"
                                     else tc.compile_mode, foreach=args.foreach)
             modes = {"fast": run_fast(bundle, recipe, device, args, settings, args.trace), **modes}

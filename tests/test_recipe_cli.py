@@ -18,7 +18,7 @@ from balpoe.recipe import (AugmentConfig, DataConfig, LossConfig, ModelConfig, O
 from balpoe.errors import shown
 from balpoe.losses.build import expert_taus
 from balpoe.models.build import build_model
-from balpoe.training.build import build_scheduler, check_names, train
+from balpoe.training.build import build_scheduler, check_names, compile_enabled, train
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
 
@@ -38,6 +38,9 @@ RECIPES = sorted(Path(__file__).resolve().parents[1].glob("recipes/**/*.yaml"))
     ({"optim": {"epochs": 5, "warmup_epochs": 5}}, "'optim.warmup_epochs' (5) must be smaller"),
     ({"stage": 2}, "'stage2.init_checkpoint' is required"),
     ({"train": {"mixup_alpha": -1}}, "recipe key 'train.mixup_alpha' must be >= 0"),
+    ({"train": {"compile": "cuda"}}, "recipe key 'train.compile' must be one of false, true, auto; got 'cuda'"),
+    ({"data": {"augment": {"interpolation": "bicubic"}}},
+     "recipe key 'data.augment.interpolation' must be one of null, nearest, bilinear; got 'bicubic'"),
 ])
 def test_bad_recipes_name_the_key(raw, message):
     with pytest.raises(BalpoeError) as e:
@@ -77,6 +80,26 @@ def test_shipped_recipes_validate(path):
     r = load_recipe(path)
     assert r.name
     assert recipe_from_dict(r.to_dict()) == r  # the resolved recipe round-trips
+
+
+@pytest.mark.parametrize("written,cpu,cuda", [("auto", False, True), ("true", True, True), ("yes", True, True),
+                                               ("false", False, False)])
+def test_train_compile_auto_compiles_on_cuda_only(written, cpu, cuda):
+    r = load_recipe(RECIPES[0], [f"train.compile={written}"])
+    assert compile_enabled(r.train.compile, torch.device("cpu")) is cpu
+    assert compile_enabled(r.train.compile, torch.device("cuda", 0)) is cuda
+    assert recipe_from_dict(r.to_dict()).train.compile == r.train.compile
+
+
+def test_gpu_size_balpoe_recipes_ship_the_gpu_speed_settings():
+    """The CIFAR and GPU-size Fashion-MNIST BalPoE recipes compile with CUDA graphs on CUDA only and
+    batch the expert branches; the CPU demo recipe does neither (README "Performance")."""
+    folder = Path(__file__).resolve().parents[1] / "recipes" / "balpoe"
+    for path in sorted(folder.glob("cifar*.yaml")) + [folder / "fashion_mnist_lt_ir100.yaml"]:
+        r = load_recipe(path)
+        assert (r.train.compile, r.train.compile_mode, r.model.batched_experts) == ("auto", "reduce-overhead", True)
+    demo = load_recipe(folder / "fashion_mnist_lt_ir100_cpu_demo.yaml")
+    assert (demo.train.compile, demo.model.batched_experts) == (False, False)
 
 
 def _epoch_lrs(optim: dict) -> list[float]:

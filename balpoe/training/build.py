@@ -156,8 +156,19 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                 num_classes=bundle.num_classes, set_train_mode=set_train_mode, evaluate=evaluate,
                 checkpoint_meta=meta, recipe_yaml=recipe.to_yaml(), mixup_alpha=tc.mixup_alpha,
                 amp=amp, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), checkpoint_every=tc.checkpoint_every,
-                eval_every=tc.eval_every, compile=tc.compile, compile_mode=tc.compile_mode, sync_bn=tc.sync_bn,
+                eval_every=tc.eval_every, compile=compile_enabled(tc.compile, device), compile_mode=tc.compile_mode,
+                sync_bn=tc.sync_bn,
                 finish=[show])
+
+
+def compile_enabled(setting: bool | str, device: torch.device) -> bool:
+    """``train.compile`` on ``device``: ``True``/``False`` as written; ``"auto"`` compiles on CUDA
+    only, where the multi-expert ResNet step is launch-bound and compiled CUDA graphs
+    (``train.compile_mode: reduce-overhead``) pay, and not on a CPU, where the step is bound by
+    convolution arithmetic and compiling does not repay its time (README "Performance")."""
+    if setting == "auto":
+        return device.type == "cuda"
+    return setting is True
 
 
 #: recipe keys that may differ when resuming: the learning-rate schedule (rebuilt for the new horizon

@@ -402,18 +402,38 @@ def test_fidelity_results_from_an_older_schema_match_at_the_new_defaults(tmp_pat
     at its default, and is a one-line mismatch error naming the key when it does not."""
     mod = load_script("fidelity")
     recipe = load_recipe(CIFAR10_RECIPE)
-    current = mod.fingerprint(recipe, 0, "fmnist")
+    current = mod.fingerprint(recipe, 0, "fmnist", torch.device("cpu"), "fast")
     older = json.loads(json.dumps(current))
     del older["recipe"]["data"]["augment"]["cutout"], older["recipe"]["model"]["head_init"]
-    assert older != current and mod.with_later_defaults(older) == current
+    assert older != current and mod.canonical(older, "fast") == current
     path = mod.result_path(tmp_path, "fast", 1)
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps({"config": older, "metrics": {"acc": 1.0}}))
     assert mod.load_result(tmp_path, "fast", 1, current)["metrics"] == {"acc": 1.0}
-    changed = mod.fingerprint(load_recipe(CIFAR10_RECIPE, ["data.augment.cutout=8"]), 0, "fmnist")
+    changed = mod.fingerprint(load_recipe(CIFAR10_RECIPE, ["data.augment.cutout=8"]), 0, "fmnist", torch.device("cpu"),
+                              "fast")
     with pytest.raises(BalpoeError, match=r"recipe\.data\.augment\.cutout: 0 vs 8"):
         mod.load_result(tmp_path, "fast", 1, changed)
     older["recipe"]["train"]["mixup_alpha"] = 0.1   # a key the old result has, with another value
     path.write_text(json.dumps({"config": older}))
     with pytest.raises(BalpoeError, match=r"recipe\.train\.mixup_alpha: 0\.1 vs"):
         mod.load_result(tmp_path, "fast", 1, current)
+
+
+def test_fidelity_fingerprints_hold_what_each_side_runs(load_script):
+    """``train.compile: auto`` is ``false`` on a CPU (and its mode then irrelevant); the reference
+    side ignores the library's speed settings; the library side does not."""
+    mod = load_script("fidelity")
+    cpu = torch.device("cpu")
+
+    def fp(side, *over):
+        return mod.fingerprint(load_recipe(CIFAR10_RECIPE, list(over)), 0, "fmnist", cpu, side)
+
+    assert load_recipe(CIFAR10_RECIPE).train.compile == "auto"
+    assert fp("fast") == fp("fast", "train.compile=false", "train.compile_mode=default")
+    assert fp("fast")["recipe"]["train"]["compile"] is False and "compile_mode" not in fp("fast")["recipe"]["train"]
+    assert fp("fast") != fp("fast", "train.compile=true")
+    assert fp("fast") != fp("fast", "model.batched_experts=false")
+    for over in ("model.batched_experts=false", "train.amp=false", "train.channels_last=false", "data.loader=dataloader"):
+        assert fp("reference") == fp("reference", over), over
+    assert fp("reference") != fp("reference", "train.mixup_alpha=0.2")
