@@ -106,6 +106,7 @@ tests only.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -354,6 +355,122 @@ def first_difference(a, b, path: str = "") -> str:
             if a.get(k) != b.get(k):
                 return first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
     return f"{path}: {a!r} vs {b!r}"
+
+
+# ------------------------------------------------------------------------------------------------
+# The shared evaluator
+
+
+class Evaluator:
+    """The balanced test set of the base recipe, its loader and the 11 SADE target sets: every run is
+    evaluated here, identically (float32, NCHW, the library's test loader and metrics)."""
+
+    def __init__(self, bundle, recipe, device: torch.device):
+        self.bundle, self.device = bundle, device
+        self.counts = bundle.class_counts.clone()
+        self.many, self.few = recipe.data.many_threshold, recipe.data.few_threshold
+        self.loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)
+        self.labels = bundle.test.labels.cpu()
+        self.targets = target_sets(self.labels, self.counts, parse_test_dists("all"))
+
+    def evaluate(self, model: torch.nn.Module) -> dict:
+        model = model.to(self.device).to(memory_format=torch.contiguous_format)
+        start = time.perf_counter()
+        expert, labels = collect_logits(model, self.loader, self.device, amp=False)
+        if not torch.equal(labels, self.labels):
+            raise BalpoeError("the test loader's labels are not the test set's, in order")
+        rep = report_from_logits(expert, labels, self.counts, self.many, self.few)
+        ens = MultiExpertNet.ensemble(expert)
+        sade = {name: accuracy(ens[t.indices], labels[t.indices]) for name, t in self.targets.items()}
+        metrics = {k: finite_or_none(rep[k]) for k in ("acc", "many", "medium", "few", "ece", "mce", "nll", "brier")}
+        metrics["sade_mean"] = float(np.mean(list(sade.values())))
+        return {"metrics": metrics, "sade": sade, "expert_acc": rep["expert_acc"],
+                "eval_s": time.perf_counter() - start, "logits": expert, "labels": labels}
+
+
+def finite_or_none(v) -> float | None:
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+# ------------------------------------------------------------------------------------------------
+# Runs
+
+
+def train_library(recipe, out: Path, limit: int) -> None:
+    """The fast side: ``balpoe.training.build.train`` (``balpoe train``); with ``limit`` the same
+    steps (seed, data, plan, ``train_model``) with the training split cut to :func:`limit_bundle`."""
+    quiet, balpoe_console.quiet = balpoe_console.quiet, True
+    try:
+        if not limit:
+            train(recipe, out, show_progress=False, report=False)
+            return
+        check_names(recipe)
+        if recipe.train.threads:
+            torch.set_num_threads(recipe.train.threads)
+        device = resolve_device(recipe.train.device)
+        out.mkdir(parents=True, exist_ok=False)
+        torch.manual_seed(recipe.seed)
+        np.random.seed(recipe.seed)
+        bundle = limit_bundle(build_data(recipe.data, device, seed=recipe.seed), limit)
+        train_model(build_plan(recipe, bundle, device, html_report=False), out, show_progress=False)
+    finally:
+        balpoe_console.quiet = quiet
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def finished_reference(run_dir: Path, recipe) -> bool:
+    """Whether ``run_dir`` holds a reference run whose training finished (``model.pt`` is saved after
+    the last epoch, and ``metrics.jsonl`` has one row per epoch) but whose evaluation did not."""
+    return (run_dir / "model.pt").is_file() and len(read_rows(run_dir / "metrics.jsonl")) == recipe.optim.epochs
+
+
+def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
+    """Train one side for one seed into ``run_dir`` and evaluate it; returns the result dict."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device, evaluator = ctx["device"], ctx["evaluator"]
+    start = time.perf_counter()
+    extra = {}
+    if side == "reference" and finished_reference(run_dir, recipe):
+        # training finished (model.pt is written only after the last epoch) but the evaluation was
+        # interrupted: evaluate the saved weights instead of training again
+        model_cfg = dataclasses.replace(recipe.model, batched_experts=False)   # as train_reference builds it
+        model = build_model(model_cfg, evaluator.bundle.num_classes, evaluator.bundle.in_chans).to(device)
+        model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True))
+        rows = read_rows(run_dir / "metrics.jsonl")
+        extra["workers"] = ctx["workers"]
+    elif side == "reference":
+        model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"],
+                                      full_train_labels=ctx["full_train_labels"], train=evaluator.bundle.train,
+                                      metrics_path=run_dir / "metrics.jsonl")
+        atomic_save(model.state_dict(), run_dir / "model.pt")
+        extra["workers"] = ctx["workers"]
+    else:
+        lib_dir = run_dir / "run"
+        train_library(recipe, lib_dir, ctx["limit"])
+        model, _, _ = load_model(lib_dir / "last.pt", device)
+        rows = read_rows(lib_dir / "metrics.jsonl")
+        lib_eval = json.loads((lib_dir / "eval.json").read_text())
+        extra["library_eval"] = {k: finite_or_none(lib_eval[k]) for k in ("acc", "ece", "nll")}
+        dtype = amp_dtype(device, recipe.train.amp, warn=False)
+        extra["library_eval"]["autocast"] = None if dtype is None else str(dtype).replace("torch.", "")
+    train_s = time.perf_counter() - start
+    ev = ctx["evaluator"].evaluate(model)
+    del model
+    gc.collect()
+    torch.save({"expert_logits": ev.pop("logits"), "labels": ev.pop("labels")}, run_dir / "test_logits.pt")
+    wall_s = time.perf_counter() - start
+    return {"side": side, "seed": recipe.seed, **ev, "wall_s": wall_s, "train_s": train_s,
+            "train_images": len(evaluator.bundle.train), "class_counts": evaluator.counts.tolist(),
+            "epoch_time_s_sum": float(sum(r["epoch_time_s"] for r in rows)),
+            "final_loss": rows[-1]["loss"] if rows else None,
+            "curve": [{k: r[k] for k in ("epoch", "loss", "lr", "epoch_time_s")} for r in rows], **extra,
+            "config": ctx["fingerprints"][(side, recipe.seed)]}
 
 
 def result_path(out: Path, side: str, seed: int) -> Path:

@@ -90,7 +90,7 @@ from balpoe.models.build import build_model
 from balpoe.recipe import apply_overrides, load_recipe, recipe_from_dict
 from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import use_amp
-from balpoe.training.build import build_optimizer
+from balpoe.training.build import build_optimizer, compile_enabled
 from balpoe.training.trainer import train_one_epoch
 
 # siblings in benchmarks/ (a script's own directory is importable)
