@@ -80,6 +80,8 @@ def _wrong_values(tp) -> list:
     extra = [] if optional else [None]
     if inner is bool:
         return ["maybe", 1, 0.0, [True], {"a": 1}] + extra
+    if typing.get_origin(inner) is typing.Union and set(typing.get_args(inner)) == {bool, str}:
+        return [1, 0.0, [True], {"a": 1}] + extra   # true, false or one of the key's words
     if inner is int:
         return ["fast", 2.5, True, [1], {"a": 1}, "1e", "2.5e0"] + extra
     if inner is float:

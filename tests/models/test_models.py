@@ -2,7 +2,6 @@
 
 import dataclasses
 import math
-import time
 
 import pytest
 import timm
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert, multi_expert, split_children
+from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert, multi_expert
 from balpoe.models.build import build_model
 from balpoe.models.heads import HEAD_INITS, LinearHead, build_head
 from balpoe.models.multi_expert import probe_sizes
@@ -282,7 +281,7 @@ def test_split_check_sizes():
         build_multi_expert("vit_tiny_patch16_224", 10, 2, split="blocks", kwargs={"img_size": 32})
 
 
-def test_split_check_leaves_no_trace_and_is_fast(monkeypatch):
+def test_split_check_leaves_no_trace(monkeypatch):
     def build():
         torch.manual_seed(0)
         net = build_multi_expert("small_cnn", 5, num_experts=3, split="layer1", in_chans=1)
@@ -297,11 +296,3 @@ def test_split_check_leaves_no_trace_and_is_fast(monkeypatch):
     assert torch.equal(after, after_unchecked)                    # the global RNG is where it was
     for (k, a), (_, b) in zip(checked.state_dict().items(), unchecked.state_dict().items()):
         assert torch.equal(a, b), k
-    monkeypatch.undo()
-    for backbone, in_chans, split in (("small_cnn", 1, "layer1"), ("resnet32_cifar", 3, "layer1")):
-        m = timm.create_model(backbone, num_classes=0, in_chans=in_chans)
-        trunk, tail = split_children(m, split)
-        multi_expert.check_split_forward(trunk, tail, split, backbone, in_chans, m.num_features, [(32, 32)])
-        start = time.perf_counter()
-        multi_expert.check_split_forward(trunk, tail, split, backbone, in_chans, m.num_features, [(32, 32)])
-        assert time.perf_counter() - start < 0.5  # milliseconds when the machine is not busy
