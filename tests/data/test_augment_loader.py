@@ -1,7 +1,12 @@
 """Device-resident loader and batched augmentation."""
 
+import math
+
+import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
 
 from balpoe.data.augment import augment_batch, normalize, random_crop_flip, random_rotation
 from balpoe.data.device_loader import DeviceLoader
@@ -48,6 +53,18 @@ def test_rotation_zero_is_identity_and_rotation_keeps_centre():
     assert r.shape == x.shape
     assert torch.equal(r[:, :, 4, 4], x[:, :, 4, 4])  # rotation about the centre pixel
     assert not torch.equal(r, x)
+
+
+def test_rotation_equals_torchvision_rotate_of_the_pil_image():
+    """Per-sample rotation on the device gives the pixels of ``RandomRotation`` on PIL images (the
+    official CIFAR pipeline: nearest, fill 0, about the centre) for the same angles."""
+    x = _imgs(n=16, c=3, h=32, w=32, seed=3)
+    ours = random_rotation(x.float(), 15.0, torch.Generator().manual_seed(5))
+    angles = (torch.rand(16, generator=torch.Generator().manual_seed(5)) * 2 - 1) * (15.0 * math.pi / 180)
+    ref = torch.stack([torch.from_numpy(np.array(TF.rotate(Image.fromarray(img.permute(1, 2, 0).numpy()),
+                                                           math.degrees(a.item())))).permute(2, 0, 1)
+                       for img, a in zip(x, angles)])
+    assert torch.equal(ours, ref.float())
 
 
 def test_normalize_closed_form():
