@@ -106,7 +106,6 @@ tests only.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import math
@@ -132,7 +131,6 @@ from balpoe.evaluate.build import load_model
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy
 from balpoe.evaluate.report import report_from_logits
-from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import Recipe, load_recipe
 from balpoe.runtime.checkpoint import atomic_save, atomic_write_text, json_text, write_json
@@ -145,7 +143,7 @@ from balpoe.training.build import build_plan, check_names, compile_enabled, trai
 from balpoe.training.trainer import train_model
 
 # a sibling in benchmarks/ (a script's own directory is importable)
-from reference_balpoe import train_reference  # isort: skip
+from reference_balpoe import reference_model, train_reference  # isort: skip
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "balpoe" / "cifar10_lt_ir100.yaml"
@@ -436,20 +434,19 @@ def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
     device, evaluator = ctx["device"], ctx["evaluator"]
     start = time.perf_counter()
     extra = {}
+    if side == "reference":
+        extra["workers"] = ctx["workers"]
     if side == "reference" and finished_reference(run_dir, recipe):
         # training finished (model.pt is written only after the last epoch) but the evaluation was
         # interrupted: evaluate the saved weights instead of training again
-        model_cfg = dataclasses.replace(recipe.model, batched_experts=False)   # as train_reference builds it
-        model = build_model(model_cfg, evaluator.bundle.num_classes, evaluator.bundle.in_chans).to(device)
+        model = reference_model(recipe, evaluator.bundle.num_classes, evaluator.bundle.in_chans, device)
         model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True))
         rows = read_rows(run_dir / "metrics.jsonl")
-        extra["workers"] = ctx["workers"]
     elif side == "reference":
         model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"],
                                       full_train_labels=ctx["full_train_labels"], train=evaluator.bundle.train,
                                       metrics_path=run_dir / "metrics.jsonl")
         atomic_save(model.state_dict(), run_dir / "model.pt")
-        extra["workers"] = ctx["workers"]
     else:
         lib_dir = run_dir / "run"
         train_library(recipe, lib_dir, ctx["limit"])

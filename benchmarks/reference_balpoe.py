@@ -98,6 +98,12 @@ def reference_loader(bundle, recipe, batch_size: int, workers: int, seed: int | 
                                        pin_memory=pin_memory, drop_last=False, generator=generator)
 
 
+def reference_model(recipe, num_classes: int, in_chans: int, device: torch.device) -> torch.nn.Module:
+    """The recipe's multi-expert network as the official code runs it: experts in a python loop
+    (``model.batched_experts`` ignored), on ``device``."""
+    return build_model(dataclasses.replace(recipe.model, batched_experts=False), num_classes, in_chans).to(device)
+
+
 def reference_optimizer(model: torch.nn.Module, recipe) -> torch.optim.Optimizer:
     o = recipe.optim
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
@@ -204,8 +210,7 @@ def train_reference(recipe, bundle, device: torch.device, workers: int, full_tra
         arrays = train if train is not None else bundle.train
         counts = torch.bincount(arrays.labels.cpu(), minlength=bundle.num_classes)
         loader = reference_loader(bundle, recipe, recipe.optim.batch_size, workers, None, train=arrays)
-        model_cfg = dataclasses.replace(recipe.model, batched_experts=False)
-        model = build_model(model_cfg, bundle.num_classes, bundle.in_chans).to(device)
+        model = reference_model(recipe, bundle.num_classes, bundle.in_chans, device)
         optimizer = reference_optimizer(model, recipe)
         scheduler = reference_scheduler(optimizer, recipe)
         taus = expert_taus(recipe)
