@@ -131,15 +131,17 @@ def test_loss_zero_eps_is_cross_entropy():
 
 
 @pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
-def test_loss_constant_eps_is_torch_label_smoothing(eps):
-    # torch spreads ls over all K classes: q_y = 1 - ls + ls/K, q_i = ls/K.  Eq. 1 puts eps/(K-1) on
-    # each other class, so ls/K = eps/(K-1), i.e. ls = eps K/(K-1) (then q_y = 1 - eps as well).
-    gen = torch.Generator().manual_seed(4)
+@pytest.mark.parametrize("form,seed", [("paper", 4), ("official", 22)])
+def test_constant_eps_is_torch_label_smoothing(eps, form, seed):
+    # torch spreads ls over all K classes: q_y = 1 - ls + ls/K, q_i = ls/K.  Eq. 1 (paper) puts
+    # eps/(K-1) on each other class, so ls/K = eps/(K-1), i.e. ls = eps K/(K-1) (then q_y = 1 - eps as
+    # well); the official target spreads eps over all K classes: exactly ls = eps.
+    gen = torch.Generator().manual_seed(seed)
     K = len(LT_COUNTS)
     logits = 4 * torch.randn(32, K, generator=gen)
     target = torch.randint(0, K, (32,), generator=gen)
-    ls = eps * K / (K - 1)
-    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, eps, eps, "concave")
+    ls = eps * K / (K - 1) if form == "paper" else eps
+    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, eps, eps, "concave", target=form)
     assert torch.allclose(loss_fn(logits, target), F.cross_entropy(logits, target, label_smoothing=ls), atol=1e-6)
 
 
@@ -217,17 +219,6 @@ def test_official_target_matches_closed_form(form, power):
     assert torch.allclose(q.sum(1), torch.ones(64, dtype=torch.float64))
     explicit = -(q * F.log_softmax(logits, -1)).sum(1).mean()
     assert got.item() == pytest.approx(explicit.item(), rel=1e-7)  # eps is stored in float32
-
-
-@pytest.mark.parametrize("eps", [0.05, 0.2, 0.5])
-def test_official_constant_eps_is_torch_label_smoothing(eps):
-    # torch's label_smoothing spreads eps over all K classes: exactly the official target.
-    gen = torch.Generator().manual_seed(22)
-    K = len(LT_COUNTS)
-    logits = 4 * torch.randn(32, K, generator=gen)
-    target = torch.randint(0, K, (32,), generator=gen)
-    loss_fn = LabelAwareSmoothingLoss(LT_COUNTS, eps, eps, target="official")
-    assert torch.allclose(loss_fn(logits, target), F.cross_entropy(logits, target, label_smoothing=eps), atol=1e-6)
 
 
 def test_paper_with_eps_is_official_with_eps_times_k_over_k_minus_1():
