@@ -47,6 +47,12 @@ Sides (each trains ``recipes/balpoe/cifar10_lt_ir100.yaml`` with the same overri
   augmentation (``data.loader=dataloader``: the library's own DataLoader path) -- and batched
   experts flipped (``model.batched_experts``); a lever that changes nothing on this device (bf16
   without native bf16) is skipped and listed.
+* **diagnostics** (``--sides``, never by default): the mixup lambda stream swapped.  The official
+  code re-seeds numpy's global generator with 0 while it builds the LT split, so every official
+  run draws the same lambda sequence whatever its seed (its seeds are not independent in lambda);
+  the library draws one sequence per seed and epoch.  ``reference_seed_mixup`` is the reference
+  without that reset (lambdas from ``seed_everything(seed)``); ``fast_official_mixup`` is the fast
+  side with its lambdas from the official stream (:func:`official_mixup_stream`).
 
 Data: real Fashion-MNIST (the IDX files of the Debian package ``dataset-fashion-mnist`` or
 ``--fmnist-root``), each 28x28 image zero-padded to 32x32 and replicated to 3 channels, written
@@ -106,6 +112,7 @@ tests only.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -140,10 +147,11 @@ from balpoe.runtime.precision import amp_dtype
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.targets import parse_test_dists, target_sets
 from balpoe.training.build import build_plan, check_names, compile_enabled, train
+from balpoe.training import trainer
 from balpoe.training.trainer import train_model
 
 # a sibling in benchmarks/ (a script's own directory is importable)
-from reference_balpoe import reference_model, train_reference  # isort: skip
+from reference_balpoe import official_numpy_reset, reference_model, train_reference  # isort: skip
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_RECIPE = REPO / "recipes" / "balpoe" / "cifar10_lt_ir100.yaml"
@@ -165,7 +173,20 @@ BASE_SIDES = ("fast", "reference")
 LEVER_LABELS = {"amp_off": "fast, autocast off (train.amp)", "channels_last_off": "fast, channels_last off",
                 "device_loader_off": "fast, DataLoader path (device augmentation off)",
                 "batched_experts_on": "fast, batched experts on", "batched_experts_off": "fast, batched experts off"}
-SIDE_LABELS = {"fast": "fast (library as shipped)", "reference": "reference (official-style)", **LEVER_LABELS}
+#: diagnostic sides: one side with its mixup lambda stream swapped for the other side's kind of stream
+#: (the official code re-seeds numpy's global generator with 0 while it builds the LT split, so every
+#: official run, whatever its seed, draws the same lambda sequence; the library draws one per seed)
+DIAGNOSTIC_LABELS = {"reference_seed_mixup": "reference, lambdas from the run's seed (numpy not reset to 0)",
+                     "fast_official_mixup": "fast, lambdas from the official stream (numpy reset to 0)"}
+#: the side a diagnostic side is a variant of
+DIAGNOSTIC_BASE = {"reference_seed_mixup": "reference", "fast_official_mixup": "fast"}
+SIDE_LABELS = {"fast": "fast (library as shipped)", "reference": "reference (official-style)", **LEVER_LABELS,
+               **DIAGNOSTIC_LABELS}
+
+
+def base_side(side: str) -> str:
+    """``fast`` or ``reference``: the training code a side runs (a lever runs the fast side)."""
+    return DIAGNOSTIC_BASE.get(side, "reference" if side == "reference" else "fast")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -335,7 +356,7 @@ def canonical(config: dict | None, side: str) -> dict | None:
                 **{k: fill(v, default.get(k)) for k, v in stored.items()}}
 
     drop = {"train": {"threads"}, "data": {"num_workers"}}
-    if side == "reference":
+    if base_side(side) == "reference":
         for section, keys in REFERENCE_IGNORES.items():
             drop[section] = drop.get(section, set()) | set(keys)
     r = fill(config["recipe"], Recipe().to_dict())
@@ -397,6 +418,31 @@ def finite_or_none(v) -> float | None:
 # Runs
 
 
+@contextlib.contextmanager
+def official_mixup_stream(train_labels, num_classes: int):
+    """Inside the block the library's trainer draws its mixup lambdas from the official stream:
+    numpy's global generator as :func:`reference_balpoe.official_numpy_reset` leaves it (seed 0, one
+    shuffle per class of the full training set), one ``beta(alpha, alpha)`` per step, across epochs
+    -- the lambda sequence of every reference run.  The pairing permutations and everything else stay
+    the library's.  A diagnostic of the benchmark, not a library option."""
+    per_epoch = trainer.numpy_stream
+    started = []
+
+    def stream(seed: int, epoch: int, name: str, rank: int = 0):
+        if name != "mixup_lambda":
+            return per_epoch(seed, epoch, name, rank)
+        if not started:   # reset where the first epoch starts: nothing before it can consume the stream
+            official_numpy_reset(train_labels, num_classes)
+            started.append(True)
+        return np.random.mtrand._rand   # the global RandomState that np.random.beta draws from
+
+    trainer.numpy_stream = stream
+    try:
+        yield
+    finally:
+        trainer.numpy_stream = per_epoch
+
+
 def train_library(recipe, out: Path, limit: int) -> None:
     """The fast side: ``balpoe.training.build.train`` (``balpoe train``); with ``limit`` the same
     steps (seed, data, plan, ``train_model``) with the training split cut to :func:`limit_bundle`."""
@@ -434,22 +480,27 @@ def run_side(side: str, recipe, run_dir: Path, ctx: dict) -> dict:
     device, evaluator = ctx["device"], ctx["evaluator"]
     start = time.perf_counter()
     extra = {}
-    if side == "reference":
+    reference = base_side(side) == "reference"
+    if reference:
         extra["workers"] = ctx["workers"]
-    if side == "reference" and finished_reference(run_dir, recipe):
+    if reference and finished_reference(run_dir, recipe):
         # training finished (model.pt is written only after the last epoch) but the evaluation was
         # interrupted: evaluate the saved weights instead of training again
         model = reference_model(recipe, evaluator.bundle.num_classes, evaluator.bundle.in_chans, device)
         model.load_state_dict(torch.load(run_dir / "model.pt", map_location=device, weights_only=True))
         rows = read_rows(run_dir / "metrics.jsonl")
-    elif side == "reference":
-        model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"],
-                                      full_train_labels=ctx["full_train_labels"], train=evaluator.bundle.train,
-                                      metrics_path=run_dir / "metrics.jsonl")
+    elif reference:
+        # reference_seed_mixup: no reset of numpy to 0, so its lambdas come from seed_everything(seed)
+        labels = None if side == "reference_seed_mixup" else ctx["full_train_labels"]
+        model, rows = train_reference(recipe, evaluator.bundle, device, ctx["workers"], full_train_labels=labels,
+                                      train=evaluator.bundle.train, metrics_path=run_dir / "metrics.jsonl")
         atomic_save(model.state_dict(), run_dir / "model.pt")
     else:
         lib_dir = run_dir / "run"
-        train_library(recipe, lib_dir, ctx["limit"])
+        streams = official_mixup_stream(ctx["full_train_labels"], evaluator.bundle.num_classes) \
+            if side == "fast_official_mixup" else contextlib.nullcontext()
+        with streams:
+            train_library(recipe, lib_dir, ctx["limit"])
         model, _, _ = load_model(lib_dir / "last.pt", device)
         rows = read_rows(lib_dir / "metrics.jsonl")
         lib_eval = json.loads((lib_dir / "eval.json").read_text())
@@ -533,7 +584,7 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
     out["lever_differences"] = {
         side: {vs: {m: welch(summary[side][m], summary[vs][m]) for m in METRICS}
                for vs in ("reference", "fast") if vs in summary}
-        for side in summary if side in LEVER_LABELS}
+        for side in summary if side in LEVER_LABELS or side in DIAGNOSTIC_LABELS}
     return out
 
 
@@ -697,8 +748,8 @@ def main(argv: list[str] | None = None) -> dict:
         if s in LEVER_LABELS and s not in lever_over:
             reason = next((k["reason"] for k in skipped if k["key"] == s), "not a lever of this recipe")
             raise BalpoeError(f"side {s!r} does not apply here: {reason}")
-    recipes = {(side, seed): recipe_for(side, seed, lever_over.get(side, [])) for side in SIDE_LABELS
-               if side in BASE_SIDES or side in lever_over for seed in seeds}
+    kept = [side for side in SIDE_LABELS if side in BASE_SIDES or side in lever_over or side in DIAGNOSTIC_LABELS]
+    recipes = {(side, seed): recipe_for(side, seed, lever_over.get(side, [])) for side in kept for seed in seeds}
     fingerprints = {k: fingerprint(r, args.limit, data_source, device, k[0]) for k, r in recipes.items()}
 
     info = {"benchmark": "fidelity", "recipe_file": str(args.recipe), "recipe_name": base.name,
@@ -723,7 +774,8 @@ def main(argv: list[str] | None = None) -> dict:
         info["data"] = {"source": data_source, "train_images": len(bundle.train), "class_counts": counts,
                         "test_images": len(bundle.test), "dataset": base.data.dataset}
         ctx = {"device": device, "evaluator": Evaluator(bundle, base, device), "workers": args.workers,
-               "limit": args.limit, "full_train_labels": full_train_labels(base.data) if "reference" in sides else None,
+               "limit": args.limit, "full_train_labels": full_train_labels(base.data)
+               if {"reference", "fast_official_mixup"} & set(sides) else None,
                "fingerprints": fingerprints}
         todo = [(side, seed) for seed in seeds for side in sides]
         for i, (side, seed) in enumerate(todo, 1):
@@ -752,9 +804,7 @@ def main(argv: list[str] | None = None) -> dict:
     # Every finished side/seed of --out for these seeds (other chunks' too), in table order.
     runs: dict[str, dict[str, dict]] = {}
     missing = []
-    for side in SIDE_LABELS:
-        if side not in BASE_SIDES and side not in lever_over:
-            continue
+    for side in kept:
         for seed in seeds:
             res = done.get((side, seed)) or load_result(out, side, seed, fingerprints[(side, seed)])
             if res is not None:

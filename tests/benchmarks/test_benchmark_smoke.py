@@ -437,3 +437,27 @@ def test_fidelity_fingerprints_hold_what_each_side_runs(load_script):
     for over in ("model.batched_experts=false", "train.amp=false", "train.channels_last=false", "data.loader=dataloader"):
         assert fp("reference") == fp("reference", over), over
     assert fp("reference") != fp("reference", "train.mixup_alpha=0.2")
+    assert fp("reference_seed_mixup") == fp("reference_seed_mixup", "train.amp=false")   # a reference variant
+    assert fp("fast_official_mixup") != fp("fast_official_mixup", "train.amp=false")     # a fast variant
+
+
+def test_official_mixup_stream_gives_the_trainer_the_reference_lambdas(load_script):
+    """Inside ``official_mixup_stream`` the trainer's mixup lambdas are the official sequence (numpy
+    reset to 0 and the per-class shuffles, then one ``np.random.beta`` per step, continued across
+    epochs, whatever the run's seed); the other streams and, after the block, every stream are the
+    library's per-seed ones."""
+    mod = load_script("fidelity")
+    ref = load_script("reference_balpoe")
+    from balpoe.runtime.seeding import numpy_stream
+    from balpoe.training import trainer
+    labels = np.repeat(np.arange(3), [5, 4, 3])
+    ref.official_numpy_reset(labels, 3)
+    expected = [np.random.beta(0.4, 0.4) for _ in range(6)]
+    with mod.official_mixup_stream(labels, 3):
+        got = [trainer.numpy_stream(seed, 0, "mixup_lambda").beta(0.4, 0.4) for seed in (1, 2, 3)]
+        got += [trainer.numpy_stream(7, epoch, "mixup_lambda").beta(0.4, 0.4) for epoch in (1, 2, 3)]
+        order = trainer.numpy_stream(1, 0, "order").random()
+    assert got == expected
+    assert order == numpy_stream(1, 0, "order").random()
+    assert trainer.numpy_stream is numpy_stream
+    assert trainer.numpy_stream(1, 0, "mixup_lambda").beta(0.4, 0.4) == numpy_stream(1, 0, "mixup_lambda").beta(0.4, 0.4)
