@@ -18,10 +18,14 @@ import torch.nn.functional as F
 
 def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.Generator,
                 generator: torch.Generator | None = None):
-    """Returns ``(x_mixed, y_a, y_b, lam)``; ``lam`` is sampled on the host (no device sync)."""
+    """Returns ``(x_mixed, y_a, y_b, lam)``; ``lam`` is sampled on the host (no device sync).
+
+    The mixed batch is computed as ``lam * x + (1 - lam) * x[perm]``, the official expression, so
+    that it is bit-identical to the official code's for the same draws (a fused multiply-add such as
+    ``x.mul(lam).add_(x[perm], alpha=1 - lam)`` rounds differently, by up to one float32 ulp)."""
     lam = float(rng.beta(alpha, alpha))
     perm = torch.randperm(x.shape[0], device=x.device, generator=generator)
-    return x.mul(lam).add_(x[perm], alpha=1.0 - lam), y, y[perm], lam
+    return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
 def mixup_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: int) -> torch.Tensor:
