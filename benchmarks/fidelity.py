@@ -654,6 +654,45 @@ def print_tables(result: dict, console: Console) -> None:
         console.print(f"missing (not run yet): {', '.join(result['missing'])}")
 
 
+def md_diff(w: dict, spec: str) -> str:
+    """``-1.24 ± 0.53 (2.3 SE)`` for a :func:`welch` result."""
+    if w["diff"] is None:
+        return "-"
+    if w["se"] is None:
+        return format(w["diff"], "+" + spec)
+    ratio = f" ({abs(w['diff']) / w['se']:.1f} SE)" if w["se"] > 0 else ""
+    return f"{w['diff']:+{spec}} ± {w['se']:{spec}}{ratio}"
+
+
+def markdown_tables(result: dict) -> str:
+    """The per-side table and the table of differences (each side against the reference and the
+    fast side) in Markdown, as README's 'Fidelity' section shows them."""
+    runs, summary = result["runs"], result.get("summary", {})
+    spec = {"acc": ".2f", "ece": ".2f", "nll": ".3f", "sade_mean": ".2f"}
+
+    def ms(d: dict, f: str) -> str:
+        if d["mean"] is None:
+            return "-"
+        return format(d["mean"], f) + ("" if d["std"] is None else f" ± {d['std']:{f}}")
+
+    head = ["balanced acc", "ECE", "NLL", "mean acc, 11 test distributions"]
+    lines = ["| side | seeds | balanced acc per seed | " + " | ".join(head) + " |",
+             "|---|---|---|" + "---:|" * len(head)]
+    for side, by_seed in runs.items():
+        per_seed = ", ".join(f"{r['metrics']['acc']:.2f}" for r in by_seed.values())
+        lines.append(f"| {SIDE_LABELS.get(side, side)} | {', '.join(by_seed)} | {per_seed} | "
+                     + " | ".join(ms(summary[side][m], spec[m]) for m in HEADLINE) + " |")
+    pairs = []
+    if "difference" in result:
+        pairs.append(("fast", "reference", result["difference"]))
+    for side, by_vs in result.get("lever_differences", {}).items():
+        pairs += [(side, vs, d) for vs, d in by_vs.items()]
+    if pairs:
+        lines += ["", "| difference of the means ± Welch SE | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
+        lines += [f"| {a} − {b} | " + " | ".join(md_diff(d[m], spec[m]) for m in HEADLINE) + " |" for a, b, d in pairs]
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------
 
 
@@ -696,6 +735,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default=str(DEFAULT_OUT), help="run folders and results.json (default: %(default)s)")
     ap.add_argument("--report-only", action="store_true", help="train nothing: the tables of the results in --out")
     ap.add_argument("--json", help="also write the results JSON here")
+    ap.add_argument("--markdown", help="also write the tables in Markdown here (as README 'Fidelity' shows them)")
     args = ap.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         ap.error("--epochs must be >= 1")
@@ -824,7 +864,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(text)
-    console.print(f"wrote {out / 'results.json'}" + (f" and {args.json}" if args.json else ""))
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(markdown_tables(result), Path(args.markdown))
+    console.print(f"wrote {out / 'results.json'}" + "".join(f" and {p}" for p in (args.json, args.markdown) if p))
     return result
 
 

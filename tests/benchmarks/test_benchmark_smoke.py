@@ -282,8 +282,17 @@ def test_fidelity_smoke_statistics(tmp_path, load_script):
             assert math.isclose(p["mean"], sum(diffs) / 2, rel_tol=1e-9, abs_tol=1e-12)
 
     # resumable: --report-only reuses every run (in process: no training, no thread change)
-    again = load_script("fidelity").main(args + ["--report-only"])
+    md = tmp_path / "fidelity.md"
+    again = load_script("fidelity").main(args + ["--report-only", "--markdown", str(md)])
     assert again["runs"] == r["runs"] and again["difference"] == r["difference"]
+    # the Markdown tables: one row per side with its per-seed accuracies and mean ± std, then the difference
+    rows = md.read_text().splitlines()
+    fast_row = next(line for line in rows if line.startswith("| fast (library as shipped) |"))
+    acc = r["summary"]["fast"]["acc"]
+    assert f"| 0, 1 | {', '.join(f'{v:.2f}' for v in acc['values'])} | {acc['mean']:.2f} ± {acc['std']:.2f} |" in fast_row
+    d = r["difference"]["acc"]
+    diff_row = next(line for line in rows if line.startswith("| fast − reference |"))
+    assert diff_row.startswith(f"| fast − reference | {d['diff']:+.2f} ± {d['se']:.2f}")
 
     # a reference run killed during its evaluation (model.pt written, no result.json) is evaluated
     # from its saved weights, not trained again: same metrics, same training curve
