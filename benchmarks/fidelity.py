@@ -79,7 +79,9 @@ test distributions indexed from the same logits (``balpoe.shift.targets.target_s
 
 Statistics: per side and metric the mean and the sample std (ddof 1) over seeds; the difference
 fast - reference of the means with the Welch standard error ``sqrt(s_a^2/n_a + s_b^2/n_b)`` and
-whether ``|diff| <= 2 SE``; the JSON adds the paired difference over common seeds.
+whether ``|diff| <= 2 SE``; the JSON adds the paired difference over common seeds.  With both
+diagnostic sides present, ``stream_matched`` (:func:`stream_matched`) compares library and
+reference with the lambda streams matched, the 2 x 2 design of training code and lambda stream.
 
 Output: ``--out DIR`` (default ``runs/fidelity``) holds one folder per side and seed
 (``DIR/<side>/seed<S>/``: ``result.json``, ``test_logits.pt``, the training curve; the fast side's
@@ -573,6 +575,27 @@ def paired(runs_a: dict, runs_b: dict, metric: str) -> dict:
     return out
 
 
+def stream_matched(summary: dict, metric: str) -> dict:
+    """Library - reference with the mixup lambda streams matched, from the 2 x 2 design (training
+    code x lambda stream): ``per_seed`` = fast - reference_seed_mixup (both draw lambdas per seed),
+    ``official`` = fast_official_mixup - reference (both draw the official sequence), and
+    ``combined``, their mean, with SE ``sqrt(se_1² + se_2²) / 2`` (the four sides are independent
+    runs).  Also ``stream_effect``: the official stream - per-seed streams, averaged over the two
+    training codes, with its SE."""
+    one = welch(summary["fast"][metric], summary["reference_seed_mixup"][metric])
+    two = welch(summary["fast_official_mixup"][metric], summary["reference"][metric])
+    eff_lib = welch(summary["fast_official_mixup"][metric], summary["fast"][metric])
+    eff_ref = welch(summary["reference"][metric], summary["reference_seed_mixup"][metric])
+
+    def mean_of(a: dict, b: dict) -> dict:
+        if a["diff"] is None or b["diff"] is None:
+            return {"diff": None, "se": None, "within_2se": None}
+        diff = (a["diff"] + b["diff"]) / 2
+        se = None if a["se"] is None or b["se"] is None else math.sqrt(a["se"] ** 2 + b["se"] ** 2) / 2
+        return {"diff": diff, "se": se, "within_2se": None if se is None else bool(abs(diff) <= 2 * se)}
+    return {"per_seed": one, "official": two, "combined": mean_of(one, two), "stream_effect": mean_of(eff_lib, eff_ref)}
+
+
 def summarise(runs: dict[str, dict[str, dict]]) -> dict:
     """Per side and metric :func:`describe`; fast - reference (Welch) and each lever vs both."""
     summary = {side: {m: describe([r["metrics"][m] for r in by_seed.values()]) for m in METRICS}
@@ -581,6 +604,8 @@ def summarise(runs: dict[str, dict[str, dict]]) -> dict:
     if "fast" in summary and "reference" in summary:
         out["difference"] = {m: welch(summary["fast"][m], summary["reference"][m]) for m in METRICS}
         out["paired"] = {m: paired(runs["fast"], runs["reference"], m) for m in METRICS}
+    if all(side in summary for side in ("fast", "reference", *DIAGNOSTIC_LABELS)):
+        out["stream_matched"] = {m: stream_matched(summary, m) for m in METRICS}
     out["lever_differences"] = {
         side: {vs: {m: welch(summary[side][m], summary[vs][m]) for m in METRICS}
                for vs in ("reference", "fast") if vs in summary}
@@ -629,6 +654,9 @@ def print_tables(result: dict, console: Console) -> None:
     diffs = []
     if "difference" in stats:
         diffs.append(("fast - reference", stats["difference"]))
+    for key, name in MATCHED_ROWS:
+        if "stream_matched" in stats:
+            diffs.append((name, {m: stats["stream_matched"][m][key] for m in METRICS}))
     for side, by_vs in stats["lever_differences"].items():
         for vs, d in by_vs.items():
             diffs.append((f"{side} - {vs}", d))
@@ -652,6 +680,13 @@ def print_tables(result: dict, console: Console) -> None:
         console.print(f"lever not run: {s['key']} ({s['reason']})")
     if result["missing"]:
         console.print(f"missing (not run yet): {', '.join(result['missing'])}")
+
+
+#: the rows of the stream-matched comparison (key of :func:`stream_matched`, label)
+MATCHED_ROWS = (("combined", "library - reference, lambda streams matched (mean of the two below)"),
+                ("per_seed", "  per-seed lambdas: fast - reference_seed_mixup"),
+                ("official", "  official lambdas: fast_official_mixup - reference"),
+                ("stream_effect", "official - per-seed lambda stream (either code)"))
 
 
 def md_diff(w: dict, spec: str) -> str:
@@ -684,12 +719,15 @@ def markdown_tables(result: dict) -> str:
                      + " | ".join(ms(summary[side][m], spec[m]) for m in HEADLINE) + " |")
     pairs = []
     if "difference" in result:
-        pairs.append(("fast", "reference", result["difference"]))
+        pairs.append(("fast − reference", result["difference"]))
+    if "stream_matched" in result:
+        pairs += [(name.strip().replace(" - ", " − "), {m: result["stream_matched"][m][key] for m in HEADLINE})
+                  for key, name in MATCHED_ROWS]
     for side, by_vs in result.get("lever_differences", {}).items():
-        pairs += [(side, vs, d) for vs, d in by_vs.items()]
+        pairs += [(f"{side} − {vs}", d) for vs, d in by_vs.items()]
     if pairs:
         lines += ["", "| difference of the means ± Welch SE | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
-        lines += [f"| {a} − {b} | " + " | ".join(md_diff(d[m], spec[m]) for m in HEADLINE) + " |" for a, b, d in pairs]
+        lines += [f"| {name} | " + " | ".join(md_diff(d[m], spec[m]) for m in HEADLINE) + " |" for name, d in pairs]
     return "\n".join(lines) + "\n"
 
 

@@ -520,3 +520,28 @@ def test_library_epoch_takes_the_official_sgd_steps_on_the_same_draws(backbone, 
     for k, v in state_ref.items():
         assert torch.allclose(state_fast[k].float(), v.float(), rtol=1e-5, atol=1e-6), k
     assert max((p1 - p0).abs().max().item() for p0, p1 in zip(initial, official.parameters())) > 1e-3   # they moved
+
+
+def test_fidelity_stream_matched_comparison_is_the_2x2_design(load_script):
+    """With the two diagnostic sides present, ``stream_matched`` holds library - reference for each
+    lambda stream (Welch), their mean with SE sqrt(se_1² + se_2²) / 2, and the stream effect."""
+    mod = load_script("fidelity")
+    accs = {"fast": [83.0, 84.0, 85.0], "reference": [85.0, 86.0], "reference_seed_mixup": [84.0, 84.5, 85.5],
+            "fast_official_mixup": [84.0, 86.0]}
+    runs = {side: {str(i): {"metrics": {m: (v if m == "acc" else None) for m in mod.METRICS}} for i, v in enumerate(vals)}
+            for side, vals in accs.items()}
+    out = mod.summarise(runs)["stream_matched"]["acc"]
+
+    def welch(a, b):
+        return (np.mean(a) - np.mean(b), math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b)))
+    (d1, s1), (d2, s2) = welch(accs["fast"], accs["reference_seed_mixup"]), welch(accs["fast_official_mixup"],
+                                                                                  accs["reference"])
+    assert out["per_seed"]["diff"] == pytest.approx(d1) and out["per_seed"]["se"] == pytest.approx(s1)
+    assert out["official"]["diff"] == pytest.approx(d2) and out["official"]["se"] == pytest.approx(s2)
+    assert out["combined"]["diff"] == pytest.approx((d1 + d2) / 2)
+    assert out["combined"]["se"] == pytest.approx(math.sqrt(s1 ** 2 + s2 ** 2) / 2)
+    assert out["combined"]["within_2se"] == (abs(d1 + d2) / 2 <= math.sqrt(s1 ** 2 + s2 ** 2))
+    (e1, _), (e2, _) = welch(accs["fast_official_mixup"], accs["fast"]), welch(accs["reference"],
+                                                                               accs["reference_seed_mixup"])
+    assert out["stream_effect"]["diff"] == pytest.approx((e1 + e2) / 2)
+    assert "stream_matched" not in mod.summarise({k: runs[k] for k in ("fast", "reference")})
