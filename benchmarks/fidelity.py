@@ -428,14 +428,15 @@ def official_mixup_stream(train_labels, num_classes: int):
     -- the lambda sequence of every reference run.  The pairing permutations and everything else stay
     the library's.  A diagnostic of the benchmark, not a library option."""
     per_epoch = trainer.numpy_stream
-    started = []
+    started = False
 
     def stream(seed: int, epoch: int, name: str, rank: int = 0):
+        nonlocal started
         if name != "mixup_lambda":
             return per_epoch(seed, epoch, name, rank)
         if not started:   # reset where the first epoch starts: nothing before it can consume the stream
             official_numpy_reset(train_labels, num_classes)
-            started.append(True)
+            started = True
         return np.random.mtrand._rand   # the global RandomState that np.random.beta draws from
 
     trainer.numpy_stream = stream
@@ -553,15 +554,21 @@ def describe(values: list) -> dict:
             "std": float(np.std(v, ddof=1)) if n > 1 else None, "values": v}
 
 
+def compared(diff: float | None, se: float | None) -> dict:
+    """A difference with its standard error and whether ``|diff| <= 2 SE`` (None where unknown)."""
+    if diff is None:
+        return {"diff": None, "se": None, "within_2se": None}
+    return {"diff": diff, "se": se, "within_2se": None if se is None else bool(abs(diff) <= 2 * se)}
+
+
 def welch(a: dict, b: dict) -> dict:
     """``a - b`` of two :func:`describe` results with the Welch standard error ``sqrt(s_a²/n_a + s_b²/n_b)``
     and whether ``|diff| <= 2 SE`` (None where it cannot be computed)."""
     if a["mean"] is None or b["mean"] is None:
-        return {"diff": None, "se": None, "within_2se": None}
-    diff = a["mean"] - b["mean"]
+        return compared(None, None)
     se = math.sqrt(a["std"] ** 2 / a["n"] + b["std"] ** 2 / b["n"]) if a["std"] is not None and b["std"] is not None \
         else None
-    return {"diff": diff, "se": se, "within_2se": None if se is None else bool(abs(diff) <= 2 * se)}
+    return compared(a["mean"] - b["mean"], se)
 
 
 def paired(runs_a: dict, runs_b: dict, metric: str) -> dict:
@@ -589,10 +596,9 @@ def stream_matched(summary: dict, metric: str) -> dict:
 
     def mean_of(a: dict, b: dict) -> dict:
         if a["diff"] is None or b["diff"] is None:
-            return {"diff": None, "se": None, "within_2se": None}
-        diff = (a["diff"] + b["diff"]) / 2
+            return compared(None, None)
         se = None if a["se"] is None or b["se"] is None else math.sqrt(a["se"] ** 2 + b["se"] ** 2) / 2
-        return {"diff": diff, "se": se, "within_2se": None if se is None else bool(abs(diff) <= 2 * se)}
+        return compared((a["diff"] + b["diff"]) / 2, se)
     return {"per_seed": one, "official": two, "combined": mean_of(one, two), "stream_effect": mean_of(eff_lib, eff_ref)}
 
 
@@ -638,6 +644,26 @@ def fmt_diff(w: dict) -> str:
     return text if w["within_2se"] is not False else f"[bold red]{text}[/]"
 
 
+#: the rows of the stream-matched comparison (key of :func:`stream_matched`, label)
+MATCHED_ROWS = (("combined", "library - reference, lambda streams matched (mean of the two below)"),
+                ("per_seed", "  per-seed lambdas: fast - reference_seed_mixup"),
+                ("official", "  official lambdas: fast_official_mixup - reference"),
+                ("stream_effect", "official - per-seed lambda stream (either code)"))
+
+
+def comparison_rows(result: dict) -> list[tuple[str, dict]]:
+    """``(label, {metric: difference})`` for every comparison of the results, in table order: fast -
+    reference, the stream-matched comparison, each lever or diagnostic side against both sides."""
+    rows = []
+    if "difference" in result:
+        rows.append(("fast - reference", result["difference"]))
+    if "stream_matched" in result:
+        rows += [(name, {m: result["stream_matched"][m][key] for m in METRICS}) for key, name in MATCHED_ROWS]
+    for side, by_vs in result.get("lever_differences", {}).items():
+        rows += [(f"{side} - {vs}", d) for vs, d in by_vs.items()]
+    return rows
+
+
 def print_tables(result: dict, console: Console) -> None:
     runs, stats = result["runs"], result
     table = Table(title=f"{result['recipe_name']}: {fmt(result['data']['train_images'], ',')} training images, "
@@ -651,15 +677,7 @@ def print_tables(result: dict, console: Console) -> None:
         table.add_row(f"[bold]{side}[/]", "mean ± std", *[fmt_ms(stats["summary"][side][m]) for m in METRICS], "")
     console.print(table)
 
-    diffs = []
-    if "difference" in stats:
-        diffs.append(("fast - reference", stats["difference"]))
-    for key, name in MATCHED_ROWS:
-        if "stream_matched" in stats:
-            diffs.append((name, {m: stats["stream_matched"][m][key] for m in METRICS}))
-    for side, by_vs in stats["lever_differences"].items():
-        for vs, d in by_vs.items():
-            diffs.append((f"{side} - {vs}", d))
+    diffs = comparison_rows(stats)
     if diffs:
         dt = Table(title="difference of the means ± Welch SE (red: |diff| > 2 SE)")
         for col in ("comparison", *[LABELS[m] for m in METRICS], "|Δacc| ≤ 2 SE"):
@@ -682,11 +700,6 @@ def print_tables(result: dict, console: Console) -> None:
         console.print(f"missing (not run yet): {', '.join(result['missing'])}")
 
 
-#: the rows of the stream-matched comparison (key of :func:`stream_matched`, label)
-MATCHED_ROWS = (("combined", "library - reference, lambda streams matched (mean of the two below)"),
-                ("per_seed", "  per-seed lambdas: fast - reference_seed_mixup"),
-                ("official", "  official lambdas: fast_official_mixup - reference"),
-                ("stream_effect", "official - per-seed lambda stream (either code)"))
 
 
 def md_diff(w: dict, spec: str) -> str:
@@ -717,14 +730,7 @@ def markdown_tables(result: dict) -> str:
         per_seed = ", ".join(f"{r['metrics']['acc']:.2f}" for r in by_seed.values())
         lines.append(f"| {SIDE_LABELS.get(side, side)} | {', '.join(by_seed)} | {per_seed} | "
                      + " | ".join(ms(summary[side][m], spec[m]) for m in HEADLINE) + " |")
-    pairs = []
-    if "difference" in result:
-        pairs.append(("fast − reference", result["difference"]))
-    if "stream_matched" in result:
-        pairs += [(name.strip().replace(" - ", " − "), {m: result["stream_matched"][m][key] for m in HEADLINE})
-                  for key, name in MATCHED_ROWS]
-    for side, by_vs in result.get("lever_differences", {}).items():
-        pairs += [(f"{side} − {vs}", d) for vs, d in by_vs.items()]
+    pairs = [(name.strip().replace(" - ", " − "), d) for name, d in comparison_rows(result)]
     if pairs:
         lines += ["", "| difference of the means ± Welch SE | " + " | ".join(head) + " |", "|---|" + "---:|" * len(head)]
         lines += [f"| {name} | " + " | ".join(md_diff(d[m], spec[m]) for m in HEADLINE) + " |" for name, d in pairs]
