@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
+import torch
 from formats import write_cifar, write_fashion_mnist
+
+# The processes the tests start (CLI runs, torchrun ranks, spawned workers) run one OpenMP thread
+# each: several processes with torch's default of one thread per core oversubscribe a small machine
+# (on 2 cores, tests/training ran 3.4x slower).  This process keeps the thread count it started with;
+# a test that needs a child's floats to equal this process's sets the child's count itself.
+_THREADS = torch.get_num_threads()
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(_THREADS)
 
 
 @pytest.fixture(scope="session")

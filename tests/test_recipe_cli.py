@@ -55,7 +55,7 @@ def test_bad_recipes_name_the_key(raw, message):
 ])
 def test_unregistered_names_stop_before_anything_is_written(tmp_path, section, message):
     with pytest.raises(BalpoeError) as e:
-        train(recipe_from_dict(section), tmp_path / "run", show_progress=False)
+        train(recipe_from_dict(section), tmp_path / "run", show_progress=False, report=False)
     assert message in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "run").exists()
 

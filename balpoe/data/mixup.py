@@ -28,6 +28,9 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float, rng: np.random.G
     return lam * x + (1 - lam) * x[perm], y, y[perm], lam
 
 
-def mixup_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: int) -> torch.Tensor:
-    """Soft targets ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)``, ``[B, C]``."""
-    return F.one_hot(y_a, num_classes).float().mul_(lam).add_(F.one_hot(y_b, num_classes).float(), alpha=1.0 - lam)
+def mixup_targets(y_a: torch.Tensor, y_b: torch.Tensor, lam: float, num_classes: int,
+                  dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Soft targets ``lam * onehot(y_a) + (1 - lam) * onehot(y_b)``, ``[B, C]``, in ``dtype`` (the
+    trainer passes the input batch's dtype: float32, or float64 where a model is run in double)."""
+    return (F.one_hot(y_a, num_classes).to(dtype).mul_(lam)
+            .add_(F.one_hot(y_b, num_classes).to(dtype), alpha=1.0 - lam))

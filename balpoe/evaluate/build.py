@@ -15,8 +15,10 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import timm
 import torch
+import torchvision
 
 import balpoe
 from balpoe.data.build import build_data, build_loader
@@ -114,14 +116,19 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
 
 
 def environment(device: torch.device, amp: bool) -> dict:
-    """Versions, device and dtype the numbers were computed with (for reports)."""
+    """Versions, device and dtype the numbers were computed with (for reports): balpoe, torch,
+    torchvision, timm, numpy, python, the CUDA and cuDNN versions torch was built with (None on a
+    CPU-only build) and the device's name."""
     dtype = amp_dtype(device, amp, warn=False)
     try:
         version = importlib.metadata.version("balpoe")
     except importlib.metadata.PackageNotFoundError:   # run from a source tree that is not installed
         version = balpoe.__version__
-    return {"balpoe": version, "torch": torch.__version__, "timm": timm.__version__,
+    cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
+    return {"balpoe": version, "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "numpy": np.__version__,
             "python": platform.python_version(), "platform": platform.platform(),
+            "cuda": torch.version.cuda, "cudnn": cudnn,
             "device": device_name(device),
             "dtype": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32"}
 

@@ -31,15 +31,17 @@ class BalPoELoss(nn.Module):
         self.register_buffer("tau", torch.tensor(list(tau), dtype=torch.float32))
 
     def adjusted_logits(self, expert_logits: torch.Tensor) -> torch.Tensor:
-        """``f_k + tau_k * log pi_train`` for every expert, ``[E, B, C]`` in float32."""
+        """``f_k + tau_k * log pi_train`` for every expert, ``[E, B, C]`` in float32 (float64 logits stay
+        float64, so that a model run in double is compared in double)."""
         if expert_logits.dim() != 3 or expert_logits.shape[0] != self.tau.numel():
             raise ValueError(f"expected expert logits [E={self.tau.numel()}, B, C], got {tuple(expert_logits.shape)}")
-        return expert_logits.float() + self.tau[:, None, None] * self.log_prior
+        logits = expert_logits if expert_logits.dtype == torch.float64 else expert_logits.float()
+        return logits + self.tau[:, None, None] * self.log_prior
 
     def forward(self, expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(self.adjusted_logits(expert_logits), dim=-1)
         if target.dtype == torch.long:
             nll = -logp.gather(-1, target.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
         else:
-            nll = -(target.float() * logp).sum(-1)
+            nll = -(target.to(logp.dtype) * logp).sum(-1)
         return nll.mean()

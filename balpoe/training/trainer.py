@@ -94,7 +94,7 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
         target = y
         if mixup_alpha > 0:
             x, y_a, y_b, lam = mixup_batch(x, y, mixup_alpha, mix_rng, mix_gen)
-            target = mixup_targets(y_a, y_b, lam, num_classes)
+            target = mixup_targets(y_a, y_b, lam, num_classes, dtype=x.dtype)
         with autocast(device, amp):
             logits = model(x)
         loss = criterion(logits, target)

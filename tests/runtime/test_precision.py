@@ -75,7 +75,7 @@ def test_training_with_amp_on_cpu_keeps_float32_weights(tmp_path, monkeypatch):
             "train": {"amp": amp, "checkpoint_every": 1},
         })
 
-    reports = {amp: train(recipe(amp), tmp_path / f"amp_{amp}", show_progress=False) for amp in (False, True)}
+    reports = {amp: train(recipe(amp), tmp_path / f"amp_{amp}", show_progress=False, report=False) for amp in (False, True)}
     losses = {amp: json.loads((tmp_path / f"amp_{amp}" / "metrics.jsonl").read_text())["loss"] for amp in reports}
     assert losses[True] == pytest.approx(losses[False], rel=0.05) and losses[True] != losses[False]
     state = load_checkpoint(tmp_path / "amp_True" / "last.pt")["model"]

@@ -29,7 +29,7 @@ def serve_recipe(root, epochs: int = 8, **model) -> dict:
 def trained(cifar_root, tmp_path_factory) -> Path:
     """A checkpoint that has learnt the class prototypes (8 epochs, ~80 % balanced accuracy)."""
     out = tmp_path_factory.mktemp("serve") / "run"
-    train(recipe_from_dict(serve_recipe(cifar_root)), out, show_progress=False)
+    train(recipe_from_dict(serve_recipe(cifar_root)), out, show_progress=False, report=False)
     return out / "last.pt"
 
 
@@ -37,7 +37,7 @@ def trained(cifar_root, tmp_path_factory) -> Path:
 def batched(cifar_root, tmp_path_factory) -> Path:
     """The same network with model.batched_experts: true (1 epoch)."""
     out = tmp_path_factory.mktemp("serve_batched") / "run"
-    train(recipe_from_dict(serve_recipe(cifar_root, epochs=1, batched_experts=True)), out, show_progress=False)
+    train(recipe_from_dict(serve_recipe(cifar_root, epochs=1, batched_experts=True)), out, show_progress=False, report=False)
     return out / "last.pt"
 
 

@@ -53,7 +53,7 @@ def fm_root(tmp_path_factory):
 def balpoe_ckpt(fm_root, tmp_path_factory):
     """3 experts, tau 0/1/2, with a 20% held-out slice of the LT training split."""
     out = tmp_path_factory.mktemp("balpoe")
-    train(recipe_from_dict(_recipe(fm_root, 0.2, 3, [0, 1, 2])), out, show_progress=False)
+    train(recipe_from_dict(_recipe(fm_root, 0.2, 3, [0, 1, 2])), out, show_progress=False, report=False)
     return out / "last.pt"
 
 
@@ -61,7 +61,7 @@ def balpoe_ckpt(fm_root, tmp_path_factory):
 def single_ckpt(fm_root, tmp_path_factory):
     """One logit-adjusted expert (tau 1), no held-out slice."""
     out = tmp_path_factory.mktemp("single")
-    train(recipe_from_dict(_recipe(fm_root, 0.0, 1, [1])), out, show_progress=False)
+    train(recipe_from_dict(_recipe(fm_root, 0.0, 1, [1])), out, show_progress=False, report=False)
     return out / "last.pt"
 
 

@@ -10,6 +10,7 @@ import yaml
 from formats import write_fashion_mnist
 
 from balpoe import evaluate_checkpoint, load_recipe, recipe_from_dict, train
+from balpoe.cli import main
 from balpoe.runtime.checkpoint import load_checkpoint
 from balpoe.errors import BalpoeError
 
@@ -27,31 +28,30 @@ def _cifar_recipe(root, **optim):
     }
 
 
-def test_resume_reproduces_an_uninterrupted_run_exactly(cifar_root, tmp_path):
+def test_train_resume_and_eval_from_the_checkpoint(cifar_root, tmp_path):
+    """A run stopped after epoch 1 and resumed to 2 epochs: one metrics row per epoch, the resolved
+    recipe saved, the LT counts, and ``balpoe eval`` reproducing the training-time evaluation.  (That
+    a resumed run is bit-identical to an uninterrupted one, also after ``kill -9``, is
+    tests/training/test_resume_and_faults.py's.)"""
     full = recipe_from_dict(_cifar_recipe(cifar_root))
-    report = train(full, tmp_path / "full", show_progress=False)
-    # The same run, interrupted after epoch 1 (a 1-epoch run has identical epoch-1 state), then resumed.
     first = recipe_from_dict(_cifar_recipe(cifar_root, epochs=1))
-    train(first, tmp_path / "resumed", show_progress=False)
+    train(first, tmp_path / "run", show_progress=False, report=False)
     with pytest.warns(UserWarning, match="changed recipe keys: optim.epochs 1 -> 2"):
-        train(full, tmp_path / "resumed", resume=True, show_progress=False)
-    a = load_checkpoint(tmp_path / "full" / "last.pt")
-    b = load_checkpoint(tmp_path / "resumed" / "last.pt")
-    assert a["epoch"] == b["epoch"] == 2
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+        report = train(full, tmp_path / "run", resume=True, show_progress=False, report=False)
+    a = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert a["epoch"] == 2
     # metrics.jsonl: one line per epoch; the resumed run appended epoch 2 after epoch 1.
-    lines = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2]
     assert set(lines[0]) >= {"loss", "lr", "img_per_s", "epoch_time_s"}
-    # The saved recipe is the resolved one and reloads to the same Recipe.
-    saved = yaml.safe_load((tmp_path / "full" / "recipe.yaml").read_text())
+    # The saved recipe is the resolved one (the recipe in effect) and reloads to the same Recipe.
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())
     assert recipe_from_dict(saved) == full
     # Final report: LT counts for CIFAR-10 IR10 with 40 images/class, balanced test set of 80 images.
     assert a["class_counts"] == [int(40 * 0.1 ** (i / 9)) for i in range(10)]
     assert report["n"] == 80 and 0 <= report["acc"] <= 100 and len(report["expert_acc"]) == 2
     # balpoe eval reproduces the training-time evaluation from the checkpoint alone.
-    again = evaluate_checkpoint(tmp_path / "full" / "last.pt", device="cpu", out=tmp_path / "e.json")
+    again = evaluate_checkpoint(tmp_path / "run" / "last.pt", device="cpu", out=tmp_path / "e.json", report=False)
     for key in ("acc", "many", "medium", "few", "ece", "nll"):
         assert again[key] == pytest.approx(report[key], abs=1e-6), key
     assert json.loads((tmp_path / "e.json").read_text())["acc"] == pytest.approx(report["acc"])
@@ -59,16 +59,16 @@ def test_resume_reproduces_an_uninterrupted_run_exactly(cifar_root, tmp_path):
 
 def test_existing_run_is_never_overwritten(cifar_root, tmp_path):
     r = recipe_from_dict(_cifar_recipe(cifar_root, epochs=1))
-    train(r, tmp_path / "run", show_progress=False)
+    train(r, tmp_path / "run", show_progress=False, report=False)
     before = (tmp_path / "run" / "last.pt").read_bytes()
     with pytest.raises(BalpoeError, match="already holds a run"):
-        train(r, tmp_path / "run", show_progress=False)
+        train(r, tmp_path / "run", show_progress=False, report=False)
     assert (tmp_path / "run" / "last.pt").read_bytes() == before
     with pytest.raises(BalpoeError, match="no checkpoint to resume"):
-        train(r, tmp_path / "empty", resume=True, show_progress=False)
+        train(r, tmp_path / "empty", resume=True, show_progress=False, report=False)
 
 
-def test_cli_trains_fashion_mnist_idx_and_evaluates(tmp_path):
+def test_cli_trains_fashion_mnist_idx_and_evaluates(tmp_path, capsys):
     root = write_fashion_mnist(tmp_path / "fm", 30, 10, seed=1)
     recipe = tmp_path / "fm.yaml"
     recipe.write_text(yaml.safe_dump({
@@ -91,5 +91,5 @@ def test_cli_trains_fashion_mnist_idx_and_evaluates(tmp_path):
     report = json.loads((out / "eval.json").read_text())
     assert report["n"] == 100 and report["epoch"] == 2 and set(report) >= {"acc", "many", "few", "ece", "nll"}
     # A second train into the same directory without --resume is refused with exit code 2.
-    res = subprocess.run(cmd + ["train", str(recipe), "--out", str(out)], capture_output=True, text=True)
-    assert res.returncode == 2 and "already holds a run; pass --resume" in res.stderr
+    assert main(["train", str(recipe), "--out", str(out)]) == 2
+    assert "already holds a run; pass --resume" in capsys.readouterr().err

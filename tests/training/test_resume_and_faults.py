@@ -71,7 +71,7 @@ def _epochs(run: Path) -> list[int]:
 @pytest.fixture(scope="module")
 def uninterrupted(cifar_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    train(recipe_from_dict(_recipe(cifar_root)), out, show_progress=False)
+    train(recipe_from_dict(_recipe(cifar_root)), out, show_progress=False, report=False)
     return out
 
 
@@ -149,9 +149,9 @@ def test_kill_then_resume_is_bit_identical(cifar_root, uninterrupted, tmp_path, 
 
 def test_extending_a_finished_cosine_run_follows_the_new_horizon(cifar_root, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    train(recipe_from_dict(_recipe(cifar_root, epochs=2)), out, show_progress=False)
+    train(recipe_from_dict(_recipe(cifar_root, epochs=2)), out, show_progress=False, report=False)
     with pytest.warns(UserWarning, match="optim.epochs 2 -> 3"):
-        train(recipe_from_dict(_recipe(cifar_root, epochs=3)), out, resume=True, show_progress=False)
+        train(recipe_from_dict(_recipe(cifar_root, epochs=3)), out, resume=True, show_progress=False, report=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     fresh = [json.loads(x) for x in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
@@ -179,24 +179,24 @@ def test_resume_refuses_a_change_that_is_not_the_schedule(cifar_root, uninterrup
     (out / "last.pt").write_bytes((uninterrupted / "last.pt").read_bytes())
     before = (out / "last.pt").read_bytes()
     with pytest.raises(BalpoeError) as e:
-        train(recipe_from_dict(raw), out, resume=True, show_progress=False)
+        train(recipe_from_dict(raw), out, resume=True, show_progress=False, report=False)
     assert f"recipe key '{key}'" in str(e.value) and "\n" not in str(e.value)
     assert (out / "last.pt").read_bytes() == before
 
 
 def test_metrics_rows_are_those_of_the_checkpoint(cifar_root, uninterrupted, tmp_path):
     out = tmp_path / "run"
-    train(recipe_from_dict(_recipe(cifar_root, epochs=2)), out, show_progress=False)
+    train(recipe_from_dict(_recipe(cifar_root, epochs=2)), out, show_progress=False, report=False)
     with open(out / "metrics.jsonl", "a") as f:                     # a crash after epoch 3's row, before its checkpoint
         f.write(json.dumps({"epoch": 3, "loss": 9.9, "lr": 0.0}) + "\n")
-    train(recipe_from_dict(_recipe(cifar_root, epochs=3)), out, resume=True, show_progress=False)
+    train(recipe_from_dict(_recipe(cifar_root, epochs=3)), out, resume=True, show_progress=False, report=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3] and rows[2]["loss"] != 9.9
     # a crash before the first checkpoint: the next start begins a fresh metrics.jsonl
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 7.7}) + "\n")
-    train(recipe_from_dict(_recipe(cifar_root, epochs=1)), fresh, show_progress=False)
+    train(recipe_from_dict(_recipe(cifar_root, epochs=1)), fresh, show_progress=False, report=False)
     assert [json.loads(x)["loss"] != 7.7 for x in (fresh / "metrics.jsonl").read_text().splitlines()] == [True]
 
 
@@ -246,7 +246,7 @@ def test_a_non_finite_loss_stops_early_and_keeps_the_last_good_checkpoint(cifar_
         raw = _recipe(cifar_root, epochs=3)
         raw["loss"] = {**raw["loss"], "name": "nan_after"}
         with pytest.raises(BalpoeError) as e:
-            train(recipe_from_dict(raw), tmp_path / "run", show_progress=False)
+            train(recipe_from_dict(raw), tmp_path / "run", show_progress=False, report=False)
     finally:
         LOSSES.pop("nan_after")
     msg = str(e.value)
@@ -315,7 +315,7 @@ def test_checkpoints_of_balpoe_0_1_0_still_load_and_resume(cifar_root, uninterru
     assert isinstance(old["rng"]["numpy"], tuple)
     report = evaluate_checkpoint(out / "last.pt", device="cpu", out=tmp_path / "e.json")
     assert report["acc"] == json.loads((uninterrupted / "eval.json").read_text())["acc"]
-    train(recipe_from_dict(_recipe(cifar_root, epochs=4)), out, resume=True, show_progress=False)
+    train(recipe_from_dict(_recipe(cifar_root, epochs=4)), out, resume=True, show_progress=False, report=False)
     assert load_checkpoint(out / "last.pt")["epoch"] == 4
 
 

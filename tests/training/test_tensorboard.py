@@ -17,7 +17,7 @@ def test_tensorboard_events_hold_the_logged_values(cifar_root, tmp_path):
            "optim": {"lr": 0.05, "batch_size": 32, "epochs": 2, "warmup_epochs": 0, "schedule": "cosine"},
            "train": {"log_tensorboard": True, "eval_every": 1, "eval_batch_size": 64}}
     out = tmp_path / "run"
-    report = train(recipe_from_dict(raw), out, show_progress=False)
+    report = train(recipe_from_dict(raw), out, show_progress=False, report=False)
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0, "images": 0}).Reload()
