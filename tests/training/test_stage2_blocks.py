@@ -43,7 +43,7 @@ def timm_net() -> TinyMultiExpert:
     """timm EfficientNet trunk (BatchNormAct2d layers, dropout before its pooled features),
     Identity branches as when every stage is shared."""
     torch.manual_seed(0)
-    trunk = timm.create_model("test_efficientnet", num_classes=0, drop_rate=0.5)
+    trunk = timm.create_model("efficientnet_b0", num_classes=0, drop_rate=0.5)   # in every timm 1.0
     return TinyMultiExpert(trunk, nn.Identity(), trunk.num_features)
 
 
