@@ -57,15 +57,21 @@ class AugmentConfig:
     crop_padding: int = _f(4, min=0, max=256, doc="zero padding of the random crop (0 = no crop)")
     flip: bool = _f(True, doc="random horizontal flip")
     rotation: float = _f(15.0, min=0, max=180, doc="random rotation in [-deg, deg] (BalPoE CIFAR: 15)")
-    policy: str = _f("none", choices=("none", "autoaugment_cifar10", "randaugment", "trivialaugment"),
-                     doc="strong augmentation per sample: AutoAugment (CIFAR-10 policy), RandAugment, "
-                         "TrivialAugmentWide")
+    policy: str = _f("none", choices=("none", "autoaugment_cifar10", "autoaugment_cifar10_official", "randaugment",
+                                      "trivialaugment"),
+                     doc="strong augmentation per sample: AutoAugment (CIFAR-10 policy) in torchvision's form or in "
+                         "the official BalPoE code's PIL form (CIFAR10Policy: rotate +theta, bicubic shear, grey "
+                         "fill, ...), RandAugment, TrivialAugmentWide")
     randaugment: str = _f("rand-n2-m10-mstd0.5", doc="timm RandAugment config string (policy: randaugment)")
     cutout: int = _f(0, min=0, max=1024, doc="Cutout hole side in pixels (0 = off; DeVries & Taylor 2017)")
     interpolation: Union[str, None] = _f(None, choices=(None, "nearest", "bilinear"),
                                          doc="resampling of the policy's geometric ops (null: the policy's "
                                              "reference default: nearest for AutoAugment/TrivialAugment, "
                                              "bilinear for RandAugment)")
+    fill: Union[list[int], None] = _f(None, min=0, max=255,
+                                      doc="fill colour of the policy's geometric ops, one value or one per channel "
+                                          "(null: the policy's reference fill: the dataset mean for randaugment, 0 for "
+                                          "autoaugment_cifar10 / trivialaugment, 128 for autoaugment_cifar10_official)")
     color_jitter: Union[bool, None] = _f(None, doc="image files: ColorJitter(0.4, 0.4, 0.4, 0) (null: the "
                                                    "dataset's default, on with policy randaugment)")
 
