@@ -142,6 +142,18 @@ class ModelConfig:
     batched_experts: bool = _f(False, doc="run the expert branches together as grouped convolutions "
                                           "(same maths and checkpoint keys; a GPU speed lever)")
     kwargs: dict = _f(default_factory=dict, doc="extra keyword arguments for timm.create_model")
+    zero_init_last: Union[bool, None] = _f(None, doc="timm ResNets: start the last BN weight of every residual "
+                                                     "branch at 0 (null: timm's default, true); false: 1, as "
+                                                     "torchvision and the official BalPoE / MiSLAS ResNets "
+                                                     "(zero_init_residual=False)")
+    trainable: list[str] = _f(default_factory=list,
+                              doc="backbone modules that train (dotted names, e.g. layer4.2); the rest of every "
+                                  "backbone copy is frozen and kept in eval mode, the heads always train (empty: "
+                                  "everything trains; official MiSLAS Places-LT: the block after the frozen "
+                                  "pretrained ResNet-152)")
+    reinit: list[str] = _f(default_factory=list,
+                           doc="backbone modules re-initialised (torch's default init) after the pretrained weights "
+                               "are loaded: a freshly built block, e.g. layer4.2")
 
 
 @dataclass
@@ -478,6 +490,8 @@ def _cross_checks(r: Recipe) -> None:
                           "one")
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
+    if "zero_init_last" in r.model.kwargs:
+        raise BalpoeError("recipe key 'model.kwargs' must not set 'zero_init_last' (use model.zero_init_last)")
     for name, why in _RESERVED_KWARGS.items():
         if name in r.model.kwargs:
             raise BalpoeError(f"recipe key 'model.kwargs' must not set '{name}' ({why})")

@@ -24,7 +24,8 @@ def build_model(cfg, num_classes: int, in_chans: int, *, stage2_classifier: str 
                           "init applies to linear heads (a cosine head has its own); use head_init: default")
     model = build_multi_expert(cfg.backbone, num_classes, cfg.num_experts, cfg.split, cfg.head, cfg.scale, in_chans,
                                cfg.pretrained_file if pretrained else None, cfg.kwargs, batched=cfg.batched_experts,
-                               pretrained=cfg.pretrained and pretrained, pretrained_strict=cfg.pretrained_strict)
+                               pretrained=cfg.pretrained and pretrained, pretrained_strict=cfg.pretrained_strict,
+                               zero_init_last=cfg.zero_init_last, trainable=cfg.trainable, reinit=cfg.reinit)
     for head in model.heads:
         if isinstance(head, LinearHead):
             init_linear_head(head, head_init)
