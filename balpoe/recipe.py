@@ -94,6 +94,12 @@ class DataConfig:
                                                                   "(num_samples_cls, 4 in MiSLAS)")
     many_threshold: int = _f(100, min=0, max=10 ** 9, doc="many-shot: more than this many training images")
     few_threshold: int = _f(20, min=0, max=10 ** 9, doc="few-shot: fewer than this many training images")
+    groups: str = _f("counts", choices=("counts", "ranges"),
+                     doc="many/medium/few groups: counts (training counts vs many_threshold / few_threshold, Liu et "
+                         "al. 2019) or ranges (class-index ranges data.group_ranges, as the official MiSLAS code)")
+    group_ranges: list[int] = _f(min=0, max=10 ** 9, default_factory=list,
+                                 doc="groups: ranges: [a, b]: many = labels 0..a-1, medium = a..b-1, few = b.. "
+                                     "(MiSLAS CIFAR-100: [36, 71], CIFAR-10: [3, 7])")
     holdout_fraction: float = _f(0.0, min=0, max=0.5,
                                  doc="stratified slice of the LT training split held out (calibration)")
     loader: str = _f("auto", choices=("auto", "device", "dataloader"))
@@ -215,6 +221,10 @@ class Stage2Config:
     las_target: str = _f("paper", choices=("paper", "official"),
                          doc="LAS target: paper (Eq. 1: eps_y/(K-1) on each wrong class) or official (MiSLAS "
                              "methods.py: eps_y/K on every class, the label too)")
+    weight_decay_target: str = _f("stage1", choices=("stage1", "zero"),
+                                  doc="classifier 'mislas': where weight decay pulls it: stage1 (Eq. 4 as written: "
+                                      "dW -> 0, towards the stage-1 W) or zero (official MiSLAS train_stage2.py: "
+                                      "the fine-tuned W, b -> 0)")
     expert_adjust: str = _f("relative", choices=("relative", "absolute", "none"),
                             doc="logit offset of expert k in the stage-2 loss: relative (tau_k - mean tau), "
                                 "absolute (tau_k, as stage 1) or none; 0 for E = 1 with relative")
@@ -488,6 +498,9 @@ def _cross_checks(r: Recipe) -> None:
     if r.model.pretrained and r.model.pretrained_file:
         raise BalpoeError("recipe keys 'model.pretrained' and 'model.pretrained_file' both give initial weights: set "
                           "one")
+    if r.data.groups == "ranges" and (len(r.data.group_ranges) != 2 or r.data.group_ranges[0] > r.data.group_ranges[1]):
+        raise BalpoeError(f"recipe key 'data.group_ranges' must be two boundaries [a, b] with a <= b when data.groups is "
+                          f"ranges, got {shown(r.data.group_ranges)}")
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
     if "zero_init_last" in r.model.kwargs:
