@@ -201,7 +201,10 @@ class TrainConfig:
                            doc="torch.compile mode ('reduce-overhead': CUDA graphs)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under torchrun")
     checkpoint_every: int = _f(10, min=1, max=MAX_EPOCHS)
-    eval_every: int = _f(0, min=0, max=MAX_EPOCHS, doc="evaluate on the test set every N epochs (0: only at the end)")
+    eval_every: int = _f(0, min=0, max=MAX_EPOCHS,
+                         doc="test curve: evaluate on the test set every N epochs (0: only at the end); metrics.jsonl "
+                             "gets test_acc/many/medium/few/ece, eval.json's test_curve and report.html also the best "
+                             "epoch on the test set (as the official logs report; optimistic, never the headline)")
     eval_batch_size: int = _f(1024, min=1, max=MAX_BATCH)
     threads: int = _f(0, min=0, max=1024, doc="CPU threads for torch (0: torch's default)")
     log_tensorboard: bool = _f(False, doc="also log to OUT/tensorboard (pip install 'balpoe[tensorboard]')")

@@ -55,6 +55,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from balpoe.errors import BalpoeError
+from balpoe.evaluate.curve import summarize_test_curve
 
 DPI = 100
 GROUPS = ("many", "medium", "few")
@@ -221,6 +222,7 @@ def _training(run_dir: Path, recipe: dict) -> tuple[dict | None, str | None]:
     if seconds:
         caption += f"; training time {sum(seconds):.2f} s"
     data["caption"] = caption
+    data["test_curve"] = summarize_test_curve(rows2)  # this run's epochs only
     return data, None
 
 
@@ -862,6 +864,19 @@ def _groups_html(g: dict) -> str:
     return _table(head, rows, num_from=1, row_classes=["ens"] + [""] * (len(rows) - 1))
 
 
+def _best_epoch_html(curve: dict, header: dict) -> str:
+    """The best epoch on the test set (``train.eval_every``), labelled as what it is: a selection on
+    the test set itself, for comparison with the official logs; the page's headline stays the last epoch."""
+    groups = ", ".join(f"{g} {_f(curve['best'].get(g))}" for g in GROUPS if curve["best"].get(g) is not None)
+    last = header.get("acc") if header.get("acc") is not None else curve["last_acc"]
+    return (f'<p class="explain"><b>{_e(curve["label"][0].upper() + curve["label"][1:])}</b>: epoch '
+            f"{_e(curve['best_epoch'])}, balanced accuracy {_f(curve['best_acc'], suffix='%')}"
+            + (f" ({_e(groups)})" if groups else "")
+            + f". Selected on the test images themselves, so it over-states what the run would score on new data; "
+            f"the headline is the last epoch ({_e(curve['last_epoch'])}: {_f(last, suffix='%')}), "
+            f"{len(curve['epochs'])} test evaluations in all.</p>")
+
+
 def _classes(n: int) -> str:
     return f"{n} class" if n == 1 else f"{n} classes"
 
@@ -894,6 +909,8 @@ def build_html(s: dict) -> str:
 
     tr = s["training"]
     body = _figure_html(training_figure(tr), "training curves", _e(tr["caption"])) if tr else ""
+    if tr and tr.get("test_curve"):
+        body += _best_epoch_html(tr["test_curve"], s["header"])
     parts.append(_section_html(
         "training", "Per-epoch training loss, learning rate at the start of the epoch and training throughput, "
         "from <code>metrics.jsonl</code>" + ("; a MiSLAS stage-2 run shows its stage-1 epochs first." if
