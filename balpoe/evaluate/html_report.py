@@ -869,7 +869,7 @@ def _best_epoch_html(curve: dict, header: dict) -> str:
     the test set itself, for comparison with the official logs; the page's headline stays the last epoch."""
     groups = ", ".join(f"{g} {_f(curve['best'].get(g))}" for g in GROUPS if curve["best"].get(g) is not None)
     last = header.get("acc") if header.get("acc") is not None else curve["last_acc"]
-    return (f'<p class="explain"><b>{_e(curve["label"][0].upper() + curve["label"][1:])}</b>: epoch '
+    return (f'<p class="explain">{_e(curve["label"][0].upper() + curve["label"][1:])}: epoch '
             f"{_e(curve['best_epoch'])}, balanced accuracy {_f(curve['best_acc'], suffix='%')}"
             + (f" ({_e(groups)})" if groups else "")
             + f". Selected on the test images themselves, so it over-states what the run would score on new data; "
