@@ -502,8 +502,8 @@ def _cross_checks(r: Recipe) -> None:
         raise BalpoeError("recipe keys 'model.pretrained' and 'model.pretrained_file' both give initial weights: set "
                           "one")
     if r.data.groups == "ranges" and (len(r.data.group_ranges) != 2 or r.data.group_ranges[0] > r.data.group_ranges[1]):
-        raise BalpoeError(f"recipe key 'data.group_ranges' must be two boundaries [a, b] with a <= b when data.groups is "
-                          f"ranges, got {shown(r.data.group_ranges)}")
+        raise BalpoeError(f"recipe key 'data.group_ranges' must be two boundaries [a, b] with a <= b when "
+                          f"data.groups is ranges, got {shown(r.data.group_ranges)}")
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
     if "zero_init_last" in r.model.kwargs:
