@@ -57,15 +57,21 @@ class AugmentConfig:
     crop_padding: int = _f(4, min=0, max=256, doc="zero padding of the random crop (0 = no crop)")
     flip: bool = _f(True, doc="random horizontal flip")
     rotation: float = _f(15.0, min=0, max=180, doc="random rotation in [-deg, deg] (BalPoE CIFAR: 15)")
-    policy: str = _f("none", choices=("none", "autoaugment_cifar10", "randaugment", "trivialaugment"),
-                     doc="strong augmentation per sample: AutoAugment (CIFAR-10 policy), RandAugment, "
-                         "TrivialAugmentWide")
+    policy: str = _f("none", choices=("none", "autoaugment_cifar10", "autoaugment_cifar10_official", "randaugment",
+                                      "trivialaugment"),
+                     doc="strong augmentation per sample: AutoAugment (CIFAR-10 policy) in torchvision's form or in "
+                         "the official BalPoE code's PIL form (CIFAR10Policy: rotate +theta, bicubic shear, grey "
+                         "fill, ...), RandAugment, TrivialAugmentWide")
     randaugment: str = _f("rand-n2-m10-mstd0.5", doc="timm RandAugment config string (policy: randaugment)")
     cutout: int = _f(0, min=0, max=1024, doc="Cutout hole side in pixels (0 = off; DeVries & Taylor 2017)")
     interpolation: Union[str, None] = _f(None, choices=(None, "nearest", "bilinear"),
                                          doc="resampling of the policy's geometric ops (null: the policy's "
                                              "reference default: nearest for AutoAugment/TrivialAugment, "
                                              "bilinear for RandAugment)")
+    fill: Union[list[int], None] = _f(None, min=0, max=255,
+                                      doc="fill colour of the policy's geometric ops, one value or one per channel "
+                                          "(null: the policy's reference fill: the dataset mean for randaugment, 0 for "
+                                          "autoaugment_cifar10 / trivialaugment, 128 for autoaugment_cifar10_official)")
     color_jitter: Union[bool, None] = _f(None, doc="image files: ColorJitter(0.4, 0.4, 0.4, 0) (null: the "
                                                    "dataset's default, on with policy randaugment)")
 
@@ -88,6 +94,12 @@ class DataConfig:
                                                                   "(num_samples_cls, 4 in MiSLAS)")
     many_threshold: int = _f(100, min=0, max=10 ** 9, doc="many-shot: more than this many training images")
     few_threshold: int = _f(20, min=0, max=10 ** 9, doc="few-shot: fewer than this many training images")
+    groups: str = _f("counts", choices=("counts", "ranges"),
+                     doc="many/medium/few groups: counts (training counts vs many_threshold / few_threshold, Liu et "
+                         "al. 2019) or ranges (class-index ranges data.group_ranges, as the official MiSLAS code)")
+    group_ranges: list[int] = _f(min=0, max=10 ** 9, default_factory=list,
+                                 doc="groups: ranges: [a, b]: many = labels 0..a-1, medium = a..b-1, few = b.. "
+                                     "(MiSLAS CIFAR-100: [36, 71], CIFAR-10: [3, 7])")
     holdout_fraction: float = _f(0.0, min=0, max=0.5,
                                  doc="stratified slice of the LT training split held out (calibration)")
     loader: str = _f("auto", choices=("auto", "device", "dataloader"))
@@ -136,6 +148,18 @@ class ModelConfig:
     batched_experts: bool = _f(False, doc="run the expert branches together as grouped convolutions "
                                           "(same maths and checkpoint keys; a GPU speed lever)")
     kwargs: dict = _f(default_factory=dict, doc="extra keyword arguments for timm.create_model")
+    zero_init_last: Union[bool, None] = _f(None, doc="timm ResNets: start the last BN weight of every residual "
+                                                     "branch at 0 (null: timm's default, true); false: 1, as "
+                                                     "torchvision and the official BalPoE / MiSLAS ResNets "
+                                                     "(zero_init_residual=False)")
+    trainable: list[str] = _f(default_factory=list,
+                              doc="backbone modules that train (dotted names, e.g. layer4.2); the rest of every "
+                                  "backbone copy is frozen and kept in eval mode, the heads always train (empty: "
+                                  "everything trains; official MiSLAS Places-LT: the block after the frozen "
+                                  "pretrained ResNet-152)")
+    reinit: list[str] = _f(default_factory=list,
+                           doc="backbone modules re-initialised (torch's default init) after the pretrained weights "
+                               "are loaded: a freshly built block, e.g. layer4.2")
 
 
 @dataclass
@@ -177,7 +201,10 @@ class TrainConfig:
                            doc="torch.compile mode ('reduce-overhead': CUDA graphs)")
     sync_bn: bool = _f(False, doc="SyncBatchNorm under torchrun")
     checkpoint_every: int = _f(10, min=1, max=MAX_EPOCHS)
-    eval_every: int = _f(0, min=0, max=MAX_EPOCHS, doc="evaluate on the test set every N epochs (0: only at the end)")
+    eval_every: int = _f(0, min=0, max=MAX_EPOCHS,
+                         doc="test curve: evaluate on the test set every N epochs (0: only at the end); metrics.jsonl "
+                             "gets test_acc/many/medium/few/ece, eval.json's test_curve and report.html also the best "
+                             "epoch on the test set (as the official logs report; optimistic, never the headline)")
     eval_batch_size: int = _f(1024, min=1, max=MAX_BATCH)
     threads: int = _f(0, min=0, max=1024, doc="CPU threads for torch (0: torch's default)")
     log_tensorboard: bool = _f(False, doc="also log to OUT/tensorboard (pip install 'balpoe[tensorboard]')")
@@ -197,6 +224,10 @@ class Stage2Config:
     las_target: str = _f("paper", choices=("paper", "official"),
                          doc="LAS target: paper (Eq. 1: eps_y/(K-1) on each wrong class) or official (MiSLAS "
                              "methods.py: eps_y/K on every class, the label too)")
+    weight_decay_target: str = _f("stage1", choices=("stage1", "zero"),
+                                  doc="classifier 'mislas': where weight decay pulls it: stage1 (Eq. 4 as written: "
+                                      "dW -> 0, towards the stage-1 W) or zero (official MiSLAS train_stage2.py: "
+                                      "the fine-tuned W, b -> 0)")
     expert_adjust: str = _f("relative", choices=("relative", "absolute", "none"),
                             doc="logit offset of expert k in the stage-2 loss: relative (tau_k - mean tau), "
                                 "absolute (tau_k, as stage 1) or none; 0 for E = 1 with relative")
@@ -470,8 +501,13 @@ def _cross_checks(r: Recipe) -> None:
     if r.model.pretrained and r.model.pretrained_file:
         raise BalpoeError("recipe keys 'model.pretrained' and 'model.pretrained_file' both give initial weights: set "
                           "one")
+    if r.data.groups == "ranges" and (len(r.data.group_ranges) != 2 or r.data.group_ranges[0] > r.data.group_ranges[1]):
+        raise BalpoeError(f"recipe key 'data.group_ranges' must be two boundaries [a, b] with a <= b when "
+                          f"data.groups is ranges, got {shown(r.data.group_ranges)}")
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
+    if "zero_init_last" in r.model.kwargs:
+        raise BalpoeError("recipe key 'model.kwargs' must not set 'zero_init_last' (use model.zero_init_last)")
     for name, why in _RESERVED_KWARGS.items():
         if name in r.model.kwargs:
             raise BalpoeError(f"recipe key 'model.kwargs' must not set '{name}' ({why})")

@@ -9,6 +9,7 @@ then mean ± std per policy and the paired difference.  Wall time per run is pri
 
     python benchmarks/augment_ablation.py                         # none vs autoaugment_cifar10, seeds 0 1
     python benchmarks/augment_ablation.py --policies none randaugment trivialaugment --seeds 0 1 2
+    python benchmarks/augment_ablation.py --policies autoaugment_cifar10_official autoaugment_cifar10
 
 Results: see README "Strong augmentation".
 """

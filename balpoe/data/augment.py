@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from einops import rearrange
+from PIL import Image
 from timm.data import rand_augment_transform
 from timm.data.transforms import str_to_pil_interp
 from torchvision import transforms as T
 
-from balpoe.data.autoaugment import cutout, parse_randaugment, rand_augment, strong_augment
+from balpoe.data.autoaugment import (autoaugment_cifar10_official, cutout, parse_randaugment, rand_augment,
+                                    strong_augment)
 from balpoe.errors import BalpoeError
 
 
@@ -71,9 +74,11 @@ def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.T
 
 def augment_batch(x: torch.Tensor, padding: int, flip: bool, rotation: float, generator: torch.Generator,
                   policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5", cutout_length: int = 0,
-                  interpolation: str | None = None, fill: tuple[int, ...] | None = None) -> torch.Tensor:
+                  interpolation: str | None = None, fill: tuple[int, ...] | None = None,
+                  policy_fill: tuple[int, ...] | None = None) -> torch.Tensor:
     """Crop + flip (uint8), rotation, then the strong ``policy`` and Cutout (uint8); returns float in
-    [0, 255].  ``fill``: RandAugment's fill colour (the dataset mean in [0, 255])."""
+    [0, 255].  ``fill``: RandAugment's default fill colour (the dataset mean in [0, 255]);
+    ``policy_fill`` (recipe ``data.augment.fill``) overrides every policy's fill."""
     x = random_crop_flip(x, padding, flip, generator)
     if policy == "none" and not cutout_length:
         x = x.float()
@@ -81,10 +86,10 @@ def augment_batch(x: torch.Tensor, padding: int, flip: bool, rotation: float, ge
     if rotation:  # nearest resampling with zero fill: the rotated values are exactly uint8 values
         x = random_rotation(x.float(), rotation, generator).to(torch.uint8)
     if policy == "randaugment":
-        x = rand_augment(x, generator, randaugment, fill=128 if fill is None else fill,
-                         interpolation=interpolation or "bilinear")
+        ra_fill = policy_fill if policy_fill is not None else (128 if fill is None else fill)
+        x = rand_augment(x, generator, randaugment, fill=ra_fill, interpolation=interpolation or "bilinear")
     else:
-        x = strong_augment(x, policy, generator, interpolation=interpolation)
+        x = strong_augment(x, policy, generator, interpolation=interpolation, fill=policy_fill)
     return cutout(x, cutout_length, generator).float()
 
 
@@ -108,16 +113,42 @@ class Cutout:
         return f"Cutout(length={self.length})"
 
 
-def policy_transform(policy: str, randaugment: str, fill: tuple[int, ...], interpolation: str | None):
+class OfficialCIFAR10Policy:
+    """The official BalPoE ``CIFAR10Policy`` as a PIL transform for the ``DataLoader`` path: the
+    batched device op (:func:`~balpoe.data.autoaugment.autoaugment_cifar10_official`) on a batch of
+    one, its draws from a generator seeded by torch's global generator (seeded per worker)."""
+
+    def __init__(self, fill=128):
+        self.fill = fill
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        a = torch.from_numpy(np.array(img))
+        x = (a.unsqueeze(-1) if a.dim() == 2 else a).permute(2, 0, 1).unsqueeze(0).contiguous()
+        g = torch.Generator().manual_seed(int(torch.randint(2 ** 62, ())))
+        out = autoaugment_cifar10_official(x, g, fill=self.fill)[0].permute(1, 2, 0).numpy()
+        return Image.fromarray(out[..., 0] if out.shape[2] == 1 else out)
+
+    def __repr__(self) -> str:
+        return f"OfficialCIFAR10Policy(fill={self.fill})"
+
+
+def policy_transform(policy: str, randaugment: str, fill: tuple[int, ...], interpolation: str | None,
+                     policy_fill: tuple[int, ...] | None = None):
     """The image-file path's policy op (a PIL transform), or None for ``none``: torchvision's
-    ``AutoAugment(CIFAR10)`` / ``TrivialAugmentWide`` (nearest by default, as torchvision) or timm's
-    ``rand_augment_transform(config, {"img_mean": fill, "translate_pct": 0.45})`` (timm's random
-    bilinear/bicubic by default; ``interpolation`` fixes it)."""
+    ``AutoAugment(CIFAR10)`` / ``TrivialAugmentWide`` (nearest by default, as torchvision), the official
+    BalPoE ``CIFAR10Policy`` (:class:`OfficialCIFAR10Policy`) or timm's ``rand_augment_transform(config,
+    {"img_mean": fill, "translate_pct": 0.45})`` (timm's random bilinear/bicubic by default;
+    ``interpolation`` fixes it).  ``policy_fill`` (recipe ``data.augment.fill``) overrides each fill."""
     mode = None if interpolation is None else getattr(T.InterpolationMode, interpolation.upper())
+    tv_fill = {} if policy_fill is None else {"fill": [float(v) for v in policy_fill]}
     if policy == "autoaugment_cifar10":
-        return T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, **({"interpolation": mode} if mode else {}))
+        return T.AutoAugment(T.AutoAugmentPolicy.CIFAR10, **({"interpolation": mode} if mode else {}), **tv_fill)
+    if policy == "autoaugment_cifar10_official":
+        return OfficialCIFAR10Policy(128 if policy_fill is None else tuple(policy_fill))
     if policy == "trivialaugment":
-        return T.TrivialAugmentWide(**({"interpolation": mode} if mode else {}))
+        return T.TrivialAugmentWide(**({"interpolation": mode} if mode else {}), **tv_fill)
+    if policy_fill is not None:
+        fill = tuple(policy_fill)
     if policy == "randaugment":
         parse_randaugment(randaugment)  # one-line error for a malformed config string
         hparams = {"img_mean": tuple(fill), "translate_pct": 0.45}
@@ -131,7 +162,8 @@ def policy_transform(policy: str, randaugment: str, fill: tuple[int, ...], inter
 
 def folder_transform(train: bool, mean, std, image_size: int = 224, *, color_jitter: bool = True,
                      policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5", cutout_length: int = 0,
-                     interpolation: str | None = None, flip: bool = True) -> T.Compose:
+                     interpolation: str | None = None, flip: bool = True,
+                     policy_fill: tuple[int, ...] | None = None) -> T.Compose:
     """The image-file path's transform.  Train: ``RandomResizedCrop(image_size)`` -> flip ->
     ``ColorJitter(0.4, 0.4, 0.4, 0)`` (``color_jitter``) -> policy (:func:`policy_transform`) ->
     ``ToTensor`` -> Cutout -> ``Normalize``.  Test: ``Resize(image_size * 256 / 224)`` ->
@@ -144,7 +176,7 @@ def folder_transform(train: bool, mean, std, image_size: int = 224, *, color_jit
         ops.append(T.RandomHorizontalFlip())
     if color_jitter:
         ops.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0))
-    strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation)
+    strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation, policy_fill)
     if strong is not None:
         ops.append(strong)
     ops.append(T.ToTensor())

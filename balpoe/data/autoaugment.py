@@ -30,12 +30,13 @@ import math
 import re
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
 
-POLICIES = ("none", "autoaugment_cifar10", "randaugment", "trivialaugment")
+POLICIES = ("none", "autoaugment_cifar10", "autoaugment_cifar10_official", "randaugment", "trivialaugment")
 
 # torchvision op names; TrivialAugmentWide uses the first 14 in this order, AutoAugment adds Invert.
 TV_OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color",
@@ -266,6 +267,13 @@ def _pil_affine(x, coeffs, fill, interpolation):
 
     if interpolation == "nearest":
         out = pick(sy.floor().long(), sx.floor().long())
+    elif interpolation == "bicubic":  # PIL's transform filter: a = -1 cubic, clamped neighbours, float64
+        fx, fy = sx - 0.5, sy - 0.5
+        x0, y0 = fx.floor(), fy.floor()
+        dx, dy = (fx - x0).unsqueeze(1), (fy - y0).unsqueeze(1)
+        x0, y0 = x0.long(), y0.long()
+        rows = [_pil_cubic(*(pick(y0 + i, x0 + j).double() for j in (-1, 0, 1, 2)), dx) for i in (-1, 0, 1, 2)]
+        out = _pil_cubic(*rows, dy).clamp(0, 255).to(torch.uint8)
     else:
         fx, fy = sx - 0.5, sy - 0.5
         x0, y0 = fx.floor(), fy.floor()
@@ -275,6 +283,12 @@ def _pil_affine(x, coeffs, fill, interpolation):
         v1, v2 = p00 + (p01 - p00) * dx, p10 + (p11 - p10) * dx
         out = (v1 + (v2 - v1) * dy).to(torch.uint8)
     return torch.where(inside, out, _fill_tensor(fill, c, dev).to(torch.uint8))
+
+
+def _pil_cubic(v1, v2, v3, v4, d):
+    """PIL ``Geometry.c`` ``BICUBIC``: the cubic through four neighbours at offset ``d`` in [0, 1)
+    (terms summed in PIL's order, so float64 results agree bit for bit)."""
+    return v2 + d * ((v3 - v1) + d * ((2 * (v1 - v2) + v3 - v4) + d * (((v2 - v1) - v3) + v4)))
 
 
 def _pil_matrix(*cols) -> torch.Tensor:
@@ -449,6 +463,110 @@ def autoaugment_cifar10(x: torch.Tensor, generator: torch.Generator, *, fill=Non
                         lambda name, xs, m: _tv_op(name, xs, m, fill, interp))
 
 
+# --------------------------------------------------------------------------- AutoAugment, official BalPoE form
+
+#: ops of the official BalPoE ``CIFAR10Policy`` that draw a random sign (``random.choice([-1, 1])``);
+#: Rotate does not: it always turns counter-clockwise by +theta
+OFFICIAL_SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Color", "Contrast", "Sharpness",
+                             "Brightness"})
+
+
+def official_cifar10_arguments(image_size: tuple[int, int]) -> dict[str, list[float]]:
+    """The 10-bin magnitude tables of the official BalPoE ``CIFAR10Policy`` (``SubPolicy.ranges``
+    of emasa/BalPoE-CalibratedLT ``dataset/autoaugm.py``, numpy float64), turned into the argument
+    each PIL op receives before its sign: shear factor, translation in pixels (150/331 of the image
+    side times k/9), degrees, ImageEnhance magnitude (the factor is ``1 +- m``), posterize bits,
+    solarize threshold (``linspace(256, 0, 10)``)."""
+    h, w = image_size
+    lin = lambda hi: np.linspace(0.0, hi, 10)  # noqa: E731
+    return {"ShearX": lin(0.3).tolist(), "ShearY": lin(0.3).tolist(),
+            "TranslateX": [m * w for m in lin(150 / 331).tolist()],
+            "TranslateY": [m * h for m in lin(150 / 331).tolist()],
+            "Rotate": lin(30).tolist(), "Color": lin(0.9).tolist(), "Contrast": lin(0.9).tolist(),
+            "Sharpness": lin(0.9).tolist(), "Brightness": lin(0.9).tolist(),
+            "Posterize": np.round(np.linspace(8, 4, 10), 0).astype(np.int64).astype(float).tolist(),
+            "Solarize": np.linspace(256, 0, 10).tolist()}
+
+
+def sample_autoaugment_cifar10_official(batch: int, image_size: tuple[int, int], generator: torch.Generator,
+                                        device=None) -> dict[str, torch.Tensor]:
+    """Per-sample draws of the official BalPoE ``CIFAR10Policy``: a sub-policy uniformly among the
+    25 of :data:`CIFAR10_POLICY` (the official list is the same), each op applied when
+    ``U[0,1) < p`` and, for :data:`OFFICIAL_SIGNED` ops, a random sign.  Returns ``policy [B]``,
+    ``op [B, 2]`` (indices into :data:`TV_OPS`), ``arg [B, 2]`` (float64: what the PIL op receives,
+    ``1 +- m`` for the ImageEnhance ops, computed in Python floats as the official code does) and
+    ``apply [B, 2]``."""
+    device = device or generator.device
+    table = official_cifar10_arguments(tuple(image_size))
+
+    def arg(name, k, sign):
+        if k is None or name not in table:
+            return 0.0
+        m = table[name][k]
+        if name in ("Color", "Contrast", "Sharpness", "Brightness"):
+            return 1 + m * sign
+        return m * sign if name in OFFICIAL_SIGNED else m
+
+    op_idx = torch.tensor([[TV_OPS.index(n) for n, _, _ in sub] for sub in CIFAR10_POLICY], device=device)
+    prob = torch.tensor([[p for _, p, _ in sub] for sub in CIFAR10_POLICY], dtype=torch.float64, device=device)
+    pos, neg = (torch.tensor([[arg(n, k, s) for n, _, k in sub] for sub in CIFAR10_POLICY], dtype=torch.float64,
+                             device=device) for s in (1, -1))
+    policy = torch.randint(len(CIFAR10_POLICY), (batch,), generator=generator, device=device)
+    probs = torch.rand(batch, 2, generator=generator, device=device, dtype=torch.float64)
+    negative = torch.randint(2, (batch, 2), generator=generator, device=device) == 0
+    return {"policy": policy, "op": op_idx[policy], "apply": probs < prob[policy],
+            "arg": torch.where(negative, neg[policy], pos[policy])}
+
+
+def _official_rotate_coeffs(degrees: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """PIL ``Image.rotate(angle)`` (expand=False, about the centre): its affine matrix, with PIL's
+    rounding of cos and sin to 15 decimals, computed in Python floats for each distinct angle."""
+    out = torch.empty(degrees.shape[0], 6, dtype=torch.float64, device=degrees.device)
+    for value in degrees.unique().tolist():
+        a = -math.radians(value % 360.0)
+        cos, sin = round(math.cos(a), 15), round(math.sin(a), 15)
+        cx, cy = w / 2.0, h / 2.0
+        row = [cos, sin, cos * -cx + sin * -cy + 0.0 + cx, -sin, cos, -sin * -cx + cos * -cy + 0.0 + cy]
+        out[degrees == value] = torch.tensor(row, dtype=torch.float64, device=degrees.device)
+    return out
+
+
+def official_cifar10_op(name: str, x: torch.Tensor, arg: torch.Tensor, fill=128) -> torch.Tensor:
+    """One op of the official BalPoE ``CIFAR10Policy`` on a uint8 batch, per-sample ``arg`` (float64,
+    signed as :func:`sample_autoaugment_cifar10_official` draws it): PIL ``Image.transform`` AFFINE
+    with BICUBIC resampling for ShearX/Y (about the image origin, not the centre) and NEAREST for
+    TranslateX/Y, ``Image.rotate`` (NEAREST) composited over grey for Rotate, all filled with
+    ``fill`` (official: 128); ImageEnhance / ImageOps semantics for the colour and histogram ops
+    (the PIL ops of :func:`apply_op` ``style="timm"``)."""
+    b, c, h, w = x.shape
+    arg = arg.double()
+    one, zero = torch.ones_like(arg), torch.zeros_like(arg)
+    if name in ("ShearX", "ShearY"):
+        coeffs = _pil_matrix(one, arg, zero, zero, one, zero) if name == "ShearX" else \
+            _pil_matrix(one, zero, zero, arg, one, zero)
+        return _pil_affine(x, coeffs, fill, "bicubic")
+    if name in ("TranslateX", "TranslateY"):
+        coeffs = _pil_matrix(one, zero, arg, zero, one, zero) if name == "TranslateX" else \
+            _pil_matrix(one, zero, zero, zero, one, arg)
+        return _pil_affine(x, coeffs, fill, "nearest")
+    if name == "Rotate":
+        return _pil_affine(x, _official_rotate_coeffs(arg, h, w), fill, "nearest")
+    return _timm_op(name, x, arg, fill, "nearest")
+
+
+def autoaugment_cifar10_official(x: torch.Tensor, generator: torch.Generator, *, fill=128) -> torch.Tensor:
+    """AutoAugment with the CIFAR-10 policy in the form of the official BalPoE code
+    (emasa/BalPoE-CalibratedLT ``dataset/autoaugm.py`` ``CIFAR10Policy``, used by ``cifar_aug_plus``),
+    drawn per sample on the device: PIL op semantics (:func:`official_cifar10_op`), rotation always
+    +theta, translations of 150/331 * side * k/9 pixels with nearest resampling, bicubic shears,
+    solarize thresholds ``linspace(256, 0, 10)``, grey fill 128.  torchvision's form is
+    :func:`autoaugment_cifar10`."""
+    _check_batch(x)
+    s = sample_autoaugment_cifar10_official(x.shape[0], x.shape[-2:], generator, x.device)
+    return _apply_slots(x, TV_OPS, s["op"], s["arg"], s["apply"],
+                        lambda name, xs, a: official_cifar10_op(name, xs, a, fill))
+
+
 # --------------------------------------------------------------------------- TrivialAugment Wide
 
 def sample_trivial_augment(batch: int, generator: torch.Generator, device=None,
@@ -606,16 +724,21 @@ def cutout(x: torch.Tensor, length: int, generator: torch.Generator) -> torch.Te
 
 def strong_augment(x: torch.Tensor, policy: str, generator: torch.Generator, *,
                    randaugment: str = "rand-n2-m10-mstd0.5", cutout_length: int = 0,
-                   interpolation: str | None = None) -> torch.Tensor:
+                   interpolation: str | None = None, fill=None) -> torch.Tensor:
     """One entry point for a loader: ``policy`` in :data:`POLICIES` on a uint8 batch, then Cutout with
     ``cutout_length`` (0 = off).  ``interpolation=None`` keeps each reference's default (nearest for
-    the torchvision policies, bilinear for RandAugment)."""
+    the torchvision policies, bilinear for RandAugment; the official CIFAR-10 policy has its own
+    per-op resampling); ``fill=None`` each reference's fill (0 for the torchvision policies, 128
+    for RandAugment and the official CIFAR-10 policy)."""
     if policy not in POLICIES:
         raise BalpoeError(f"unknown strong augmentation policy {policy!r} (choose from {', '.join(POLICIES)})")
     if policy == "autoaugment_cifar10":
-        x = autoaugment_cifar10(x, generator, interpolation=interpolation or "nearest")
+        x = autoaugment_cifar10(x, generator, interpolation=interpolation or "nearest", fill=fill)
+    elif policy == "autoaugment_cifar10_official":
+        x = autoaugment_cifar10_official(x, generator, fill=128 if fill is None else fill)
     elif policy == "trivialaugment":
-        x = trivial_augment_wide(x, generator, interpolation=interpolation or "nearest")
+        x = trivial_augment_wide(x, generator, interpolation=interpolation or "nearest", fill=fill)
     elif policy == "randaugment":
-        x = rand_augment(x, generator, randaugment, interpolation=interpolation or "bilinear")
+        x = rand_augment(x, generator, randaugment, interpolation=interpolation or "bilinear",
+                         fill=128 if fill is None else fill)
     return cutout(x, cutout_length, generator) if cutout_length else x

@@ -35,7 +35,8 @@ def folder_transforms(name: str, train: bool, image_size: int = 224, augment=Non
         jitter = spec.color_jitter or augment.policy == "randaugment"
     return folder_transform(train, spec.mean, spec.std, image_size, color_jitter=jitter, policy=augment.policy,
                             randaugment=augment.randaugment, cutout_length=augment.cutout,
-                            interpolation=augment.interpolation, flip=augment.flip)
+                            interpolation=augment.interpolation, flip=augment.flip,
+                            policy_fill=None if augment.fill is None else tuple(augment.fill))
 
 
 def largest_imb_factor(n_max: int, num_classes: int, profile: str) -> int:
@@ -195,9 +196,13 @@ def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg, *, train:
     data = getattr(bundle, split)
     sampler = sampler or (cfg.sampler if train else "instance")
     a = cfg.augment
+    policy_fill = None if a.fill is None else tuple(a.fill)
+    if policy_fill is not None and len(policy_fill) not in (1, bundle.in_chans):
+        raise BalpoeError(f"recipe key 'data.augment.fill' needs one value or one per channel ({bundle.in_chans}), "
+                          f"got {len(policy_fill)}")
     if uses_device_loader(cfg, bundle):
         strong = {"policy": a.policy, "randaugment": a.randaugment, "cutout_length": a.cutout,
-                  "interpolation": a.interpolation}
+                  "interpolation": a.interpolation, "policy_fill": policy_fill}
         return DeviceLoader(data.images, data.labels, batch_size, bundle.mean, bundle.std, train=train,
                             padding=a.crop_padding, flip=a.flip, rotation=a.rotation, sampler=sampler,
                             images_per_class_visit=cfg.images_per_class_visit,
@@ -205,7 +210,8 @@ def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg, *, train:
                             strong=strong)
     if bundle.in_memory:
         tf = array_transforms(tuple(data.images.shape[-2:]), bundle.mean, bundle.std, train, a.crop_padding,
-                              a.flip, a.rotation, a.policy, a.randaugment, a.cutout, a.interpolation)
+                              a.flip, a.rotation, a.policy, a.randaugment, a.cutout, a.interpolation,
+                              policy_fill)
         data = ArrayImageDataset(data, tf)
     return FolderLoader(data, bundle.labels_of(split), batch_size, train=train, sampler=sampler, seed=seed,
                         images_per_class_visit=cfg.images_per_class_visit,

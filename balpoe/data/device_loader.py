@@ -42,7 +42,7 @@ class DeviceLoader:
         self.drop_last, self.seed, self.rank, self.world_size = drop_last, seed, rank, world_size
         self.channels_last = channels_last
         # strong per-sample augmentation after crop/flip/rotation: policy, randaugment, cutout_length,
-        # interpolation (augment_batch's keywords); RandAugment fills with the dataset mean
+        # interpolation, policy_fill (augment_batch's keywords); RandAugment fills with the dataset mean by default
         self.strong = dict(strong or {})
         self.strong.setdefault("fill", tuple(round(255 * float(m)) for m in mean))
         self.epoch = 0

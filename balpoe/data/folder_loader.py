@@ -39,7 +39,8 @@ class ArrayImageDataset(torch.utils.data.Dataset):
 
 def array_transforms(size: tuple[int, int], mean, std, train: bool, padding: int = 0, flip: bool = False,
                      rotation: float = 0.0, policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5",
-                     cutout_length: int = 0, interpolation: str | None = None) -> T.Compose:
+                     cutout_length: int = 0, interpolation: str | None = None,
+                     policy_fill: tuple[int, ...] | None = None) -> T.Compose:
     """torchvision twin of the device path: ``RandomCrop(size, padding)`` -> ``RandomHorizontalFlip``
     -> ``RandomRotation(rotation)`` -> policy (:func:`~balpoe.data.augment.policy_transform`) ->
     ``ToTensor`` -> Cutout (train only) -> ``Normalize(mean, std)``."""
@@ -51,7 +52,8 @@ def array_transforms(size: tuple[int, int], mean, std, train: bool, padding: int
             ops.append(T.RandomHorizontalFlip())
         if rotation:
             ops.append(T.RandomRotation(rotation))
-        strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation)
+        strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation,
+                                  policy_fill)
         if strong is not None:
             ops.append(strong)
     ops.append(T.ToTensor())

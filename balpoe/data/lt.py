@@ -63,11 +63,25 @@ def lt_subsample_indices(labels: np.ndarray | Sequence[int], counts: Sequence[in
 
 
 def class_groups(class_counts: torch.Tensor | Sequence[int], many_threshold: int = 100,
-                 few_threshold: int = 20) -> torch.Tensor:
+                 few_threshold: int = 20, ranges: Sequence[int] | None = None) -> torch.Tensor:
     """Group of each class by its training count: 0 = many (> many_threshold),
-    1 = medium (few_threshold..many_threshold), 2 = few (< few_threshold)."""
+    1 = medium (few_threshold..many_threshold), 2 = few (< few_threshold) (Liu et al. 2019).
+
+    With ``ranges = (a, b)`` (recipe ``data.groups: ranges``) the groups are class-index ranges
+    instead, as the official MiSLAS code's ``head_class_idx`` / ``med_class_idx`` /
+    ``tail_class_idx``: many = labels ``[0, a)``, medium = ``[a, b)``, few = ``[b, C)``, whatever
+    the counts (for the exponential CIFAR-LT profile the labels are in decreasing count order)."""
     counts = torch.as_tensor(class_counts)
     groups = torch.ones_like(counts, dtype=torch.long)
+    if ranges is not None:
+        a, b = (int(v) for v in ranges)
+        if not 0 <= a <= b <= counts.numel():
+            raise BalpoeError(f"recipe key 'data.group_ranges' {[a, b]} must satisfy 0 <= a <= b <= the number of "
+                              f"classes ({counts.numel()})")
+        idx = torch.arange(counts.numel())
+        groups[idx < a] = 0
+        groups[idx >= b] = 2
+        return groups
     groups[counts > many_threshold] = 0
     groups[counts < few_threshold] = 2
     return groups

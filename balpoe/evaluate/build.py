@@ -54,7 +54,8 @@ def load_model(checkpoint: str | Path | dict, device: torch.device | str = "cpu"
     except BalpoeError as e:
         raise BalpoeError(f"{where} holds an invalid recipe: {e}") from None
     model = build_model(recipe.model, ckpt["num_classes"], ckpt["in_chans"], pretrained=False,
-                        stage2_classifier=recipe.stage2.classifier if recipe.stage == 2 else None)
+                        stage2_classifier=recipe.stage2.classifier if recipe.stage == 2 else None,
+                        stage2_weight_decay_target=recipe.stage2.weight_decay_target)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -64,7 +65,7 @@ def load_model(checkpoint: str | Path | dict, device: torch.device | str = "cpu"
 
 
 #: sections of a checkpoint's recipe that fix the weights' shapes and meaning: overrides may not change them
-_FIXED_SECTIONS = ("model", "loss", "stage", "stage2.classifier")
+_FIXED_SECTIONS = ("model", "loss", "stage", "stage2.classifier", "stage2.weight_decay_target")
 #: model keys that do not change the weights (a batched checkpoint loads into the looped model and back)
 _FREE_MODEL_KEYS = ("pretrained_file", "pretrained", "pretrained_strict", "batched_experts")
 
@@ -133,6 +134,11 @@ def environment(device: torch.device, amp: bool) -> dict:
             "dtype": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32"}
 
 
+def group_ranges(recipe: Recipe) -> tuple[int, int] | None:
+    """The class-index group boundaries of ``data.groups: ranges`` (None: groups by training count)."""
+    return tuple(recipe.data.group_ranges) if recipe.data.groups == "ranges" else None
+
+
 def analysis_of(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
                 expert_logits: torch.Tensor, labels: torch.Tensor) -> dict:
     """The run report's analysis (:func:`~balpoe.evaluate.report.analysis_from_logits`) with
@@ -150,7 +156,7 @@ def analysis_of(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, devi
         note = f"TS and BCTS fitted by NLL on {len(src.labels)} images: {src.note}"
     out = analysis_from_logits(expert_logits, labels, bundle.class_counts, bundle.class_names,
                                many_threshold=recipe.data.many_threshold, few_threshold=recipe.data.few_threshold,
-                               taus=expert_taus(recipe), calibrated=calibrated)
+                               taus=expert_taus(recipe), calibrated=calibrated, group_ranges=group_ranges(recipe))
     out["calibration_note"] = note
     out["environment"] = environment(device, recipe.train.amp)
     return out
@@ -163,7 +169,7 @@ def evaluate_model(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, d
     loader = build_loader(bundle, split, recipe.train.eval_batch_size, recipe.data, train=False)
     logits, labels = collect_logits(model, loader, device, recipe.train.amp)
     report = report_from_logits(logits, labels, bundle.class_counts, recipe.data.many_threshold,
-                                recipe.data.few_threshold)
+                                recipe.data.few_threshold, group_ranges(recipe))
     if analysis:
         report["analysis"] = analysis_of(model, bundle, recipe, device, logits, labels)
     return report

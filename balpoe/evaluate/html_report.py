@@ -55,6 +55,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from balpoe.errors import BalpoeError
+from balpoe.evaluate.curve import summarize_test_curve
 
 DPI = 100
 GROUPS = ("many", "medium", "few")
@@ -221,6 +222,7 @@ def _training(run_dir: Path, recipe: dict) -> tuple[dict | None, str | None]:
     if seconds:
         caption += f"; training time {sum(seconds):.2f} s"
     data["caption"] = caption
+    data["test_curve"] = summarize_test_curve(rows2)  # this run's epochs only
     return data, None
 
 
@@ -246,15 +248,30 @@ def _groups(ev: dict, analysis: dict, taus: list | None) -> dict:
                      "all": _num(expert_acc[k]) if k < len(expert_acc) else None})
     n_classes = None
     counts = analysis.get("class_counts")
-    if isinstance(counts, list):
+    member = _class_group(analysis)
+    if member is not None:
+        n_classes = {name: member.count(k) for k, name in enumerate(("many", "medium", "few"))}
+    elif isinstance(counts, list):
         c = _arr(counts)
         many_t, few_t = _num(analysis.get("many_threshold")), _num(analysis.get("few_threshold"))
         if many_t is not None and few_t is not None:
             many, few = c > many_t, c < few_t
             n_classes = {"many": int(many.sum()), "medium": int((~many & ~few).sum()), "few": int(few.sum())}
-    return {"rows": rows, "n_classes": n_classes,
-            "many_threshold": _num(analysis.get("many_threshold")),
-            "few_threshold": _num(analysis.get("few_threshold"))}
+    ranges = analysis.get("group_ranges")
+    ranges = [int(v) for v in ranges] if isinstance(ranges, list) and len(ranges) == 2 and member is not None else None
+    return {"rows": rows, "n_classes": n_classes, "ranges": ranges,
+            "many_threshold": None if ranges else _num(analysis.get("many_threshold")),
+            "few_threshold": None if ranges else _num(analysis.get("few_threshold"))}
+
+
+def _class_group(analysis: dict) -> list[int] | None:
+    """``analysis.class_group`` (0/1/2 per class) when it is a valid list, else None."""
+    member = analysis.get("class_group")
+    counts = analysis.get("class_counts")
+    if (isinstance(member, list) and isinstance(counts, list) and len(member) == len(counts)
+            and all(m in (0, 1, 2) for m in member)):
+        return [int(m) for m in member]
+    return None
 
 
 def _per_class(analysis: dict, taus: list | None, path: Path) -> dict:
@@ -273,9 +290,15 @@ def _per_class(analysis: dict, taus: list | None, path: Path) -> dict:
     cs = c[order]
     n_many = int((cs > many_t).sum()) if many_t is not None else None
     n_few = int((cs < few_t).sum()) if few_t is not None else None
+    member = _class_group(analysis)
+    groups = None
+    if member is not None:  # class-index ranges (data.groups: ranges) or the count rule, as evaluated
+        groups = [("many", "medium", "few")[member[i]] for i in order]
+        n_many, n_few = groups.count("many"), groups.count("few")
     return {"order": order.tolist(), "names": [names[i] for i in order], "counts": cs.tolist(),
             "ensemble": ens[order].tolist(), "experts": [e[order].tolist() for e in experts],
-            "taus": taus, "n_many": n_many, "n_few": n_few, "many_threshold": many_t, "few_threshold": few_t}
+            "taus": taus, "n_many": n_many, "n_few": n_few, "many_threshold": many_t, "few_threshold": few_t,
+            "groups": groups}
 
 
 def _confusion(analysis: dict, per_class: dict, path: Path) -> dict:
@@ -824,11 +847,15 @@ def _section_html(sid: str, explain: str, body: str, notes: dict) -> str:
 def _groups_html(g: dict) -> str:
     n = g["n_classes"]
     mt, ft = g["many_threshold"], g["few_threshold"]
-    rules = {"many": f"&gt; {mt:g}" if mt is not None else None, "few": f"&lt; {ft:g}" if ft is not None else None,
-             "medium": f"{ft:g}–{mt:g}" if mt is not None and ft is not None else None}
+    rules = {"many": f"&gt; {mt:g} images" if mt is not None else None,
+             "few": f"&lt; {ft:g} images" if ft is not None else None,
+             "medium": f"{ft:g}–{mt:g} images" if mt is not None and ft is not None else None}
+    if g.get("ranges"):  # data.groups: ranges (the official MiSLAS class-index ranges)
+        a, b = g["ranges"]
+        rules = {"many": f"labels 0–{a - 1}", "medium": f"labels {a}–{b - 1}", "few": f"labels ≥ {b}"}
     head = ["model", "τ"]
     for c in GROUPS:
-        extra = ", ".join(x for x in (f"{rules[c]} images" if rules[c] else None,
+        extra = ", ".join(x for x in (rules[c] if rules[c] else None,
                                       _classes(n[c]) if n else None) if x)
         head.append(f"{c}" + (f"<br><small>{extra}</small>" if extra else ""))
     head.append("all")
@@ -837,11 +864,26 @@ def _groups_html(g: dict) -> str:
     return _table(head, rows, num_from=1, row_classes=["ens"] + [""] * (len(rows) - 1))
 
 
+def _best_epoch_html(curve: dict, header: dict) -> str:
+    """The best epoch on the test set (``train.eval_every``), labelled as what it is: a selection on
+    the test set itself, for comparison with the official logs; the page's headline stays the last epoch."""
+    groups = ", ".join(f"{g} {_f(curve['best'].get(g))}" for g in GROUPS if curve["best"].get(g) is not None)
+    last = header.get("acc") if header.get("acc") is not None else curve["last_acc"]
+    return (f'<p class="explain">{_e(curve["label"][0].upper() + curve["label"][1:])}: epoch '
+            f"{_e(curve['best_epoch'])}, balanced accuracy {_f(curve['best_acc'], suffix='%')}"
+            + (f" ({_e(groups)})" if groups else "")
+            + f". Selected on the test images themselves, so it over-states what the run would score on new data; "
+            f"the headline is the last epoch ({_e(curve['last_epoch'])}: {_f(last, suffix='%')}), "
+            f"{len(curve['epochs'])} test evaluations in all.</p>")
+
+
 def _classes(n: int) -> str:
     return f"{n} class" if n == 1 else f"{n} classes"
 
 
-def _group_of(count: float, pc: dict) -> str:
+def _group_of(count: float, pc: dict, rank: int | None = None) -> str:
+    if pc.get("groups") is not None and rank is not None:
+        return pc["groups"][rank]
     if pc["many_threshold"] is not None and count > pc["many_threshold"]:
         return "many"
     if pc["few_threshold"] is not None and count < pc["few_threshold"]:
@@ -853,7 +895,7 @@ def _per_class_table(pc: dict) -> str:
     """The numbers of the per-class figure, folded (a ``<details>`` element: no script needed)."""
     experts = [_tau_label(k, pc["taus"]) for k in range(len(pc["experts"]))]
     head = ["rank", "label", "class", "training images", "group", "ensemble", *(_e(x) for x in experts)]
-    rows = [[str(r), str(label), _e(name), _e(f"{count:g}"), _group_of(count, pc), _f(pc["ensemble"][r]),
+    rows = [[str(r), str(label), _e(name), _e(f"{count:g}"), _group_of(count, pc, r), _f(pc["ensemble"][r]),
              *(_f(e[r]) for e in pc["experts"])]
             for r, (label, name, count) in enumerate(zip(pc["order"], pc["names"], pc["counts"]))]
     table = _table(head, rows, num_from=5)
@@ -867,6 +909,8 @@ def build_html(s: dict) -> str:
 
     tr = s["training"]
     body = _figure_html(training_figure(tr), "training curves", _e(tr["caption"])) if tr else ""
+    if tr and tr.get("test_curve"):
+        body += _best_epoch_html(tr["test_curve"], s["header"])
     parts.append(_section_html(
         "training", "Per-epoch training loss, learning rate at the start of the epoch and training throughput, "
         "from <code>metrics.jsonl</code>" + ("; a MiSLAS stage-2 run shows its stage-1 epochs first." if

@@ -116,10 +116,12 @@ def brier_score(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 
 def classification_report(logits: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor,
-                          many_threshold: int = 100, few_threshold: int = 20, n_bins: int = 15) -> dict[str, float]:
+                          many_threshold: int = 100, few_threshold: int = 20, n_bins: int = 15,
+                          group_ranges=None) -> dict[str, float]:
     """All headline metrics for one set of logits: n, acc, many/medium/few, ECE, MCE, NLL, Brier
-    (groups by training count: > many_threshold / between / < few_threshold, Liu et al. 2019)."""
-    groups = class_groups(class_counts, many_threshold, few_threshold)
+    (groups by training count: > many_threshold / between / < few_threshold, Liu et al. 2019; or by
+    class-index ``group_ranges``, :func:`~balpoe.data.lt.class_groups`)."""
+    groups = class_groups(class_counts, many_threshold, few_threshold, group_ranges)
     report = {"n": int(labels.numel()), "acc": accuracy(logits, labels)}
     report.update(group_accuracies(logits, labels, groups))
     report["ece"] = expected_calibration_error(logits, labels, n_bins)

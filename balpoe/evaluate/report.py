@@ -17,11 +17,11 @@ REPORT_COLUMNS = ["n", "acc", "many", "medium", "few", "ece", "mce", "nll", "bri
 
 
 def report_from_logits(expert_logits: torch.Tensor, labels: torch.Tensor, class_counts: torch.Tensor,
-                       many_threshold: int = 100, few_threshold: int = 20) -> dict:
+                       many_threshold: int = 100, few_threshold: int = 20, group_ranges=None) -> dict:
     """Ensemble metrics (:func:`~balpoe.evaluate.metrics.classification_report` of the mean
     expert logits) plus each expert's top-1 accuracy (``expert_acc``)."""
     report = classification_report(MultiExpertNet.ensemble(expert_logits), labels, class_counts, many_threshold,
-                                   few_threshold)
+                                   few_threshold, group_ranges=group_ranges)
     report["expert_acc"] = [accuracy(e, labels) for e in expert_logits]
     return report
 
@@ -49,19 +49,21 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
 
 def analysis_from_logits(expert_logits: torch.Tensor, labels: torch.Tensor, class_counts, class_names: list[str], *,
                          many_threshold: int, few_threshold: int, taus: list[float] | None = None,
-                         calibrated: dict[str, tuple[torch.Tensor, float]] | None = None) -> dict:
+                         calibrated: dict[str, tuple[torch.Tensor, float]] | None = None, group_ranges=None) -> dict:
     """What the run report shows, from cached logits: per-class and many/medium/few accuracy of the
     ensemble and of each expert, the confusion matrix, and reliability bins (Guo et al. 2017) of the
     ensemble and of each post-hoc calibrated version in ``calibrated`` (name -> (logits, T))."""
     num_classes = expert_logits.shape[-1]
     ens = MultiExpertNet.ensemble(expert_logits)
-    groups = class_groups(class_counts, many_threshold, few_threshold)
+    groups = class_groups(class_counts, many_threshold, few_threshold, group_ranges)
     reliability = {"none": dataclasses.asdict(reliability_data(ens, labels))}
     for name, (logits, temperature) in (calibrated or {}).items():
         reliability[name] = {**dataclasses.asdict(reliability_data(logits, labels)), "temperature": temperature}
     return {
         "class_names": list(class_names), "class_counts": [int(c) for c in class_counts],
         "many_threshold": many_threshold, "few_threshold": few_threshold,
+        "group_ranges": None if group_ranges is None else [int(v) for v in group_ranges],
+        "class_group": groups.tolist(),
         "taus": None if taus is None else [float(t) for t in taus],
         "per_class_acc": {"ensemble": per_class_accuracy(ens, labels, num_classes),
                           "experts": [per_class_accuracy(e, labels, num_classes) for e in expert_logits]},

@@ -28,6 +28,14 @@ Torch convention: ``W`` and ``dW`` are ``[C, D]`` (one row per class).
   stage-1 head's ``normalize(w_c)``, so the output matches the stage-1 head bit for bit.  In crt
   mode ``z_c = t * <x/|x|, dw_c/|dw_c|>`` is exactly a fresh :class:`CosineHead`.
 
+Weight decay (``weight_decay_target``, mislas mode): with ``"stage1"`` (default, Eq. 4 as
+written) the learnt tensor is ``dW`` (init 0), so SGD's weight decay pulls the classifier towards
+the stage-1 ``W``.  With ``"zero"`` (the official MiSLAS code, ``train_stage2.py``, which fine-tunes
+the classifier's own ``W`` and ``b`` at ``lr * lr_factor`` with weight decay) the learnt tensor is
+the fine-tuned classifier itself: ``a = 0`` and ``delta_weight`` / ``delta_bias`` start as copies of
+the stage-1 ``W`` / ``b`` (the outputs at init are unchanged), so weight decay pulls ``W + dW``
+towards 0, as there.
+
 Frozen tensors (``W``, bias, and ``s``/``dW`` where fixed) are buffers: they move with the module
 and are in its ``state_dict``, but ``parameters()`` holds exactly the learnable stage-2 tensors.
 """
@@ -42,6 +50,8 @@ from balpoe.errors import BalpoeError
 from balpoe.models.heads import CosineHead, float32_head
 
 MODES = ("mislas", "lws", "crt")
+#: where weight decay pulls the mislas classifier: the stage-1 W (Eq. 4's dW -> 0) or 0 (official code)
+WEIGHT_DECAY_TARGETS = ("stage1", "zero")
 
 
 class LWSDeltaHead(nn.Module):
@@ -50,10 +60,13 @@ class LWSDeltaHead(nn.Module):
     ``class_scale`` (``s``, ``[C]``), ``delta_weight`` (``dW``, ``[C, D]``) and, for a linear head
     with a bias, ``delta_bias`` (``[C]``); which of them are parameters depends on the mode."""
 
-    def __init__(self, head: nn.Module, mode: str = "mislas"):
+    def __init__(self, head: nn.Module, mode: str = "mislas", weight_decay_target: str = "stage1"):
         super().__init__()
         if mode not in MODES:
             raise BalpoeError(f"stage-2 classifier mode must be one of {MODES}, got {mode!r}")
+        if weight_decay_target not in WEIGHT_DECAY_TARGETS:
+            raise BalpoeError(f"stage-2 weight decay target must be one of {WEIGHT_DECAY_TARGETS}, got "
+                              f"{weight_decay_target!r}")
         if isinstance(head, LWSDeltaHead):
             raise BalpoeError("head is already an LWSDeltaHead; convert a stage-1 head only once")
         if isinstance(head, CosineHead):
@@ -63,7 +76,8 @@ class LWSDeltaHead(nn.Module):
         else:
             raise BalpoeError(f"LWSDeltaHead wraps a linear or cosine head, got {type(head).__name__}")
         self.mode = mode
-        self.a = 0.0 if mode == "crt" else 1.0
+        finetune = mode == "mislas" and weight_decay_target == "zero"  # learn W itself (official MiSLAS code)
+        self.a = 0.0 if mode == "crt" or finetune else 1.0
         w = head.weight.detach()
         self.out_features, self.in_features = w.shape
         C, like = self.out_features, dict(device=w.device, dtype=w.dtype)
@@ -84,6 +98,9 @@ class LWSDeltaHead(nn.Module):
         if mode == "lws":
             self.delta_weight = None
             self.delta_bias = None
+        elif mode == "mislas" and finetune:
+            self.delta_weight = nn.Parameter(w.clone())
+            self.delta_bias = nn.Parameter(self.bias.clone()) if has_bias else None
         elif mode == "mislas":
             self.delta_weight = nn.Parameter(torch.zeros_like(w))
             self.delta_bias = nn.Parameter(torch.zeros(C, **like)) if has_bias else None
@@ -146,13 +163,13 @@ def _fresh_classifier(kind: str, in_features: int, num_classes: int, bias: bool,
     return fresh.weight.detach(), (fresh.bias.detach() if bias else None)
 
 
-def convert_heads_to_lws(model: nn.Module, mode: str = "mislas") -> nn.Module:
+def convert_heads_to_lws(model: nn.Module, mode: str = "mislas", weight_decay_target: str = "stage1") -> nn.Module:
     """Replace every head in ``model.heads`` (a ``ModuleList``) by an :class:`LWSDeltaHead`
     wrapping it (in place; returns ``model``).  At init (mislas/lws) the outputs are unchanged."""
     heads = getattr(model, "heads", None)
     if not isinstance(heads, nn.ModuleList):
         raise BalpoeError(f"{type(model).__name__} has no 'heads' ModuleList to convert for stage 2")
-    new = [LWSDeltaHead(head, mode) for head in heads]  # validate every head before replacing any
+    new = [LWSDeltaHead(head, mode, weight_decay_target) for head in heads]  # validate every head before replacing any
     for i, head in enumerate(new):
         heads[i] = head
     return model

@@ -48,13 +48,25 @@ class MultiExpertNet(nn.Module):
     ``branches`` is a list of modules (run in a loop) or one :class:`GroupedBranches` (run at once).
     """
 
-    def __init__(self, trunk: nn.Module, branches: list[nn.Module] | GroupedBranches, heads: list[nn.Module]):
+    def __init__(self, trunk: nn.Module, branches: list[nn.Module] | GroupedBranches, heads: list[nn.Module],
+                 frozen: list[nn.Module] | None = None):
         super().__init__()
         self.trunk = trunk
         self.branches = branches if isinstance(branches, GroupedBranches) else nn.ModuleList(branches)
         self.heads = nn.ModuleList(heads)
         if (self.branches.num_experts if self.batched else len(self.branches)) != len(heads):
             raise ValueError("one branch per head")
+        # backbone modules outside model.trainable: frozen, and kept in eval mode by train()
+        self.frozen_modules = list(frozen or [])
+
+    def train(self, mode: bool = True) -> "MultiExpertNet":
+        """``nn.Module.train``, except that the frozen backbone modules (``model.trainable``) stay in
+        eval mode: their BN layers use and keep their running statistics (official MiSLAS Places-LT:
+        ``model.eval()`` on the frozen ResNet-152 while the added block trains)."""
+        super().train(mode)
+        for m in self.frozen_modules:
+            m.train(False)
+        return self
 
     @property
     def batched(self) -> bool:
@@ -226,6 +238,41 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], path: str, ba
     return match
 
 
+def _module_named(model: nn.Module, name: str, key: str, backbone: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        tops = ", ".join(n for n, _ in model.named_children())
+        raise BalpoeError(f"recipe key '{key}' names {name!r}, not a module of backbone '{backbone}' (dotted names "
+                          f"such as layer4.2; top-level: {clip(tops, 200)})") from None
+
+
+def reinit_modules(model: nn.Module, names: list[str], backbone: str = "") -> None:
+    """Re-initialise the modules ``names`` (recipe ``model.reinit``) of a backbone: every layer under
+    them gets torch's default initialisation (``reset_parameters``; BN statistics reset too), as a
+    block built on its own, e.g. the official MiSLAS Places-LT ``Bottleneck(2048, 512)`` added after
+    the pretrained ResNet-152."""
+    for name in names:
+        for m in _module_named(model, name, "model.reinit", backbone).modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+
+
+def freeze_except(model: nn.Module, trainable: list[str], backbone: str = "") -> list[nn.Module]:
+    """Freeze every parameter of a backbone outside the modules ``trainable`` (recipe
+    ``model.trainable``; dotted module names) and return the modules wholly outside them, which
+    :meth:`MultiExpertNet.train` keeps in eval mode.  ``trainable`` empty: nothing is frozen."""
+    if not trainable:
+        return []
+    for name in trainable:
+        _module_named(model, name, "model.trainable", backbone)
+    under = lambda n: any(n == t or n.startswith(t + ".") for t in trainable)  # noqa: E731
+    above = lambda n: any(t.startswith(n + ".") for t in trainable)  # noqa: E731
+    for name, p in model.named_parameters():
+        p.requires_grad_(under(name))
+    return [m for n, m in model.named_modules() if n and not under(n) and not above(n)]
+
+
 def check_backbone(name: str) -> None:
     """``name`` is in timm's model registry (one-line error otherwise)."""
     if not isinstance(name, str) or not timm.is_model(name):
@@ -237,6 +284,9 @@ def _create_backbone(name: str, in_chans: int, kwargs: dict, pretrained: bool = 
     try:
         model = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans, **kwargs)
     except TypeError as e:
+        if "zero_init_last" in str(e):
+            raise BalpoeError(f"model.zero_init_last is not accepted by timm model '{name}' (a timm ResNet option; "
+                              "use null for other backbones)") from None
         raise BalpoeError(f"model.kwargs not accepted by timm model '{name}': {clip(e)}") from None
     except Exception as e:  # noqa: BLE001 - a kwarg value the model cannot build with is a user error
         if pretrained:  # no network (hub / HTTP errors), no such weights, or a bad cached file
@@ -327,7 +377,8 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
                        head: str = "cosine", scale: float = 30.0, in_chans: int = 3,
                        pretrained_file: str | None = None, kwargs: dict | None = None,
                        batched: bool = False, pretrained: bool = False,
-                       pretrained_strict: bool = True) -> MultiExpertNet:
+                       pretrained_strict: bool = True, zero_init_last: bool | None = None,
+                       trainable: list[str] | None = None, reinit: list[str] | None = None) -> MultiExpertNet:
     """Build a :class:`MultiExpertNet` from a timm model name.
 
     The branches are built (and initialised) one by one in both modes, so a seed gives the same
@@ -337,15 +388,29 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
     Initial weights of the backbone (every expert's copy): timm's pretrained weights
     (``pretrained``), or a local ``pretrained_file`` (:func:`read_weights`) matched by name and
     shape (:func:`load_weights`; ``pretrained_strict``: refuse a partial match); what loaded is said
-    in one console line."""
+    in one console line.
+
+    ``zero_init_last`` (timm ResNets; None = timm's default, True): the last BN weight of every
+    residual branch starts at 0; False is torchvision's and the official BalPoE / MiSLAS ResNets'
+    ``zero_init_residual=False`` (weight 1).  ``reinit`` (:func:`reinit_modules`) re-initialises
+    backbone modules after the weights are loaded; ``trainable`` (:func:`freeze_except`) freezes the
+    rest of every backbone copy (the heads always train)."""
     kwargs = dict(kwargs or {})
+    if zero_init_last is not None:
+        kwargs["zero_init_last"] = zero_init_last
+    trainable, reinit = list(trainable or []), list(reinit or [])
+    if trainable and batched:
+        raise BalpoeError("model.trainable with model.batched_experts: the grouped branches do not keep frozen "
+                          "parameters; set model.batched_experts: false")
     state = read_weights(pretrained_file) if pretrained_file else None
+    frozen: list[nn.Module] = []
 
     def create() -> tuple[nn.Module, WeightMatch | None]:
         model = _create_backbone(backbone, in_chans, kwargs, pretrained)
-        if state is None:
-            return model, None
-        return model, load_weights(model, state, pretrained_file, backbone, pretrained_strict)
+        match = None if state is None else load_weights(model, state, pretrained_file, backbone, pretrained_strict)
+        reinit_modules(model, reinit, backbone)
+        frozen.extend(freeze_except(model, trainable, backbone))
+        return model, match
 
     first, match = create()
     if match is not None and dist.rank() == 0:
@@ -369,4 +434,4 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
             raise BalpoeError("model.batched_experts needs model.split to name a backbone stage: with split 'head' "
                               "the experts own only their heads and there are no branches to batch")
         branches = GroupedBranches(branches)
-    return MultiExpertNet(trunk, branches, heads)
+    return MultiExpertNet(trunk, branches, heads, frozen=frozen)

@@ -36,7 +36,7 @@ from typing import Any, Sequence
 from balpoe.data.build import build_loader
 from balpoe.data.image_list import find_list_file
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import SOURCES, check_source, load_for_eval, source_logits, write_run_report
+from balpoe.evaluate.build import SOURCES, check_source, group_ranges, load_for_eval, source_logits, write_run_report
 from balpoe.evaluate.logits import collect_logits
 from balpoe.losses.build import model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
@@ -114,7 +114,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     if need_source or source != "auto" or bundle.holdout is not None:
         src = source_logits(model, bundle, recipe, dev, source, lam_model, seed)
     ens = MultiExpertNet.ensemble(expert_logits)
-    calib = calibration_section(src, ens, labels, counts, lam_model, many, few)
+    calib = calibration_section(src, ens, labels, counts, lam_model, many, few, group_ranges(recipe))
 
     # 3. every distribution by indexing
     selector = TauSelector(counts, calibration=calibration if adapt == "unlabelled" else "none",
@@ -125,7 +125,8 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     start = time.perf_counter()
     rows = evaluate_targets(expert_logits, labels, counts, targets, adapt_mode=adapt, selector=selector,
                             lam_model=lam_model, labels_per_class=labels_per_class, seed=seed,
-                            many_threshold=many, few_threshold=few, keep=adapted)
+                            many_threshold=many, few_threshold=few, keep=adapted,
+                            group_ranges=group_ranges(recipe))
     derive_s = time.perf_counter() - start
 
     # 4. accuracy across the protocol distributions for every mode that can run here (the report's plot)

@@ -25,7 +25,8 @@ from balpoe.shift.targets import TargetSet
 def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_counts, targets: dict[str, TargetSet],
                      *, adapt_mode: str = "none", selector: TauSelector | None = None, lam_model: float = 0.0,
                      labels_per_class: float = 5, seed: int = 0, many_threshold: int = 100,
-                     few_threshold: int = 20, keep: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                     few_threshold: int = 20, keep: dict[str, Any] | None = None,
+                     group_ranges=None) -> dict[str, dict[str, Any]]:
     """Metrics of every target set, by indexing the cached logits ``[E, N, C]``.
 
     Each row: n, acc, many/medium/few, ece, mce, nll, brier of the model's own ensemble logits
@@ -48,7 +49,7 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
         q_emp = empirical_prior(y, num_classes)
         tau_star = selector.best_tau(q_emp)
         if adapt_mode == "none":
-            row.update(classification_report(z, y, counts, many_threshold, few_threshold))
+            row.update(classification_report(z, y, counts, many_threshold, few_threshold, group_ranges=group_ranges))
             row["expert_acc"] = [float((e[idx].argmax(-1) == y).double().mean() * 100) for e in expert_logits]
             row.update({"tau": 1.0 - lam_model, "tau_star": tau_star})
             if keep is not None and t.name in keep:
@@ -60,8 +61,10 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
             seconds = time.perf_counter() - start
             y_eval = y if rest is None else y[rest]
             z_eval = z if rest is None else z[rest]
-            row.update(classification_report(res.logits, y_eval, counts, many_threshold, few_threshold))
-            before = classification_report(z_eval, y_eval, counts, many_threshold, few_threshold)
+            row.update(classification_report(res.logits, y_eval, counts, many_threshold, few_threshold,
+                                             group_ranges=group_ranges))
+            before = classification_report(z_eval, y_eval, counts, many_threshold, few_threshold,
+                                           group_ranges=group_ranges)
             row.update({"acc_before": before["acc"], "ece_before": before["ece"], "nll_before": before["nll"],
                         "tau": res.tau, "tau_star": tau_star, "temperature": res.temperature,
                         "seconds": seconds, "prior_used": [float(p) for p in res.prior]})
@@ -77,19 +80,19 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
 
 
 def calibration_section(src: SourceSet | None, ens: torch.Tensor, labels: torch.Tensor, counts, lam_model: float,
-                        many: int, few: int) -> dict[str, Any] | None:
+                        many: int, few: int, group_ranges=None) -> dict[str, Any] | None:
     """TS and BCTS fitted on the source data (:func:`~balpoe.evaluate.calibration.fit_post_hoc`),
     and the balanced test set's metrics before and after."""
     if src is None:
         return None
     fits = fit_post_hoc(src.logits, src.labels, src.prior)
     bal = balance_logits(ens, counts, lam_model)
-    out: dict[str, Any] = {"none": classification_report(bal, labels, counts, many, few)}
+    out: dict[str, Any] = {"none": classification_report(bal, labels, counts, many, few, group_ranges=group_ranges)}
     for name, f in fits.items():
         cal = apply_calibration(bal.double(), f["temperature"], f["bias"])
         out[name] = {"temperature": f["temperature"],
                      "bias": None if f["bias"] is None else [float(b) for b in f["bias"]],
-                     **classification_report(cal, labels, counts, many, few)}
+                     **classification_report(cal, labels, counts, many, few, group_ranges=group_ranges)}
     return out
 
 

@@ -112,7 +112,10 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
         taus = expert_taus(recipe)
         if rank == 0 and (recipe.model.num_experts > 1 or taus != [0.0]):
             warn_unbalanced_tau(taus)
-        set_train_mode, delta_lr_factor = nn.Module.train, 1.0
+        delta_lr_factor = 1.0
+
+        def set_train_mode(m: nn.Module) -> None:
+            m.train()  # the model's own train(): a frozen trunk (model.trainable) stays in eval mode
     else:
         recipe, init = resolve_stage2(recipe, bundle)
         model = build_model(recipe.model, init["num_classes"], init["in_chans"], pretrained=False)
@@ -122,7 +125,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
             first = str(e).strip().splitlines()[0]
             raise BalpoeError(f"recipe key 'stage2.init_checkpoint': the weights in '{recipe.stage2.init_checkpoint}' "
                               f"do not fit its own model section ({first})") from None
-        prepare_stage2(model, recipe.stage2.classifier)
+        prepare_stage2(model, recipe.stage2.classifier, recipe.stage2.weight_decay_target)
         taus = expert_taus(recipe)
         shifted_bn = recipe.stage2.shifted_bn
 

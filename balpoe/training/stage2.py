@@ -26,9 +26,10 @@ From a recipe (``stage: 2``; :func:`balpoe.training.build.build_plan`):
   ``data.sampler: class_aware`` (the official MiSLAS sampler) or ``class_balanced`` (validated, not
   silently defaulted, so the sampler a run used is always the one its ``recipe.yaml`` shows).  Mixup off, a cosine schedule over the stage-2 epochs
   and no warmup are what the shipped ``recipes/mislas`` stage-2 recipes set (MiSLAS Table 5).
-* Difference from the official MiSLAS code, on purpose: it fine-tunes ``W`` itself at
-  ``lr * lr_factor`` with weight decay pulling ``W`` to 0; here ``dW`` (init 0) is learnt at that
-  rate and weight decay pulls ``dW`` to 0, i.e. towards the stage-1 classifier (Eq. 4 as written).
+* Weight decay (``stage2.weight_decay_target``): the official MiSLAS code fine-tunes ``W`` itself at
+  ``lr * lr_factor`` with weight decay pulling ``W`` to 0 (``zero``, what the shipped MiSLAS recipes
+  set); with ``stage1`` (the default, Eq. 4 as written) ``dW`` (init 0) is learnt at that rate and
+  weight decay pulls ``dW`` to 0, i.e. towards the stage-1 classifier.
 """
 
 from __future__ import annotations
@@ -80,10 +81,11 @@ def set_stage2_mode(model: nn.Module, shifted_bn: bool = True) -> nn.Module:
     return model
 
 
-def prepare_stage2(model: nn.Module, mode: str = "mislas") -> nn.Module:
+def prepare_stage2(model: nn.Module, mode: str = "mislas", weight_decay_target: str = "stage1") -> nn.Module:
     """Once at the start of stage 2: :func:`~balpoe.models.lws.convert_heads_to_lws` (``mode`` =
-    mislas / lws / crt) and :func:`freeze_backbone`.  Returns ``model``."""
-    convert_heads_to_lws(model, mode)
+    mislas / lws / crt; ``weight_decay_target`` = stage1 / zero) and :func:`freeze_backbone`.
+    Returns ``model``."""
+    convert_heads_to_lws(model, mode, weight_decay_target)
     return freeze_backbone(model)
 
 

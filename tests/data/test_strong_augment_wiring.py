@@ -103,3 +103,49 @@ def test_a_malformed_randaugment_string_stops_before_anything_is_written():
                                                                        "randaugment": "rand-n2-zz"}}})
     with pytest.raises(BalpoeError, match="rand-n2-zz"):
         check_names(r)
+
+
+def test_policy_fill_overrides_each_policy_fill_on_the_device_path():
+    from balpoe.data.autoaugment import autoaugment_cifar10_official
+    # the official CIFAR10Policy: grey 128 unless data.augment.fill says otherwise
+    got = augment_batch(X, 0, False, 0.0, _gen(), policy="autoaugment_cifar10_official", fill=(1, 2, 3))
+    assert torch.equal(got, autoaugment_cifar10_official(X, _gen(), fill=128).float())
+    got = augment_batch(X, 0, False, 0.0, _gen(), policy="autoaugment_cifar10_official", policy_fill=(9, 9, 9))
+    assert torch.equal(got, autoaugment_cifar10_official(X, _gen(), fill=(9, 9, 9)).float())
+    # RandAugment: the recipe's fill (iNat long: the ImageNet mean) over the dataset mean
+    got = augment_batch(X, 0, False, 0.0, _gen(), policy="randaugment", fill=(10, 20, 30), policy_fill=(124, 116, 104))
+    assert torch.equal(got, rand_augment(X, _gen(), "rand-n2-m10-mstd0.5", fill=(124, 116, 104)).float())
+    # torchvision's AutoAugment: fill 0 unless given
+    got = augment_batch(X, 0, False, 0.0, _gen(), policy="autoaugment_cifar10", policy_fill=(50, 50, 50))
+    assert torch.equal(got, autoaugment_cifar10(X, _gen(), fill=(50, 50, 50)).float())
+
+
+def test_official_policy_on_the_dataloader_path_and_fill_checks(tmp_path):
+    from PIL import Image
+
+    from balpoe.data.augment import OfficialCIFAR10Policy, policy_transform
+    tf = policy_transform("autoaugment_cifar10_official", "rand-n2-m10-mstd0.5", (0, 0, 0), None)
+    assert isinstance(tf, OfficialCIFAR10Policy) and tf.fill == 128
+    img = Image.fromarray(X[0].permute(1, 2, 0).numpy())
+    torch.manual_seed(0)
+    outs = {tf(img).tobytes() for _ in range(40)}
+    assert len(outs) > 5 and tf(img).size == img.size and tf(img).mode == "RGB"
+    grey = Image.fromarray(X[0, 0].numpy())
+    assert tf(grey).mode == "L"
+    assert policy_transform("autoaugment_cifar10_official", "", (0,), None, (7, 7, 7)).fill == (7, 7, 7)
+    with pytest.raises(BalpoeError, match=r"recipe key 'data.augment.fill\[0\]' must be <= 255, got 256"):
+        recipe_from_dict({"data": {"augment": {"fill": [256]}}})
+
+
+def test_fill_must_match_the_channels(fm_small_root):
+    from balpoe.data.build import build_data, build_loader
+    cfg = recipe_from_dict({"data": {"dataset": "fashion_mnist", "root": str(fm_small_root), "imb_factor": 1,
+                                     "augment": {"policy": "autoaugment_cifar10_official",
+                                                 "fill": [124, 116, 104]}}}).data
+    bundle = build_data(cfg)
+    with pytest.raises(BalpoeError, match=r"recipe key 'data.augment.fill' needs one value or one per channel "
+                                          r"\(1\), got 3"):
+        build_loader(bundle, "train", 16, cfg, train=True)
+    cfg.augment.fill = [200]
+    x, _ = next(iter(build_loader(bundle, "train", 16, cfg, train=True)))
+    assert x.shape[1] == 1
