@@ -4,7 +4,8 @@ timm model (``@timm.models.register_model``) and name it in ``model.backbone``."
 
 from balpoe.models.heads import CosineHead, LinearHead, build_head
 from balpoe.models.lws import LWSDeltaHead, convert_heads_to_lws
-from balpoe.models.multi_expert import MultiExpertNet, build_multi_expert, split_children
+from balpoe.models.build import build_multi_expert, split_children
+from balpoe.models.multi_expert import MultiExpertNet
 
 __all__ = ["CosineHead", "LWSDeltaHead", "LinearHead", "MultiExpertNet", "build_head", "build_multi_expert",
            "convert_heads_to_lws", "split_children"]

@@ -26,7 +26,7 @@ from balpoe.data.registry import get_dataset
 from balpoe.losses.build import LOSSES, build_criterion, expert_taus
 from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
-from balpoe.models.multi_expert import check_backbone
+from balpoe.models.build import check_backbone
 from balpoe.recipe import Recipe, recipe_from_dict
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries

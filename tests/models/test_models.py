@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert, multi_expert
+from balpoe.models import CosineHead, MultiExpertNet, build_multi_expert
 from balpoe.models.build import build_model
 from balpoe.models.heads import HEAD_INITS, LinearHead, build_head
-from balpoe.models.multi_expert import probe_sizes
+from balpoe.models import build as model_build
+from balpoe.models.build import probe_sizes
 from balpoe.recipe import recipe_from_dict
 
 
@@ -291,7 +292,7 @@ def test_split_check_leaves_no_trace(monkeypatch):
     assert all(m.training for m in checked.modules())
     bn = checked.trunk.bn1
     assert int(bn.num_batches_tracked) == 0 and torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))
-    monkeypatch.setattr(multi_expert, "check_split_forward", lambda *a, **k: None)
+    monkeypatch.setattr(model_build, "check_split_forward", lambda *a, **k: None)
     unchecked, after_unchecked = build()
     assert torch.equal(after, after_unchecked)                    # the global RNG is where it was
     for (k, a), (_, b) in zip(checked.state_dict().items(), unchecked.state_dict().items()):

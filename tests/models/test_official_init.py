@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from balpoe.errors import BalpoeError
 from balpoe.models.build import build_model
-from balpoe.models.multi_expert import build_multi_expert
+from balpoe.models.build import build_multi_expert
 from balpoe.recipe import load_recipe, recipe_from_dict
 
 

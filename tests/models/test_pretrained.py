@@ -14,7 +14,8 @@ from safetensors.torch import save_file
 from balpoe import recipe_from_dict
 from balpoe.errors import BalpoeError
 from balpoe.models.build import build_model
-from balpoe.models.multi_expert import build_multi_expert, match_weights, read_weights
+from balpoe.models.build import build_multi_expert
+from balpoe.models.weights import match_weights, read_weights
 
 
 def _state(backbone: str = "resnet20_cifar", num_classes: int = 10, **kw) -> dict[str, torch.Tensor]:

@@ -50,7 +50,7 @@ def timm_net() -> TinyMultiExpert:
 def balpoe_net(split: str = "layer1") -> nn.Module:
     """The library's own MultiExpertNet: ResNet-20 (CIFAR), shared stem + layer1, per-expert
     layer2/layer3 copies (``split="head"``: all shared, dropout before the heads), cosine heads."""
-    from balpoe.models.multi_expert import build_multi_expert
+    from balpoe.models.build import build_multi_expert
     torch.manual_seed(0)
     return build_multi_expert("resnet20_cifar", NUM_CLASSES, num_experts=2, split=split, head="cosine",
                               kwargs={"drop_rate": 0.5})

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from balpoe.models.lws import LWSDeltaHead
-from balpoe.models.multi_expert import build_multi_expert
+from balpoe.models.build import build_multi_expert
 from balpoe.recipe import load_recipe
 from balpoe.training.stage2 import prepare_stage2
 
