@@ -3,6 +3,11 @@
 
 The only module that names command-line flags.  User errors print one line (``error: ...``) and
 exit with status 2; no traceback.
+
+A command's arguments (and the registries their choices come from) are added to the parser only
+when that command runs, and its implementation is imported after its arguments are parsed: the one
+place in the package with function-local imports, so that ``balpoe --help`` answers without
+loading torch.
 """
 
 from __future__ import annotations
@@ -14,15 +19,6 @@ import warnings
 from pathlib import Path
 
 from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
-from balpoe.evaluate.build import SOURCES, evaluate_checkpoint
-from balpoe.evaluate.html_report import screenshot, write_html_report
-from balpoe.recipe import load_recipe
-from balpoe.runtime.console import console
-from balpoe.serve.export import FORMATS, export
-from balpoe.serve.predict import predict
-from balpoe.shift.build import evaluate_shift
-from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
-from balpoe.training.build import train
 
 
 class _UsageError(Exception):
@@ -52,12 +48,7 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert ensembles "
-                "(BalPoE, MiSLAS).")
-    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    t = sub.add_parser("train", help="train from a recipe (stage 1, or stage 2 when the recipe says stage: 2)")
+def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("recipe", help="YAML recipe file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a recipe key, e.g. --set optim.lr=0.05 (repeatable)")
@@ -68,7 +59,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.add_argument("--no-report", action="store_true", help="do not write OUT/report.html at the end")
 
-    e = sub.add_parser("eval", help="evaluate a checkpoint on the balanced test set")
+
+def _eval_arguments(e: argparse.ArgumentParser) -> None:
+    from balpoe.evaluate.build import SOURCES
+    from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
     e.add_argument("checkpoint")
     e.add_argument("--device", default="auto")
     e.add_argument("--batch-size", type=_positive_int, default=None)
@@ -105,25 +99,24 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-report", action="store_true",
                    help="do not rewrite report.html in the checkpoint's run directory")
 
-    r = sub.add_parser("report", help="write RUN_DIR/report.html: training curves, per-class and per-expert "
-                       "accuracy, calibration, label shift, recipe (one self-contained file)")
+
+def _report_arguments(r: argparse.ArgumentParser) -> None:
     r.add_argument("run_dir")
     r.add_argument("--out", help="output file (default: RUN_DIR/report.html)")
     r.add_argument("--png", metavar="FILE", help="also save a screenshot of the page (needs headless Chromium)")
-    _serve_parsers(sub)
-    return p
 
 
-def _serve_parsers(sub) -> None:
-    """``balpoe predict`` and ``balpoe export``."""
-    prior_help = ("target label distribution the logits are adjusted to (+ log q): 'uniform' (default: the balanced "
-                  "logits), comma-separated class weights, dirichlet:<profile>:<concentration>:<seed>, or a file of "
-                  "class weights (text: one per class in label order; JSON: a list, or class name -> weight)")
-    r = sub.add_parser("predict", help="top-k classes of image files (JPEG/PNG, any size) with a trained model")
+PRIOR_HELP = ("target label distribution the logits are adjusted to (+ log q): 'uniform' (default: the balanced "
+              "logits), comma-separated class weights, dirichlet:<profile>:<concentration>:<seed>, or a file of "
+              "class weights (text: one per class in label order; JSON: a list, or class name -> weight)")
+
+
+def _predict_arguments(r: argparse.ArgumentParser) -> None:
+    from balpoe.shift.selector import CALIBRATIONS, ESTIMATORS
     r.add_argument("checkpoint", help="checkpoint (.pt) or weights file (.safetensors)")
     r.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER",
                    help="image files and/or folders (every image inside, recursively, sorted)")
-    r.add_argument("--prior", metavar="SPEC", help=prior_help)
+    r.add_argument("--prior", metavar="SPEC", help=PRIOR_HELP)
     r.add_argument("--adapt", choices=["unlabelled"],
                    help="'unlabelled': estimate the label distribution of all the given images with the test-time "
                    "tau selector first (calibrated on the checkpoint's labelled source data when its data set is "
@@ -139,26 +132,55 @@ def _serve_parsers(sub) -> None:
     r.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
 
-    x = sub.add_parser("export", help="export a checkpoint: its weights (safetensors), or one inference module "
-                       "(TorchScript, ONNX) mapping float images [B, C, H, W] in [0, 1] to balanced logits")
+
+def _export_arguments(x: argparse.ArgumentParser) -> None:
+    from balpoe.serve.export import FORMATS
     x.add_argument("checkpoint", help="checkpoint (.pt) or weights file (.safetensors)")
     x.add_argument("--format", required=True, choices=list(FORMATS),
                    help="safetensors: the weights + recipe metadata; torchscript / onnx: one module with the "
                    "normalisation inside, input float [B, C, H, W] in [0, 1] (RGB, or grey for 1-channel models), "
                    "output the ensemble's balanced logits [B, K]; preprocessing, class names, prior and recipe in "
                    "the file's metadata (onnx needs: pip install \"balpoe[export]\")")
-    x.add_argument("--prior", metavar="SPEC", help="torchscript / onnx: " + prior_help)
+    x.add_argument("--prior", metavar="SPEC", help="torchscript / onnx: " + PRIOR_HELP)
     x.add_argument("--out", help="output file (default: next to the checkpoint with the format's suffix: "
                    + ", ".join(FORMATS.values()) + ")")
 
 
+#: command -> (help, the function adding its arguments)
+SUBCOMMANDS = {
+    "train": ("train from a recipe (stage 1, or stage 2 when the recipe says stage: 2)", _train_arguments),
+    "eval": ("evaluate a checkpoint on the balanced test set", _eval_arguments),
+    "report": ("write RUN_DIR/report.html: training curves, per-class and per-expert accuracy, calibration, label "
+               "shift, recipe (one self-contained file)", _report_arguments),
+    "predict": ("top-k classes of image files (JPEG/PNG, any size) with a trained model", _predict_arguments),
+    "export": ("export a checkpoint: its weights (safetensors), or one inference module (TorchScript, ONNX) mapping "
+               "float images [B, C, H, W] in [0, 1] to balanced logits", _export_arguments),
+}
+
+
+def _parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line; the arguments of ``command`` only (the others are listed with their help)."""
+    p = _Parser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert ensembles "
+                "(BalPoE, MiSLAS).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name, (help_text, add_arguments) in SUBCOMMANDS.items():
+        parser = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            add_arguments(parser)
+    return p
+
+
 def _train(args) -> None:
+    from balpoe.recipe import load_recipe
+    from balpoe.training.build import train
     recipe = load_recipe(args.recipe, args.overrides)
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     train(recipe, out, resume=args.resume, show_progress=not args.no_progress, report=not args.no_report)
 
 
 def _eval(args) -> None:
+    from balpoe.evaluate.build import evaluate_checkpoint
+    from balpoe.shift.build import evaluate_shift
     if args.test_dists is None and args.prior is None and args.test_list is None and args.adapt is None:
         evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                             overrides=args.overrides, out=args.out, report=not args.no_report)
@@ -172,6 +194,8 @@ def _eval(args) -> None:
 
 
 def _report_cmd(args) -> None:
+    from balpoe.evaluate.html_report import screenshot, write_html_report
+    from balpoe.runtime.console import console
     path = write_html_report(args.run_dir, args.out)
     console.print(f"saved {path}")
     if args.png:
@@ -183,6 +207,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _predict(args) -> None:
+    from balpoe.serve.predict import predict
     with warnings.catch_warnings():
         # one line per warning (an unreadable image, uncalibrated adaptation), every one shown
         warnings.showwarning = _one_line_warning
@@ -192,6 +217,7 @@ def _predict(args) -> None:
 
 
 def _export(args) -> None:
+    from balpoe.serve.export import export
     export(args.checkpoint, args.format, prior=args.prior, out=args.out)
 
 
@@ -205,8 +231,10 @@ def _report(message: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
     try:
-        args = _parser().parse_args(argv)
+        args = _parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     except _UsageError as e:
         _report(str(e))
         return EXIT_USAGE
