@@ -19,7 +19,7 @@ import timm
 import torch
 
 import balpoe
-from balpoe.data.build import build_data, build_loader
+from balpoe.data.build import build_data, build_loader, data_location
 from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import stratified_holdout
 from balpoe.errors import BalpoeError
@@ -87,7 +87,9 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
     """Checkpoint -> ``(model, recipe, ckpt, bundle, device)`` for evaluation: recipe overrides
     applied (those that would change the network are one-line errors), the data rebuilt as in
     training (same seed, so the same LT split and holdout; its classes and channels must be the
-    checkpoint's) and ``bundle.class_counts`` taken from the checkpoint."""
+    checkpoint's) and ``bundle.class_counts`` taken from the checkpoint.  Where the data are read from
+    is printed first (:func:`~balpoe.data.build.data_location`), saying which location keys come
+    from the checkpoint's stored recipe rather than from ``overrides``."""
     if batch_size is not None and batch_size < 1:
         raise BalpoeError(f"evaluation batch size must be >= 1, got {batch_size}")
     dev = resolve_device(device, what="device")
@@ -104,6 +106,9 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
     model, recipe, ckpt = load_model(ckpt, dev)
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, eval_batch_size=batch_size))
+    given = {o.split("=", 1)[0].strip() for o in overrides or []}
+    console.print(data_location(recipe.data, given, f"checkpoint '{path}'"), markup=False, highlight=False,
+                  soft_wrap=True)
     bundle = build_data(recipe.data, dev, seed=recipe.seed)
     if (bundle.num_classes, bundle.in_chans) != (ckpt["num_classes"], ckpt["in_chans"]):
         raise BalpoeError(f"recipe key 'data.dataset': {recipe.data.dataset} has {bundle.num_classes} classes and "
