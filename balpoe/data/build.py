@@ -175,6 +175,12 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
 LOCATION_KEYS = ("root", *FILE_KEYS, "test_lists")
 
 
+def stored_location_keys(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The location keys (``data.root`` always, the others when set) of recipe section ``cfg`` that
+    the user did not give (``given``: keys such as ``data.root`` set on the command line)."""
+    return [f"data.{k}" for k in LOCATION_KEYS if (k == "root" or getattr(cfg, k, None)) and f"data.{k}" not in given]
+
+
 def data_location(cfg, given: set[str] | frozenset[str] = frozenset(), stored_in: str = "") -> str:
     """One line saying where the data of recipe section ``cfg`` are read from: ``data.root`` (null:
     the dataset's default place, ``./data`` for CIFAR) and every other location key that is set,
@@ -182,7 +188,7 @@ def data_location(cfg, given: set[str] | frozenset[str] = frozenset(), stored_in
     ...); the others came from ``stored_in`` (e.g. "checkpoint 'model.safetensors'") when it is not
     empty.  Evaluation and prediction rebuild data from the recipe stored in a checkpoint: this line
     says which folder that recipe chose, so a model file never silently picks where data come from."""
-    parts, stored = [], []
+    parts = []
     for key in LOCATION_KEYS:
         value = getattr(cfg, key, None)
         if key != "root" and not value:
@@ -190,15 +196,17 @@ def data_location(cfg, given: set[str] | frozenset[str] = frozenset(), stored_in
         shown_value = (quoted(value, 120) if isinstance(value, str) else ", ".join(quoted(v, 60) for v in value[:3])
                        + (f" and {len(value) - 3} more" if len(value) > 3 else "")) if value else \
             "null (the dataset's default place, ./data for CIFAR)"
-        mine = f"data.{key}" in given
-        parts.append(f"data.{key} {shown_value}" + (" (given here)" if mine else ""))
-        if not mine:
-            stored.append(f"data.{key}")
+        parts.append(f"data.{key} {shown_value}" + (" (given here)" if f"data.{key}" in given else ""))
     line = f"data: {cfg.dataset} from " + ", ".join(parts)
+    stored = stored_location_keys(cfg, given)
     if stored_in and stored:
-        line += (f"; {', '.join(stored)} as stored in the recipe of {stored_in}, not given here (override "
-                 f"{stored[0]} to read from elsewhere)")
+        line += f"; {stored_origin(stored, stored_in)} (override {stored[0]} to read from elsewhere)"
     return line
+
+
+def stored_origin(stored: list[str], stored_in: str) -> str:
+    """``"data.root as stored in the recipe of checkpoint 'x', not given here"``."""
+    return f"{', '.join(stored)} as stored in the recipe of {stored_in}, not given here"
 
 
 def input_size(bundle: DataBundle, cfg) -> list[int]:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from balpoe.data.build import build_data, data_location
+from balpoe.data.build import build_data, data_location, stored_location_keys, stored_origin
 from balpoe.data.image_list import LIST_FILES
 from balpoe.data.registry import get_dataset
 from balpoe.errors import BalpoeError
@@ -103,17 +103,17 @@ def calibration_source(served: Served, device: torch.device, seed: int = 0,
     """Labelled source data to calibrate the unlabelled prior estimate on, as ``balpoe eval`` uses
     (:func:`~balpoe.evaluate.build.source_logits`: the recipe's held-out slice, else a slice of the
     training split): ``(SourceSet, "")``, or ``(None, reason)`` when the checkpoint's data cannot
-    be built on this machine (nothing is downloaded).  Where the data are read from is printed
-    first (unless ``quiet``): the checkpoint's stored recipe chose it."""
+    be built on this machine (nothing is downloaded).  The checkpoint's stored recipe chose where
+    those data are read from: said in the reason, or (unless ``quiet``) printed."""
     recipe = served.recipe
     cfg = dataclasses.replace(recipe.data, download=False)
-    if not quiet:
-        console.print(data_location(cfg, stored_in=f"checkpoint '{served.path}'"), markup=False, highlight=False,
-                      soft_wrap=True)
+    where = f"checkpoint {served.path!r}"
     try:
         bundle = build_data(cfg, device, seed=recipe.seed)
     except BalpoeError as e:
-        return None, str(e)
+        return None, f"{e}; {stored_origin(stored_location_keys(cfg), where)}"
+    if not quiet:
+        console.print(data_location(cfg, stored_in=where), markup=False, highlight=False, soft_wrap=True)
     if (bundle.num_classes, bundle.in_chans) != (served.num_classes, int(served.ckpt["in_chans"])):
         return None, (f"dataset {cfg.dataset!r} here has {bundle.num_classes} classes and {bundle.in_chans} channels, "
                       f"the model {served.num_classes} and {served.ckpt['in_chans']}")
