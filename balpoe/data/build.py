@@ -18,8 +18,8 @@ from balpoe.data.device_loader import DeviceLoader
 from balpoe.data.folder_loader import ArrayImageDataset, FolderLoader, array_transforms
 from balpoe.data.image_list import ImageListDataset
 from balpoe.data.lt import lt_class_counts, lt_subsample_indices, stratified_holdout
-from balpoe.data.registry import check_dataset_keys, get_dataset
-from balpoe.errors import BalpoeError
+from balpoe.data.registry import FILE_KEYS, check_dataset_keys, get_dataset
+from balpoe.errors import BalpoeError, quoted
 
 
 def folder_transforms(name: str, train: bool, image_size: int = 224, augment=None):
@@ -170,6 +170,44 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
     test_set = full.subset(test_idx, test_tf) if test is None else ImageListDataset(test, test_tf, cfg.decode)
     return DataBundle(cfg.dataset, num_classes, 3, counts, spec.mean, spec.std, class_names, full.subset(keep), test_set,
                       holdout, in_memory=False, holdout_note=holdout_note)
+
+
+#: the data keys that say where data files are read from
+LOCATION_KEYS = ("root", *FILE_KEYS, "test_lists")
+
+
+def stored_location_keys(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
+    """The location keys (``data.root`` always, the others when set) of recipe section ``cfg`` that
+    the user did not give (``given``: keys such as ``data.root`` set on the command line)."""
+    return [f"data.{k}" for k in LOCATION_KEYS if (k == "root" or getattr(cfg, k, None)) and f"data.{k}" not in given]
+
+
+def data_location(cfg, given: set[str] | frozenset[str] = frozenset(), stored_in: str = "") -> str:
+    """One line saying where the data of recipe section ``cfg`` are read from: ``data.root`` (null:
+    the dataset's default place, ``./data`` for CIFAR) and every other location key that is set,
+    each marked with where its value came from: ``given`` holds the keys the user set (``data.root``,
+    ...); the others came from ``stored_in`` (e.g. "checkpoint 'model.safetensors'") when it is not
+    empty.  Evaluation and prediction rebuild data from the recipe stored in a checkpoint: this line
+    says which folder that recipe chose, so a model file never silently picks where data come from."""
+    parts = []
+    for key in LOCATION_KEYS:
+        value = getattr(cfg, key, None)
+        if key != "root" and not value:
+            continue
+        shown_value = (quoted(value, 120) if isinstance(value, str) else ", ".join(quoted(v, 60) for v in value[:3])
+                       + (f" and {len(value) - 3} more" if len(value) > 3 else "")) if value else \
+            "null (the dataset's default place, ./data for CIFAR)"
+        parts.append(f"data.{key} {shown_value}" + (" (given here)" if f"data.{key}" in given else ""))
+    line = f"data: {cfg.dataset} from " + ", ".join(parts)
+    stored = stored_location_keys(cfg, given)
+    if stored_in and stored:
+        line += f"; {stored_origin(stored, stored_in)} (override {stored[0]} to read from elsewhere)"
+    return line
+
+
+def stored_origin(stored: list[str], stored_in: str) -> str:
+    """``"data.root as stored in the recipe of checkpoint 'x', not given here"``."""
+    return f"{', '.join(stored)} as stored in the recipe of {stored_in}, not given here"
 
 
 def input_size(bundle: DataBundle, cfg) -> list[int]:

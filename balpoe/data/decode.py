@@ -1,14 +1,15 @@
 """Image decoding to uint8 tensors, and the torchvision transforms of the image-file path on them.
 
-:func:`read_rgb` decodes a JPEG or 8-bit PNG file with torchvision's libjpeg-turbo / libpng
-decoders (:func:`torchvision.io.decode_image` with ``ImageReadMode.RGB``, docs.pytorch.org/vision/
+:func:`read_rgb` decodes a JPEG file with torchvision's libjpeg-turbo decoder
+(:func:`torchvision.io.decode_image` with ``ImageReadMode.RGB``, docs.pytorch.org/vision/
 stable/io.html) straight into a ``uint8 [3, H, W]`` tensor: the pixels of
-``PIL.Image.open(path).convert("RGB")`` (identical for PNG; for JPEG the same libjpeg-turbo IDCT and
-fancy upsampling, so identical with current wheels and within a few levels across libjpeg builds),
-grey, grey + alpha, palette, RGBA and CMYK files becoming RGB as PIL's ``convert("RGB")`` makes them
-(alpha dropped, not composited; no EXIF rotation).  Every other format (16-bit PNG, WebP, GIF, BMP,
-TIFF, ...) and any file torchvision refuses goes through PIL; a file neither can read is a one-line
-:class:`~balpoe.errors.BalpoeError` naming it.  (torchvision 0.29 deprecates its image decoders in
+``PIL.Image.open(path).convert("RGB")`` (the same libjpeg-turbo IDCT and fancy upsampling, so
+identical with current wheels and within a few levels across libjpeg builds), grey and CMYK files
+becoming RGB as PIL's ``convert("RGB")`` makes them (no EXIF rotation).  Every other format (PNG,
+WebP, GIF, BMP, TIFF, ...) and any file torchvision refuses goes through PIL; a file neither can read
+is a one-line :class:`~balpoe.errors.BalpoeError` naming it.  Every path (:func:`read_rgb`,
+:func:`load_pil`, :func:`pil_rgb`) opens the file with PIL first (:func:`open_image`: the header
+only) and refuses an image larger than PIL's ``Image.MAX_IMAGE_PIXELS`` before decoding a pixel.  (torchvision 0.29 deprecates its image decoders in
 favour of TorchCodec >= 0.16 and warns with a ``DeprecationWarning``; they are used in this one
 place, and where they are gone PIL decodes every file: the same pixels, slower.)
 
@@ -29,6 +30,8 @@ from __future__ import annotations
 
 import io
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -46,22 +49,84 @@ except ImportError:  # pragma: no cover - a torchvision without the image extens
 
 from balpoe.errors import BalpoeError, clip, short_path
 
-_JPEG_MAGIC = b"\xff\xd8\xff"
-_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-#: offset of the bit depth in a PNG file (8-byte signature, IHDR length, type, width, height)
-_PNG_BIT_DEPTH = 24
-#: PIL decode errors of a corrupt or unknown file (UnidentifiedImageError and truncation are OSErrors)
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+#: PIL decode errors of a corrupt or unknown file: its plugins raise OSError, SyntaxError, ValueError,
+#: EOFError, but on hostile files also IndexError, struct.error, TypeError, ...: any of them is a bad file
+_PIL_ERRORS = (Exception,)
+_BOMB_PIXELS = re.compile(r"\((\d+) pixels\)")
+
+
+def pixel_limit() -> int | None:
+    """The most pixels an image file may decode to: PIL's ``Image.MAX_IMAGE_PIXELS`` (89,478,485 by
+    default, a 1 GB RGBA image's pixels / 3; None switches the limit off), read when an image is
+    opened, so setting it there changes every decode path."""
+    limit = Image.MAX_IMAGE_PIXELS
+    return int(limit) if limit else None
+
+
+def _too_large(path, pixels: int, size: tuple[int, int] | None = None) -> BalpoeError:
+    dims = f"{size[0]} x {size[1]} pixels ({pixels:,})" if size else f"{pixels:,} pixels"
+    return BalpoeError(f"image {short_path(str(path), 240)} is {dims}, more than the limit of {pixel_limit():,} "
+                       "(PIL's Image.MAX_IMAGE_PIXELS; a decompression bomb?)")
+
+
+def open_image(source, path: str | Path) -> Image.Image:
+    """``PIL.Image.open(source)`` (the header only, nothing decoded yet) with the pixel limit of
+    :func:`pixel_limit` applied to the size the header declares, and one-line :class:`BalpoeError`
+    naming ``path`` for a file PIL cannot identify or one over the limit (PIL itself only warns up to
+    twice its limit; here the limit is the limit, on every decode path)."""
+    shown = short_path(str(path), 240)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(source)
+    except Image.DecompressionBombError as e:
+        m = _BOMB_PIXELS.search(str(e))
+        if m:
+            raise _too_large(path, int(m.group(1))) from None
+        raise BalpoeError(f"cannot decode image {shown}: {clip(e)}") from None
+    except Image.UnidentifiedImageError:
+        raise BalpoeError(f"cannot decode image {shown}: not an image format PIL or torchvision reads, or a corrupt "
+                          "header") from None
+    except FileNotFoundError:
+        raise BalpoeError(f"image not found: {shown}") from None
+    except _PIL_ERRORS as e:
+        raise BalpoeError(f"cannot decode image {shown}: {clip(e) or type(e).__name__}") from None
+    w, h = im.size
+    limit = pixel_limit()
+    if limit is not None and w * h > limit:
+        im.close()
+        raise _too_large(path, w * h, (w, h))
+    return im
+
+
+def load_pil(path: str | Path) -> Image.Image:
+    """The image file at ``path`` decoded by PIL in its own mode (``load()`` done, file closed),
+    with the pixel limit; a missing, unreadable, undecodable or too large file is a one-line
+    :class:`BalpoeError` naming it."""
+    raw = _read_bytes(os.fspath(path)).numpy().tobytes()
+    return _decoded(open_image(io.BytesIO(raw), path), path)
+
+
+def _decoded(im: Image.Image, path) -> Image.Image:
+    try:
+        im.load()  # the bytes are in memory: no file stays open
+        return im
+    except _PIL_ERRORS as e:
+        im.close()
+        raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}") from None
 
 
 def _read_bytes(path: str) -> torch.Tensor:
     """The file's bytes as a uint8 tensor (read in place, no copy); a missing or unreadable file is a
     one-line error naming it."""
-    try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            data = torch.empty(size, dtype=torch.uint8)
-            got = f.readinto(data.numpy()) if size else 0
+    try:  # non-blocking open: a FIFO named like an image must not hang the reader
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with open(fd, "rb", closefd=True) as f:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise BalpoeError(f"cannot read image {short_path(path, 240)}: not a regular file")
+            data = torch.empty(st.st_size, dtype=torch.uint8)
+            got = f.readinto(data.numpy()) if st.st_size else 0
     except FileNotFoundError:
         raise BalpoeError(f"image not found: {short_path(path, 240)}") from None
     except OSError as e:
@@ -70,53 +135,55 @@ def _read_bytes(path: str) -> torch.Tensor:
     return data[:got]
 
 
-def _tensor_decodable(head: bytes) -> bool:
-    """JPEG, or PNG of at most 8 bits per sample: the formats whose torchvision decode is PIL's
-    ``convert("RGB")`` pixel for pixel (16-bit PNGs come back as uint16 from torchvision, which PIL
-    converts to 8 bits its own way)."""
-    if head.startswith(_JPEG_MAGIC):
-        return True
-    return head.startswith(_PNG_MAGIC) and len(head) > _PNG_BIT_DEPTH and head[_PNG_BIT_DEPTH] <= 8
+def _rgb_tensor(im: Image.Image, path) -> torch.Tensor:
+    """``im.convert("RGB")`` as a ``uint8 [3, H, W]`` tensor (a permuted ``H x W x 3`` array: the
+    memory layout torchvision's decoders return and its uint8 resize reads fastest)."""
+    try:
+        with im:
+            rgb = np.array(im.convert("RGB"))
+    except _PIL_ERRORS as e:
+        raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}") from None
+    return torch.from_numpy(rgb).permute(2, 0, 1)
 
 
 def pil_rgb(data: bytes | torch.Tensor, path: str | Path = "<bytes>") -> torch.Tensor:
-    """``PIL.Image.open(...).convert("RGB")`` of encoded bytes as a ``uint8 [3, H, W]`` tensor (a
-    permuted ``H x W x 3`` array: the memory layout torchvision's decoders return and its uint8
-    resize reads fastest); a file PIL cannot decode is a one-line :class:`BalpoeError` naming
-    ``path``."""
+    """``PIL.Image.open(...).convert("RGB")`` of encoded bytes as a ``uint8 [3, H, W]`` tensor, with
+    the pixel limit (:func:`open_image`); a file PIL cannot decode is a one-line :class:`BalpoeError`
+    naming ``path``."""
     raw = data.numpy().tobytes() if isinstance(data, torch.Tensor) else data
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            rgb = np.array(im.convert("RGB"))
-    except Image.UnidentifiedImageError:
-        raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: not an image format PIL or "
-                          "torchvision reads, or a corrupt header") from None
-    except _PIL_ERRORS as e:
-        raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}") from None
-    return torch.from_numpy(rgb).permute(2, 0, 1)  # channels-last strides, like decode_image's output
+    return _rgb_tensor(open_image(io.BytesIO(raw), path), path)
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
     """The image file at ``path`` as a ``uint8 [3, H, W]`` RGB tensor, the pixels of
     ``PIL.Image.open(path).convert("RGB")``.
 
-    JPEG and 8-bit PNG files are decoded by torchvision (libjpeg-turbo / libpng: 1.12x PIL's
-    images per core on 500 x 375 JPEGs, and the uint8 tensor it returns lets the crop and resize
-    run on tensors, ``benchmarks/input_pipeline.py``); other formats, and files torchvision refuses,
-    by PIL.  A missing, unreadable or undecodable file raises a one-line :class:`BalpoeError`
-    naming it."""
+    PIL reads the header first (:func:`open_image`: the format, and the size against the pixel
+    limit, before anything is decoded).  JPEG files are then decoded by torchvision (libjpeg-turbo:
+    1.12x PIL's images per core on 500 x 375 JPEGs, and the uint8 tensor it returns lets the crop
+    and resize run on tensors, ``benchmarks/input_pipeline.py``); every other format, and JPEGs
+    torchvision refuses, by PIL.  PNG files stay with PIL on purpose: torchvision 0.29's libpng
+    decoder ends the whole process (SIGSEGV) on a PNG whose row data are corrupt (fewer rows than
+    the header declares, a bad CRC, filter byte or zlib stream), where PIL raises (or, for a zlib
+    stream that ends cleanly before the last row, decodes the missing rows black), and PIL's PNG
+    decoding is 0.78x torchvision's speed (500 x 375 RGB, one core), a small part of a training
+    step.  A missing,
+    unreadable, undecodable or too large file raises a one-line :class:`BalpoeError` naming it."""
     path = os.fspath(path)
     data = _read_bytes(path)
-    if decode_image is not None and _tensor_decodable(data[:_PNG_BIT_DEPTH + 1].numpy().tobytes()):
+    im = open_image(io.BytesIO(data.numpy().tobytes()), path)
+    if decode_image is not None and im.format == "JPEG":
+        im.close()
         try:
             with warnings.catch_warnings():  # torchvision 0.29's deprecation notice, once per image otherwise
                 warnings.filterwarnings("ignore", category=DeprecationWarning, module="torchvision")
                 img = decode_image(data, mode=ImageReadMode.RGB)
-        except RuntimeError:  # corrupt for libjpeg / libpng: PIL decides, and names the problem
+        except RuntimeError:  # corrupt for libjpeg: PIL decides, and names the problem
             img = None
         if img is not None and img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3:
             return img
-    return pil_rgb(data, path)
+        return pil_rgb(data, path)
+    return _rgb_tensor(im, path)
 
 
 def _tensor_op(op) -> object | None:

@@ -13,6 +13,7 @@ Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``)
 from __future__ import annotations
 
 import gzip
+import zlib
 import os
 import warnings
 from pathlib import Path
@@ -101,33 +102,44 @@ def find_fashion_mnist(root: str | Path | None) -> Path | None:
     return None
 
 
+#: the largest IDX data read (Fashion-MNIST's training images: 47 MB): a gzipped file is never
+#: decompressed beyond it, however much its header or its stream claims
+MAX_IDX_BYTES = 256 * 2 ** 20
+
+
 def read_idx(path: str | Path, magic: int) -> np.ndarray:
-    """Read one IDX file with the expected magic number (2051 images, 2049 labels) as uint8."""
+    """Read one IDX file with the expected magic number (2051 images, 2049 labels) as uint8; the
+    header's sizes are checked before the data are read (at most :data:`MAX_IDX_BYTES`)."""
     path = Path(path)
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                raw = f.read()
-        else:
-            raw = path.read_bytes()
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise BalpoeError(f"cannot read IDX file {path}: only {len(head)} bytes")
+            got = int.from_bytes(head, "big")
+            if got != magic:
+                raise BalpoeError(f"bad magic number {got} in IDX file {path} (expected {magic})")
+            ndim = head[3]
+            dim_bytes = f.read(4 * ndim)
+            if len(dim_bytes) < 4 * ndim:
+                raise BalpoeError(f"cannot read IDX file {path}: truncated header")
+            dims = [int.from_bytes(dim_bytes[4 * i: 4 * i + 4], "big") for i in range(ndim)]
+            size = 1
+            for d in dims:
+                size *= d
+            if size > MAX_IDX_BYTES:
+                raise BalpoeError(f"IDX file {path}: header {dims} says {size:,} data bytes, more than the "
+                                  f"{MAX_IDX_BYTES:,} read from a Fashion-MNIST file")
+            raw = f.read(size + 1)
     except FileNotFoundError:
         raise BalpoeError(f"Fashion-MNIST file missing: {path}") from None
-    except (OSError, EOFError) as e:  # truncated or not gzip
+    except (OSError, EOFError, zlib.error) as e:  # truncated or not gzip
         raise BalpoeError(f"cannot read IDX file {path}: {type(e).__name__}: {e}".replace("\n", " ")) from None
-    if len(raw) < 8:
-        raise BalpoeError(f"cannot read IDX file {path}: only {len(raw)} bytes")
-    got = int.from_bytes(raw[:4], "big")
-    if got != magic:
-        raise BalpoeError(f"bad magic number {got} in IDX file {path} (expected {magic})")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    if len(raw) < header:
-        raise BalpoeError(f"cannot read IDX file {path}: truncated header")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    size = int(np.prod(dims, dtype=np.int64))
-    if len(raw) - header != size:
-        raise BalpoeError(f"IDX file {path} has {len(raw) - header} data bytes, header {dims} says {size}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+    if len(raw) != size:
+        more = "more than" if len(raw) > size else ""
+        raise BalpoeError(f"IDX file {path} has {more}{' ' if more else ''}{len(raw)} data bytes, header {dims} says "
+                          f"{size}")
+    return np.frombuffer(raw, dtype=np.uint8).reshape(dims)
 
 
 def _read_split(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -11,6 +11,7 @@ device-resident path is compared against (``data.loader: dataloader``).
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from PIL import Image
@@ -19,6 +20,7 @@ from torchvision import transforms as T
 from balpoe.data.augment import Cutout, policy_transform
 from balpoe.data.bundle import ImageArrays
 from balpoe.data.samplers import ClassAwareSampler, ClassBalancedSampler
+from balpoe.errors import BalpoeError, clip
 from balpoe.runtime.seeding import stream_seed
 
 
@@ -107,4 +109,33 @@ class FolderLoader:
         return len(self.loader)
 
     def __iter__(self):
-        return iter(self.loader)
+        """The ``DataLoader``'s batches; a one-line :class:`BalpoeError` raised in a worker process
+        (an unreadable image) stays one line here, without the worker's traceback that the
+        ``DataLoader`` appends to it, and a worker that dies is a one-line error too."""
+        it = iter(self.loader)
+        while True:
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            except BalpoeError as e:
+                raise BalpoeError(worker_message(str(e))) from None
+            except RuntimeError as e:
+                if not str(e).startswith("DataLoader worker"):
+                    raise
+                raise BalpoeError(f"a data-loading worker process died ({clip(str(e).splitlines()[0])}): a native "
+                                  "decoder crashed on a file? data.num_workers: 0 shows which") from None
+            yield batch
+
+
+def worker_message(text: str) -> str:
+    """The one-line message of an error raised in a ``DataLoader`` worker: the ``DataLoader`` re-raises
+    it as ``"Caught BalpoeError in DataLoader worker process 0.\\nOriginal Traceback ...\\n
+    balpoe.errors.BalpoeError: <message>"``, whose last line holds the message."""
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = next((line for line in reversed(text.splitlines()) if line.strip()), text)
+    return _EXCEPTION_PREFIX.sub("", last, count=1)
+
+
+_EXCEPTION_PREFIX = re.compile(r"^[\w.]+: ")  # the exception class, as a traceback names it

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes
 
 from balpoe.data.bundle import FileSplit
 from balpoe.errors import BalpoeError
@@ -62,8 +62,7 @@ def folder_split(root: str | Path, key: str, class_names: Sequence[str] | None =
                           f"({len(names)} classes); every class needs training images: add the folder there, "
                           "or remove it here")
     try:
-        samples = make_dataset(str(root), {c: label_of[c] for c in classes}, extensions=IMG_EXTENSIONS,
-                               allow_empty=True)
+        samples = class_images(root, {c: label_of[c] for c in classes})
     except OSError as e:
         raise BalpoeError(f"recipe key '{key}': cannot read folder {root} ({e.strerror or type(e).__name__})") from None
     labels = np.asarray([y for _, y in samples], dtype=np.int64)
@@ -74,6 +73,51 @@ def folder_split(root: str | Path, key: str, class_names: Sequence[str] | None =
         raise BalpoeError(f"recipe key '{key}': class folder {root / empty[0]} holds no image{more}: add images "
                           f"({', '.join(IMG_EXTENSIONS[:3])}, ...) or remove the folder")
     return FileSplit([Path(p) for p, _ in samples], labels, names, root=root, source=f"folder {root}")
+
+
+def _walk_once(folder: str):
+    """``os.walk(folder, followlinks=True)`` that enters each real directory once: a symlink that
+    loops back to a folder above it, or a second link to a folder already walked, is not followed
+    again (``os.walk`` alone would walk a loop until the path is too long, counting its images each
+    time round)."""
+    seen: set[tuple[int, int]] = set()
+    for top, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(top)
+        except OSError:
+            dirs[:] = []
+            continue
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            dirs[:] = []
+            continue
+        seen.add(key)
+        keep = []
+        for d in dirs:
+            try:
+                sd = os.stat(os.path.join(top, d))
+            except OSError:
+                continue
+            if (sd.st_dev, sd.st_ino) not in seen:
+                keep.append(d)
+        dirs[:] = keep
+        yield top, dirs, files
+
+
+def class_images(root: str | Path, class_to_idx: dict[str, int]) -> list[tuple[str, int]]:
+    """``(path, label)`` of the images in each class folder ``root/<class>`` (nested folders
+    included), in :func:`torchvision.datasets.folder.make_dataset`'s order (classes sorted, then
+    folders and files sorted), each real folder walked once (:func:`_walk_once`): symlinked folders
+    are followed, loops and repeats are not."""
+    out = []
+    for cls in sorted(class_to_idx):
+        walked = [(top, files) for top, _, files in _walk_once(os.path.join(str(root), cls))]
+        for top, files in sorted(walked):
+            for name in sorted(files):
+                path = os.path.join(top, name)
+                if name.lower().endswith(IMG_EXTENSIONS) and os.path.isfile(path):
+                    out.append((path, class_to_idx[cls]))
+    return out
 
 
 def training_folder(cfg) -> tuple[Path, str]:

@@ -8,6 +8,7 @@ Transforms follow the official BalPoE data loaders.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -16,8 +17,8 @@ import torch
 from PIL import Image
 
 from balpoe.data.bundle import FileSplit
-from balpoe.data.decode import read_rgb, tensor_transform
-from balpoe.errors import BalpoeError
+from balpoe.data.decode import load_pil, read_rgb, tensor_transform
+from balpoe.errors import BalpoeError, short_path, shown
 
 #: dataset name -> (train list, test list), the conventional file names
 LIST_FILES: dict[str, tuple[str, str]] = {
@@ -47,11 +48,18 @@ INAT_MEAN = (0.466, 0.471, 0.380)
 INAT_STD = (0.195, 0.194, 0.192)
 
 
+#: labels of list files are class numbers below this (iNaturalist 2021 has 10,000 classes): a label
+#: sizes per-class tables, so a huge one would ask for memory in proportion
+MAX_CLASSES = 1_000_000
+_LABEL = re.compile(r"[0-9]+", re.ASCII)
+
+
 def read_image_list(list_file: str | Path) -> tuple[list[str], np.ndarray]:
     """Parse a ``path label`` list file; returns the relative paths and int64 labels.
 
     Blank lines are skipped; the label is the last whitespace-separated field (so a path may
-    contain spaces).  A malformed line raises :class:`BalpoeError` naming ``file:line``.
+    contain spaces), written in ASCII digits (not ``²`` or other Unicode digits), below
+    :data:`MAX_CLASSES`.  A malformed line raises :class:`BalpoeError` naming ``file:line``.
     """
     list_file = Path(list_file)
     try:
@@ -62,14 +70,17 @@ def read_image_list(list_file: str | Path) -> tuple[list[str], np.ndarray]:
         raise BalpoeError(f"cannot read image list file {list_file}: {type(e).__name__}") from None
     paths: list[str] = []
     labels: list[int] = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(text.split("\n"), start=1):  # line numbers as editors count them
         line = line.strip()
         if not line:
             continue
         parts = line.rsplit(None, 1)
-        if len(parts) != 2 or not parts[1].isdigit():
-            shown = line if len(line) <= 80 else line[:77] + "..."
-            raise BalpoeError(f"{list_file}:{lineno}: expected '<relative/path> <label>', got {shown!r}")
+        if len(parts) != 2 or not _LABEL.fullmatch(parts[1]):
+            raise BalpoeError(f"{short_path(list_file)}:{lineno}: expected '<relative/path> <label>' with the label "
+                              f"in digits 0-9, got {shown(line, 80)}")
+        if len(parts[1]) > 7 or int(parts[1]) >= MAX_CLASSES:
+            raise BalpoeError(f"{short_path(list_file)}:{lineno}: label {shown(parts[1], 40)} is not a class number "
+                              f"below {MAX_CLASSES:,}")
         paths.append(parts[0])
         labels.append(int(parts[1]))
     return paths, np.asarray(labels, dtype=np.int64)
@@ -210,15 +221,9 @@ class ImageListDataset(torch.utils.data.Dataset):
         return ImageListDataset(split, self.pil_transform if transform is None else transform, self.decode)
 
     def load(self, index: int) -> Image.Image:
-        """The PIL RGB image at ``index`` (no transform)."""
-        path = self.paths[index]
-        try:
-            with Image.open(path) as im:
-                return im.convert("RGB")
-        except FileNotFoundError:
-            raise BalpoeError(f"image not found: {path}") from None
-        except OSError as e:
-            raise BalpoeError(f"cannot read image {path}: {e}".replace("\n", " ")) from None
+        """The PIL RGB image at ``index`` (no transform; :func:`~balpoe.data.decode.load_pil`: the
+        pixel limit, and a one-line error naming a file that cannot be decoded)."""
+        return load_pil(self.paths[index]).convert("RGB")
 
     def __getitem__(self, index: int):
         if self.transform is None:

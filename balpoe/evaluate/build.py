@@ -21,7 +21,7 @@ import torch
 import torchvision
 
 import balpoe
-from balpoe.data.build import build_data, build_loader
+from balpoe.data.build import build_data, build_loader, data_location, stored_location_keys, stored_origin
 from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import stratified_holdout
 from balpoe.errors import BalpoeError
@@ -90,7 +90,9 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
     """Checkpoint -> ``(model, recipe, ckpt, bundle, device)`` for evaluation: recipe overrides
     applied (those that would change the network are one-line errors), the data rebuilt as in
     training (same seed, so the same LT split and holdout; its classes and channels must be the
-    checkpoint's) and ``bundle.class_counts`` taken from the checkpoint."""
+    checkpoint's) and ``bundle.class_counts`` taken from the checkpoint.  An error reading the data
+    says which location keys came from the checkpoint's stored recipe rather than from
+    ``overrides``; :func:`print_data_location` says where they were read from."""
     if batch_size is not None and batch_size < 1:
         raise BalpoeError(f"evaluation batch size must be >= 1, got {batch_size}")
     dev = resolve_device(device, what="device")
@@ -107,13 +109,29 @@ def load_for_eval(path: str | Path, device: str = "auto", batch_size: int | None
     model, recipe, ckpt = load_model(ckpt, dev)
     if batch_size:
         recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, eval_batch_size=batch_size))
-    bundle = build_data(recipe.data, dev, seed=recipe.seed)
+    try:
+        bundle = build_data(recipe.data, dev, seed=recipe.seed)
+    except BalpoeError as e:  # say when the checkpoint, not the user, chose where the data are read
+        stored = stored_location_keys(recipe.data, given_keys(overrides))
+        raise BalpoeError(f"{e} ({stored_origin(stored, f'checkpoint {path!r}')})" if stored else str(e)) from None
     if (bundle.num_classes, bundle.in_chans) != (ckpt["num_classes"], ckpt["in_chans"]):
         raise BalpoeError(f"recipe key 'data.dataset': {recipe.data.dataset} has {bundle.num_classes} classes and "
                           f"{bundle.in_chans} channels, checkpoint '{path}' was trained on {ckpt['num_classes']} and "
                           f"{ckpt['in_chans']}")
     bundle.class_counts = torch.tensor(ckpt["class_counts"])
     return model, recipe, ckpt, bundle, dev
+
+
+def given_keys(overrides: list[str] | None) -> set[str]:
+    """The recipe keys that ``KEY=VALUE`` overrides set."""
+    return {o.split("=", 1)[0].strip() for o in overrides or []}
+
+
+def print_data_location(recipe: Recipe, path, overrides: list[str] | None) -> None:
+    """One line: where the evaluated data were read from, and which location keys the checkpoint's
+    stored recipe chose (:func:`~balpoe.data.build.data_location`)."""
+    console.print(data_location(recipe.data, given_keys(overrides), f"checkpoint {str(path)!r}"), markup=False,
+                  highlight=False, soft_wrap=True)
 
 
 def environment(device: torch.device, amp: bool) -> dict:
@@ -200,6 +218,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int 
     result["epoch"] = ckpt["epoch"]
     write_json(result, out_path)
     print_report(result, title=f"{recipe.name} (epoch {ckpt['epoch']}): balanced test set")
+    print_data_location(recipe, path, overrides)
     console.print(f"saved {out_path}")
     if report and out_path.resolve().parent == Path(path).resolve().parent:
         write_run_report(out_path.parent)

@@ -73,6 +73,8 @@ SECTIONS = {  # id -> heading, in page order
     "environment": "Environment",
 }
 MAX_CONFUSION_CELLS = 200  # larger confusion matrices are drawn in blocks of classes
+TOP_CONFUSIONS = 20  # beyond 50 classes (no names on the figure): the largest confusions, as a table
+MAX_BARS = 1000  # more classes: the training counts are drawn as one filled outline, not a bar per class
 _EXPERT_COLOURS = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                    "#bcbd22", "#7f7f7f")
 _ENSEMBLE_COLOUR = "#111111"
@@ -301,27 +303,102 @@ def _per_class(analysis: dict, taus: list | None, path: Path) -> dict:
             "groups": groups}
 
 
-def _confusion(analysis: dict, per_class: dict, path: Path) -> dict:
-    n = len(per_class["order"])
-    m = analysis["confusion"]
+def _dense_counts(m, n: int, path: Path) -> np.ndarray:
+    """``analysis.confusion`` (a ``n x n`` list of lists; nulls count 0) as a float array."""
     if not isinstance(m, list) or len(m) != n or any(not isinstance(r, list) or len(r) != n for r in m):
         raise BalpoeError(f"{path}: analysis.confusion must be a {n} x {n} list of lists")
+    try:
+        counts = np.array(m, dtype=float)  # one C pass; a null becomes NaN
+    except (TypeError, ValueError):
+        counts = np.array([_arr(r) for r in m])
+    return np.nan_to_num(counts, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def _entries(entries, n: int, path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``analysis.confusion_entries`` (``[true, predicted, count]`` cells) as three arrays."""
+    what = f"{path}: analysis.confusion_entries must be a list of [true class, predicted class, count] with classes " \
+           f"in 0..{n - 1}"
+    if not isinstance(entries, list):
+        raise BalpoeError(what)
+    try:
+        a = np.array(entries, dtype=np.int64).reshape(-1, 3)
+    except (TypeError, ValueError, OverflowError):
+        raise BalpoeError(what) from None
+    if len(a) != len(entries) or (len(a) and (a[:, :2].min() < 0 or a[:, :2].max() >= n or a[:, 2].min() < 0)):
+        raise BalpoeError(what)
+    return a[:, 0], a[:, 1], a[:, 2].astype(float)
+
+
+def _top_confusions(rows: np.ndarray, cols: np.ndarray, counts: np.ndarray, totals: np.ndarray, per_class: dict,
+                    k: int = TOP_CONFUSIONS) -> list[dict]:
+    """The ``k`` largest off-diagonal cells (labels), as rows of the report's table."""
+    off = rows != cols
+    rows, cols, counts = rows[off], cols[off], counts[off]
+    top = np.lexsort((cols, rows, -counts))[:k]
+    rank = np.empty(len(per_class["order"]), dtype=np.int64)
+    rank[np.asarray(per_class["order"], dtype=np.int64)] = np.arange(len(rank))
+    names = per_class["names"]
+    return [{"true": names[rank[i]], "predicted": names[rank[j]], "count": float(c),
+             "fraction": float(c / totals[i]) if totals[i] > 0 else None}
+            for i, j, c in zip(rows[top].tolist(), cols[top].tolist(), counts[top].tolist()) if c > 0]
+
+
+def _confusion(analysis: dict, per_class: dict, path: Path) -> dict:
+    """The confusion matrix in training-count order: every cell for up to :data:`MAX_CONFUSION_CELLS`
+    classes; beyond, only blocks of consecutive classes (``cells``) and the largest confusions
+    (``top``), computed without any ``K x K`` copy (from ``confusion_entries``, the nonzero cells
+    ``balpoe eval`` writes for many classes, without a ``K x K`` array at all)."""
+    n = len(per_class["order"])
     order = np.array(per_class["order"], dtype=int)
-    counts = np.nan_to_num(np.array([_arr(r) for r in m]))[order][:, order]
-    totals = counts.sum(1, keepdims=True)
-    norm = np.divide(counts, totals, out=np.zeros_like(counts), where=totals > 0)
-    # more classes than a figure has pixels for: cells of `block` consecutive classes (count order)
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(n)
+    sparse = analysis.get("confusion") is None
+    if sparse:
+        i, j, c = _entries(analysis.get("confusion_entries"), n, path)
+        totals = np.bincount(i, weights=c, minlength=n)
+    else:
+        dense = _dense_counts(analysis.pop("confusion"), n, path)  # the lists are freed once converted
+        totals = dense.sum(1)
     block = max(1, math.ceil(n / MAX_CONFUSION_CELLS))
-    cells = norm
-    if block > 1:
-        pad = -n % block
-        summed = np.pad(counts, ((0, pad), (0, pad))).reshape(n // block + (pad > 0), block, -1, block).sum((1, 3))
-        rows = summed.sum(1, keepdims=True)
-        cells = np.divide(summed, rows, out=np.zeros_like(summed), where=rows > 0)
-    return {"order": order.tolist(), "names": per_class["names"], "counts": counts.tolist(),
-            "normalised": norm.tolist(), "block": block, "cells": cells.tolist(),
-            "bounds": [b for b in (per_class["n_many"], None if per_class["n_few"] is None else n - per_class["n_few"])
-                       if b is not None and 0 < b < n]}
+    nb = math.ceil(n / block)
+    out = {"order": order.tolist(), "names": per_class["names"], "block": block, "counts": None, "normalised": None,
+           "bounds": [b for b in (per_class["n_many"], None if per_class["n_few"] is None else n - per_class["n_few"])
+                      if b is not None and 0 < b < n]}
+    if block == 1:
+        if sparse:
+            dense = np.zeros((n, n))
+            np.add.at(dense, (i, j), c)
+        counts = dense[order][:, order]
+        t = totals[order][:, None]
+        norm = np.divide(counts, t, out=np.zeros_like(counts), where=t > 0)
+        out.update(counts=counts.tolist(), normalised=norm.tolist(), cells=norm.tolist())
+        if n > 50:
+            r, q = np.nonzero(dense)
+            out["top"] = _top_confusions(r, q, dense[r, q], totals, per_class)
+        return out
+    # more classes than a figure has pixels for: cells of `block` consecutive classes (count order)
+    summed = np.zeros((nb, nb))
+    if sparse:
+        np.add.at(summed, (rank[i] // block, rank[j] // block), c)
+        out["top"] = _top_confusions(i, j, c, totals, per_class)
+    else:
+        col_block = rank // block
+        cand_r, cand_c, cand_n = [], [], []
+        for b in range(nb):
+            rows = order[b * block:(b + 1) * block]
+            part = dense[rows]
+            summed[b] = np.bincount(col_block, weights=part.sum(0), minlength=nb)
+            part[np.arange(len(rows)), rows] = 0  # the diagonal is no confusion (a copy: dense is untouched)
+            k = min(TOP_CONFUSIONS, n)
+            best = np.argpartition(part, n - k, axis=1)[:, n - k:]
+            cand_r.append(np.repeat(rows, k))
+            cand_c.append(best.ravel())
+            cand_n.append(np.take_along_axis(part, best, 1).ravel())
+        out["top"] = _top_confusions(np.concatenate(cand_r), np.concatenate(cand_c), np.concatenate(cand_n), totals,
+                                     per_class)
+    row_sums = summed.sum(1, keepdims=True)
+    out["cells"] = np.divide(summed, row_sums, out=np.zeros_like(summed), where=row_sums > 0).tolist()
+    return out
 
 
 def _reliability_entry(entry, name: str, path: Path) -> dict:
@@ -418,7 +495,8 @@ def report_sections(run_dir: str | Path) -> dict:
         out["groups"] = None
         notes["groups"] = f"No evaluation yet: {eval_cmd}."
 
-    if out["per_class"] is not None and analysis.get("confusion") is not None:
+    if out["per_class"] is not None and (analysis.get("confusion") is not None
+                                         or analysis.get("confusion_entries") is not None):
         out["confusion"] = _confusion(analysis, out["per_class"], eval_path)
     else:
         out["confusion"] = None
@@ -540,9 +618,14 @@ def per_class_figure(pc: dict) -> bytes:
     fig = _figure(11, 4.8)
     ax = fig.add_subplot()
     ax2 = ax.twinx()
-    ax2.bar(x, counts, width=0.8 if c <= 100 else 1.0, color="#d5d9de", linewidth=0, label="training images")
     pos = counts[counts > 0]
-    if len(pos) and pos.max() / pos.min() >= 10:
+    log = len(pos) and pos.max() / pos.min() >= 10
+    if c <= MAX_BARS:
+        ax2.bar(x, counts, width=0.8 if c <= 100 else 1.0, color="#d5d9de", linewidth=0, label="training images")
+    else:  # one patch instead of one per class
+        ax2.stairs(counts, np.arange(c + 1) - 0.5, baseline=pos.min() / 2 if log else 0, fill=True, color="#d5d9de",
+                   linewidth=0, label="training images")
+    if log:
         ax2.set_yscale("log")
         ax2.set_ylim(pos.min() / 2, pos.max() * 3)  # bars stay below the group names
     else:
@@ -639,8 +722,7 @@ def groups_figure(groups: dict) -> bytes:
 def confusion_figure(cm: dict) -> bytes:
     """Row-normalised confusion matrix, classes in training-count order (blocks of classes when
     there are more than :data:`MAX_CONFUSION_CELLS`)."""
-    m = np.array(cm["normalised"], dtype=float)
-    c = len(m)
+    c = len(cm["order"])
     named, numbers = c <= 50, c <= 20
     fig = _figure(*((6.8, 6.0) if c <= 10 else (8.2, 7.4) if named else (7.6, 6.6)))
     ax = fig.add_subplot()
@@ -648,6 +730,7 @@ def confusion_figure(cm: dict) -> bytes:
     im = ax.imshow(np.array(cm["cells"]), cmap="Blues", norm=norm, interpolation="nearest",
                    extent=(-0.5, c - 0.5, c - 0.5, -0.5))
     if numbers:
+        m = np.array(cm["normalised"], dtype=float)
         counts = np.array(cm["counts"])
         size = 9 if c <= 10 else 6.5
         for i in range(c):
@@ -954,6 +1037,11 @@ def build_html(s: dict) -> str:
                 caption += "; red dashed lines: many/medium and medium/few boundaries; square-root colour scale"
             caption += "."
         body = _figure_html(confusion_figure(cm), "confusion matrix", _e(caption))
+        if cm.get("top"):
+            rows = [[_e(t["true"]), _e(t["predicted"]), _e(f"{t['count']:g}"),
+                     _f(None if t["fraction"] is None else 100 * t["fraction"], 1)] for t in cm["top"]]
+            body += (f"<p class=\"explain\">The {len(rows)} most frequent confusions:</p>"
+                     + _table(["true class", "predicted as", "test images", "% of the true class"], rows, num_from=2))
     parts.append(_section_html(
         "confusion", "Ensemble predictions on the test set: row = true class, column = predicted class, each row "
         "divided by its number of test images.", body, notes))

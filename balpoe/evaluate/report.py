@@ -47,11 +47,26 @@ def confusion_matrix(logits: torch.Tensor, labels: torch.Tensor, num_classes: in
     return torch.bincount(idx, minlength=num_classes * num_classes).view(num_classes, num_classes).tolist()
 
 
+#: classes up to which the analysis holds the dense confusion matrix (``confusion``); beyond, its
+#: nonzero cells (``confusion_entries``): at iNaturalist's 8,142 classes the dense matrix has 66 million
+#: cells (hundreds of MB of JSON) for about 24,000 test images
+DENSE_CONFUSION_CLASSES = 1000
+
+
+def confusion_entries(logits: torch.Tensor, labels: torch.Tensor, num_classes: int) -> list[list[int]]:
+    """The nonzero cells of the confusion matrix as ``[true, predicted, count]``, sorted by true
+    then predicted class (at most one per test image, whatever the number of classes)."""
+    idx = labels.long() * num_classes + logits.argmax(-1)
+    cells, counts = torch.unique(idx, return_counts=True)
+    return [[int(c) // num_classes, int(c) % num_classes, int(n)] for c, n in zip(cells.tolist(), counts.tolist())]
+
+
 def analysis_from_logits(expert_logits: torch.Tensor, labels: torch.Tensor, class_counts, class_names: list[str], *,
                          many_threshold: int, few_threshold: int, taus: list[float] | None = None,
                          calibrated: dict[str, tuple[torch.Tensor, float]] | None = None, group_ranges=None) -> dict:
     """What the run report shows, from cached logits: per-class and many/medium/few accuracy of the
-    ensemble and of each expert, the confusion matrix, and reliability bins (Guo et al. 2017) of the
+    ensemble and of each expert, the confusion matrix (dense up to :data:`DENSE_CONFUSION_CLASSES`
+    classes, else ``confusion_entries``: its nonzero cells), and reliability bins (Guo et al. 2017) of the
     ensemble and of each post-hoc calibrated version in ``calibrated`` (name -> (logits, T))."""
     num_classes = expert_logits.shape[-1]
     ens = MultiExpertNet.ensemble(expert_logits)
@@ -69,6 +84,8 @@ def analysis_from_logits(expert_logits: torch.Tensor, labels: torch.Tensor, clas
                           "experts": [per_class_accuracy(e, labels, num_classes) for e in expert_logits]},
         "group_acc": {"ensemble": group_accuracies(ens, labels, groups),
                       "experts": [group_accuracies(e, labels, groups) for e in expert_logits]},
-        "confusion": confusion_matrix(ens, labels, num_classes),
+        "confusion": confusion_matrix(ens, labels, num_classes) if num_classes <= DENSE_CONFUSION_CLASSES else None,
+        **({} if num_classes <= DENSE_CONFUSION_CLASSES else
+           {"confusion_entries": confusion_entries(ens, labels, num_classes)}),
         "reliability": reliability,
     }

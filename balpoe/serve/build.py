@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from balpoe.data.build import build_data
+from balpoe.data.build import build_data, data_location, stored_location_keys, stored_origin
 from balpoe.data.image_list import LIST_FILES
 from balpoe.data.registry import get_dataset
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import SourceSet, check_source, load_model, source_logits
 from balpoe.losses.build import model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
+from balpoe.runtime.console import console
 from balpoe.serve.serving import Preprocess
 
 #: ``[C, H, W]`` of the in-memory datasets, for checkpoints that do not record it
@@ -97,17 +98,22 @@ def load_served(checkpoint: str | Path, device: torch.device | str = "cpu") -> S
                   model_prior_exponent(recipe), counts, [str(n) for n in names])
 
 
-def calibration_source(served: Served, device: torch.device, seed: int = 0) -> tuple[SourceSet | None, str]:
+def calibration_source(served: Served, device: torch.device, seed: int = 0,
+                       quiet: bool = False) -> tuple[SourceSet | None, str]:
     """Labelled source data to calibrate the unlabelled prior estimate on, as ``balpoe eval`` uses
     (:func:`~balpoe.evaluate.build.source_logits`: the recipe's held-out slice, else a slice of the
     training split): ``(SourceSet, "")``, or ``(None, reason)`` when the checkpoint's data cannot
-    be built on this machine (nothing is downloaded)."""
+    be built on this machine (nothing is downloaded).  The checkpoint's stored recipe chose where
+    those data are read from: said in the reason, or (unless ``quiet``) printed."""
     recipe = served.recipe
     cfg = dataclasses.replace(recipe.data, download=False)
+    where = f"checkpoint {served.path!r}"
     try:
         bundle = build_data(cfg, device, seed=recipe.seed)
     except BalpoeError as e:
-        return None, str(e)
+        return None, f"{e}; {stored_origin(stored_location_keys(cfg), where)}"
+    if not quiet:
+        console.print(data_location(cfg, stored_in=where), markup=False, highlight=False, soft_wrap=True)
     if (bundle.num_classes, bundle.in_chans) != (served.num_classes, int(served.ckpt["in_chans"])):
         return None, (f"dataset {cfg.dataset!r} here has {bundle.num_classes} classes and {bundle.in_chans} channels, "
                       f"the model {served.num_classes} and {served.ckpt['in_chans']}")

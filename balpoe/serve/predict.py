@@ -131,7 +131,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
         logits = res.logits
         info.update(mode="known", probabilities=[float(v) for v in res.prior], tau=float(res.tau))
     elif adapt == "unlabelled":
-        src, reason = calibration_source(served, dev) if calibration != "none" else (None, "")
+        src, reason = calibration_source(served, dev, quiet=quiet) if calibration != "none" else (None, "")
         if src is None and calibration != "none":
             warnings.warn(f"no labelled source data to calibrate the prior estimate on ({reason}); estimating it "
                           "from uncalibrated logits", UserWarning, stacklevel=2)

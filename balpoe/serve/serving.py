@@ -22,10 +22,11 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torchvision import transforms as T
 
 from balpoe.data.augment import folder_transform
+from balpoe.data.decode import load_pil
 from balpoe.errors import BalpoeError
 from balpoe.losses.priors import log_prior
 from balpoe.models.multi_expert import MultiExpertNet
@@ -170,15 +171,13 @@ def collect_images(inputs: Sequence[str | Path] | str | Path) -> list[Path]:
 
 
 def load_image(path: Path, transform) -> torch.Tensor:
-    """``transform(PIL image)``; any failure (not an image, truncated, unreadable) raises
+    """``transform(PIL image)``; any failure (not an image, truncated, unreadable, larger than the
+    pixel limit: :func:`~balpoe.data.decode.load_pil`, as in training and evaluation) raises
     :class:`BalpoeError` with one line naming the file and the reason."""
+    im = load_pil(path)
     try:
-        with Image.open(path) as im:
-            im.load()
-            return transform(im)
-    except UnidentifiedImageError:
-        raise BalpoeError(f"cannot read image '{path}': not an image file PIL can decode") from None
-    except Exception as e:  # noqa: BLE001 - any decoding failure (truncated, unreadable) is a bad input file
+        return transform(im)
+    except Exception as e:  # noqa: BLE001 - any failure on a decoded image is a bad input file
         lines = str(e).replace(str(path), "the file").strip().splitlines()
         reason = lines[0][:160] if lines else type(e).__name__
         raise BalpoeError(f"cannot read image '{path}': {reason}") from None

@@ -36,7 +36,8 @@ from typing import Any, Sequence
 from balpoe.data.build import build_loader
 from balpoe.data.image_list import find_list_file
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import SOURCES, check_source, group_ranges, load_for_eval, source_logits, write_run_report
+from balpoe.evaluate.build import SOURCES, check_source, group_ranges, load_for_eval, print_data_location, \
+    source_logits, write_run_report
 from balpoe.evaluate.logits import collect_logits
 from balpoe.losses.build import model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
@@ -164,6 +165,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     report["files"] = [str(f) for f in files]
     if not quiet:
         print_shift_report(report, console)
+        print_data_location(recipe, path, overrides)
         console.print("saved " + ", ".join(str(f) for f in files))
     if html_report and out_dir.resolve() == Path(path).resolve().parent:
         write_run_report(out_dir)
