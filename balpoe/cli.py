@@ -13,12 +13,13 @@ import sys
 import warnings
 from pathlib import Path
 
+from balpoe import __version__
 from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
 from balpoe.evaluate.build import SOURCES, evaluate_checkpoint
 from balpoe.evaluate.html_report import screenshot, write_html_report
 from balpoe.recipe import load_recipe
 from balpoe.runtime.console import console
-from balpoe.serve.export import FORMATS, export
+from balpoe.serve.export import FORMATS, default_path, export
 from balpoe.serve.predict import predict
 from balpoe.shift.build import evaluate_shift
 from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
@@ -27,6 +28,17 @@ from balpoe.training.build import train
 
 class _UsageError(Exception):
     """A command-line usage error (bad flag or flag value)."""
+
+
+def _keep_earlier_output(path: str | Path, force: bool, what: str, source: str | Path | None = None) -> None:
+    """``balpoe predict`` / ``export`` do not overwrite an earlier output (as ``train`` does not
+    overwrite a run) unless ``--force``; the checkpoint itself is the library's own error."""
+    path = Path(path)
+    if force or not path.exists():
+        return
+    if source is not None and Path(source).exists() and path.resolve() == Path(source).resolve():
+        return
+    raise _UsageError(f"{what} '{path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,6 +67,7 @@ def _positive_int(text: str) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert ensembles "
                 "(BalPoE, MiSLAS).")
+    p.add_argument("--version", action="version", version=f"balpoe {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     t = sub.add_parser("train", help="train from a recipe (stage 1, or stage 2 when the recipe says stage: 2)")
@@ -65,16 +78,23 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                    help="continue from OUT/last.pt; '--resume auto': continue if OUT/last.pt exists, else start "
                    "(one command line for job schedulers and torchrun restarts)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="one plain line per epoch instead of the progress bar (the default when stdout is not a "
+                   "terminal)")
+    t.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved recipe (the file with --set applied and every default filled in) and exit")
     t.add_argument("--no-report", action="store_true", help="do not write OUT/report.html at the end")
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the balanced test set")
-    e.add_argument("checkpoint")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=_positive_int, default=None)
+    e.add_argument("checkpoint", help="checkpoint to evaluate: a run's last.pt, its best.pt (the best epoch on the "
+                   "validation split, with train.val_every), or a .safetensors weights file")
+    e.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (default: the recipe's train.eval_batch_size)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a key of the checkpoint's recipe, e.g. --set data.root=/data")
-    e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint); with the "
+    e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint, eval_best.json for "
+                   "best.pt); with the "
                    "test-shift options below: the output directory (default: the checkpoint's)")
     s = e.add_argument_group("test label shift (any of these switches to shift_eval.json/.md + reliability PNGs)")
     s.add_argument("--test-dists", metavar="DISTS",
@@ -138,22 +158,28 @@ def _serve_parsers(sub) -> None:
                    "(default: predictions.jsonl in the current directory)")
     r.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
     x = sub.add_parser("export", help="export a checkpoint: its weights (safetensors), or one inference module "
-                       "(TorchScript, ONNX) mapping float images [B, C, H, W] in [0, 1] to balanced logits")
+                       "(TorchScript, torch.export .pt2, ONNX) mapping float images [B, C, H, W] in [0, 1] to balanced logits")
     x.add_argument("checkpoint", help="checkpoint (.pt) or weights file (.safetensors)")
     x.add_argument("--format", required=True, choices=list(FORMATS),
-                   help="safetensors: the weights + recipe metadata; torchscript / onnx: one module with the "
+                   help="safetensors: the weights + recipe metadata; torchscript / pt2 (torch.export) / onnx: one "
+                   "module with the "
                    "normalisation inside, input float [B, C, H, W] in [0, 1] (RGB, or grey for 1-channel models), "
                    "output the ensemble's balanced logits [B, K]; preprocessing, class names, prior and recipe in "
                    "the file's metadata (onnx needs: pip install \"balpoe[export]\")")
-    x.add_argument("--prior", metavar="SPEC", help="torchscript / onnx: " + prior_help)
+    x.add_argument("--prior", metavar="SPEC", help="torchscript / pt2 / onnx: " + prior_help)
     x.add_argument("--out", help="output file (default: next to the checkpoint with the format's suffix: "
                    + ", ".join(FORMATS.values()) + ")")
+    x.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
 def _train(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_recipe:
+        sys.stdout.write(recipe.to_yaml())
+        return
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     train(recipe, out, resume=args.resume, show_progress=not args.no_progress, report=not args.no_report)
 
@@ -183,6 +209,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _predict(args) -> None:
+    _keep_earlier_output(args.out, args.force, "predictions file")
     with warnings.catch_warnings():
         # one line per warning (an unreadable image, uncalibrated adaptation), every one shown
         warnings.showwarning = _one_line_warning
@@ -192,6 +219,8 @@ def _predict(args) -> None:
 
 
 def _export(args) -> None:
+    _keep_earlier_output(args.out or default_path(args.checkpoint, args.format), args.force, "export output",
+                         args.checkpoint)
     export(args.checkpoint, args.format, prior=args.prior, out=args.out)
 
 
@@ -213,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
+    except _UsageError as e:
+        _report(str(e))
+        return EXIT_USAGE
     except RunExists as e:
         _report(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to choose "
                 "another directory")
