@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import difflib
 import math
 import re
 import stat
@@ -108,7 +109,7 @@ class DataConfig:
     image_size: Union[int, None] = _f(None, min=8, max=4096,
                                       doc="image files: crop size the model sees (null: 224, or the images' own "
                                           "size for small images)")
-    channels: Union[int, None] = _f(None, choices=(None, 1, 3),
+    channels: Union[int, None] = _f(None, min=1, max=3,
                                     doc="image_folder / image_list: 1 (grey) or 3 (RGB) input channels (null: 1 when "
                                         "the sampled images are all grey, else 3)")
     normalize: str = _f("auto", choices=("auto", "computed", "imagenet"),
@@ -449,8 +450,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for k in raw:
         if k not in fields:
             name = prefix + (k if isinstance(k, str) else shown(k, 80))
-            raise BalpoeError(f"unknown recipe key {quoted(name, 120)} (known in '{where}': "
-                              f"{', '.join(fields)})")
+            known = ", ".join(fields)
+            if len(known) > 200:  # a long section: the closest names, the rest in the reference
+                close = difflib.get_close_matches(str(k), list(fields), n=4, cutoff=0.5)
+                known = (", ".join(close) + ", ..." if close else f"{', '.join(list(fields)[:8])}, ...") + \
+                    f" ({len(fields)} keys, listed in docs/recipe.md)"
+            raise BalpoeError(f"unknown recipe key {quoted(name, 120)} (known in '{where}': {known})")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -535,6 +540,8 @@ def _check_pipeline_keys(r: Recipe) -> None:
         if pair is not None and (len(pair) != 2 or pair[0] > pair[1]):
             raise BalpoeError(f"recipe key 'data.augment.{key}' must be two increasing numbers [low, high], got "
                               f"{shown(pair)}")
+    if d.channels == 2:
+        raise BalpoeError("recipe key 'data.channels' must be 1 (grey) or 3 (RGB), got 2")
     if (d.mean is None) != (d.std is None):
         raise BalpoeError("recipe keys 'data.mean' and 'data.std' go together: set both or neither")
     if d.mean is not None:
