@@ -276,12 +276,13 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
-    if rank == 0 and bundle.pipeline is not None:
-        console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False)
-    hint = empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)
-    if rank == 0 and hint:
-        console.print(hint, highlight=False)
     plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report)
+    if rank == 0:  # after everything that can refuse the recipe: an error stays one line
+        if bundle.pipeline is not None:
+            console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False)
+        hint = empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)
+        if hint:
+            console.print(hint, highlight=False)
     if ckpt is not None:
         changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)
         plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [
