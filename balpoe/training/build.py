@@ -279,10 +279,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report)
     if rank == 0:  # after everything that can refuse the recipe: an error stays one line
         if bundle.pipeline is not None:
-            console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False)
+            console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False,
+                          soft_wrap=True)
         hint = empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)
         if hint:
-            console.print(hint, highlight=False)
+            console.print(hint, highlight=False, soft_wrap=True)
     if ckpt is not None:
         changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)
         plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [
