@@ -18,11 +18,23 @@ import sys
 import warnings
 from pathlib import Path
 
+from balpoe import __version__
 from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
 
 
 class _UsageError(Exception):
     """A command-line usage error (bad flag or flag value)."""
+
+
+def _keep_earlier_output(path: str | Path, force: bool, what: str, source: str | Path | None = None) -> None:
+    """``balpoe predict`` / ``export`` do not overwrite an earlier output (as ``train`` does not
+    overwrite a run) unless ``--force``; the checkpoint itself is the library's own error."""
+    path = Path(path)
+    if force or not path.exists():
+        return
+    if source is not None and Path(source).exists() and path.resolve() == Path(source).resolve():
+        return
+    raise _UsageError(f"{what} '{path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -56,19 +68,26 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
     t.add_argument("--resume", nargs="?", const=True, default=False, choices=["auto"],
                    help="continue from OUT/last.pt; '--resume auto': continue if OUT/last.pt exists, else start "
                    "(one command line for job schedulers and torchrun restarts)")
-    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    t.add_argument("--no-progress", action="store_true",
+                   help="one plain line per epoch instead of the progress bar (the default when stdout is not a "
+                   "terminal)")
+    t.add_argument("--print-recipe", action="store_true",
+                   help="print the resolved recipe (the file with --set applied and every default filled in) and exit")
     t.add_argument("--no-report", action="store_true", help="do not write OUT/report.html at the end")
 
 
 def _eval_arguments(e: argparse.ArgumentParser) -> None:
     from balpoe.evaluate.build import SOURCES
     from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
-    e.add_argument("checkpoint")
-    e.add_argument("--device", default="auto")
-    e.add_argument("--batch-size", type=_positive_int, default=None)
+    e.add_argument("checkpoint", help="checkpoint to evaluate: a run's last.pt, its best.pt (the best epoch on the "
+                   "validation split, with train.val_every), or a .safetensors weights file")
+    e.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
+    e.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per forward pass (default: the recipe's train.eval_batch_size)")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
                    help="override a key of the checkpoint's recipe, e.g. --set data.root=/data")
-    e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint); with the "
+    e.add_argument("--out", help="JSON output path (default: eval.json next to the checkpoint, eval_best.json for "
+                   "best.pt); with the "
                    "test-shift options below: the output directory (default: the checkpoint's)")
     s = e.add_argument_group("test label shift (any of these switches to shift_eval.json/.md + reliability PNGs)")
     s.add_argument("--test-dists", metavar="DISTS",
@@ -131,19 +150,22 @@ def _predict_arguments(r: argparse.ArgumentParser) -> None:
                    "(default: predictions.jsonl in the current directory)")
     r.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
     r.add_argument("--batch-size", type=_positive_int, default=64, help="images per forward pass (default 64)")
+    r.add_argument("--force", action="store_true", help="overwrite an existing --out file")
 
 
 def _export_arguments(x: argparse.ArgumentParser) -> None:
     from balpoe.serve.export import FORMATS
     x.add_argument("checkpoint", help="checkpoint (.pt) or weights file (.safetensors)")
     x.add_argument("--format", required=True, choices=list(FORMATS),
-                   help="safetensors: the weights + recipe metadata; torchscript / onnx: one module with the "
+                   help="safetensors: the weights + recipe metadata; torchscript / pt2 (torch.export) / onnx: one "
+                   "module with the "
                    "normalisation inside, input float [B, C, H, W] in [0, 1] (RGB, or grey for 1-channel models), "
                    "output the ensemble's balanced logits [B, K]; preprocessing, class names, prior and recipe in "
                    "the file's metadata (onnx needs: pip install \"balpoe[export]\")")
-    x.add_argument("--prior", metavar="SPEC", help="torchscript / onnx: " + PRIOR_HELP)
+    x.add_argument("--prior", metavar="SPEC", help="torchscript / pt2 / onnx: " + PRIOR_HELP)
     x.add_argument("--out", help="output file (default: next to the checkpoint with the format's suffix: "
                    + ", ".join(FORMATS.values()) + ")")
+    x.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
 #: command -> (help, the function adding its arguments)
@@ -153,8 +175,8 @@ SUBCOMMANDS = {
     "report": ("write RUN_DIR/report.html: training curves, per-class and per-expert accuracy, calibration, label "
                "shift, recipe (one self-contained file)", _report_arguments),
     "predict": ("top-k classes of image files (JPEG/PNG, any size) with a trained model", _predict_arguments),
-    "export": ("export a checkpoint: its weights (safetensors), or one inference module (TorchScript, ONNX) mapping "
-               "float images [B, C, H, W] in [0, 1] to balanced logits", _export_arguments),
+    "export": ("export a checkpoint: its weights (safetensors), or one inference module (TorchScript, torch.export "
+               ".pt2, ONNX) mapping float images [B, C, H, W] in [0, 1] to balanced logits", _export_arguments),
 }
 
 
@@ -162,6 +184,7 @@ def _parser(command: str | None = None) -> argparse.ArgumentParser:
     """The command line; the arguments of ``command`` only (the others are listed with their help)."""
     p = _Parser(prog="balpoe", description="Long-tailed recognition with calibrated multi-expert ensembles "
                 "(BalPoE, MiSLAS).")
+    p.add_argument("--version", action="version", version=f"balpoe {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, (help_text, add_arguments) in SUBCOMMANDS.items():
         parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -174,6 +197,9 @@ def _train(args) -> None:
     from balpoe.recipe import load_recipe
     from balpoe.training.build import train
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.print_recipe:
+        sys.stdout.write(recipe.to_yaml())
+        return
     out = Path(args.out) if args.out else Path("runs") / recipe.name
     train(recipe, out, resume=args.resume, show_progress=not args.no_progress, report=not args.no_report)
 
@@ -208,6 +234,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _predict(args) -> None:
     from balpoe.serve.predict import predict
+    _keep_earlier_output(args.out, args.force, "predictions file")
     with warnings.catch_warnings():
         # one line per warning (an unreadable image, uncalibrated adaptation), every one shown
         warnings.showwarning = _one_line_warning
@@ -217,7 +244,9 @@ def _predict(args) -> None:
 
 
 def _export(args) -> None:
-    from balpoe.serve.export import export
+    from balpoe.serve.export import default_path, export
+    _keep_earlier_output(args.out or default_path(args.checkpoint, args.format), args.force, "export output",
+                         args.checkpoint)
     export(args.checkpoint, args.format, prior=args.prior, out=args.out)
 
 
@@ -241,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
+    except _UsageError as e:
+        _report(str(e))
+        return EXIT_USAGE
     except RunExists as e:
         _report(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to choose "
                 "another directory")

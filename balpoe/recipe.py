@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import decimal
+import difflib
 import math
 import re
 import stat
@@ -51,12 +52,24 @@ def _f(default: Any = None, *, choices: tuple | None = None, min: float | None =
 
 @dataclass
 class AugmentConfig:
-    """Training augmentation.  In-memory data (device path, in this order): random crop, flip,
-    rotation, ``policy``, Cutout.  Image files: RandomResizedCrop, flip, colour jitter, ``policy``,
-    Cutout."""
-    crop_padding: int = _f(4, min=0, max=256, doc="zero padding of the random crop (0 = no crop)")
+    """Training augmentation.  In-memory data (built-in datasets and small image folders, device
+    path, in this order): pad-and-crop, flip, rotation, ``policy``, Cutout.  Image files read per
+    epoch: RandomResizedCrop (or pad-and-crop), flip, rotation, colour jitter, ``policy``, Cutout.
+    Keys that do not apply to the dataset's pipeline are refused (``balpoe.data.pipeline``)."""
+    crop: str = _f("auto", choices=("auto", "pad_crop", "random_resized_crop", "none"),
+                   doc="training crop: pad_crop (zero padding + random crop, CIFAR-style), random_resized_crop "
+                       "(ImageNet-style) or none; auto: pad_crop for in-memory datasets and small images (<= 64 px), "
+                       "random_resized_crop for larger image files")
+    crop_padding: Union[int, None] = _f(None, min=0, max=256, doc="pad_crop: zero padding of the random crop "
+                                                                 "(null: 4; 0 = no crop)")
+    crop_scale: Union[list[float], None] = _f(None, gt=0, max=1, doc="random_resized_crop: range of the crop's area "
+                                                                    "fraction (null: [0.08, 1])")
+    crop_ratio: Union[list[float], None] = _f(None, gt=0, max=100, doc="random_resized_crop: range of the crop's "
+                                                                      "aspect ratio (null: [0.75, 1.3333])")
     flip: bool = _f(True, doc="random horizontal flip")
-    rotation: float = _f(15.0, min=0, max=180, doc="random rotation in [-deg, deg] (BalPoE CIFAR: 15)")
+    rotation: Union[float, None] = _f(None, min=0, max=180, doc="random rotation in [-deg, deg] (null: 15 for the "
+                                                               "built-in in-memory datasets as BalPoE CIFAR, 0 for "
+                                                               "image files)")
     policy: str = _f("none", choices=("none", "autoaugment_cifar10", "autoaugment_cifar10_official", "randaugment",
                                       "trivialaugment"),
                      doc="strong augmentation per sample: AutoAugment (CIFAR-10 policy) in torchvision's form or in "
@@ -73,7 +86,8 @@ class AugmentConfig:
                                           "(null: the policy's reference fill: the dataset mean for randaugment, 0 for "
                                           "autoaugment_cifar10 / trivialaugment, 128 for autoaugment_cifar10_official)")
     color_jitter: Union[bool, None] = _f(None, doc="image files: ColorJitter(0.4, 0.4, 0.4, 0) (null: the "
-                                                   "dataset's default, on with policy randaugment)")
+                                                   "dataset's default, on with policy randaugment; image_folder / "
+                                                   "image_list: on for large images, off for small ones)")
 
 
 @dataclass
@@ -104,7 +118,27 @@ class DataConfig:
                                  doc="stratified slice of the LT training split held out (calibration)")
     loader: str = _f("auto", choices=("auto", "device", "dataloader"))
     num_workers: int = _f(4, min=0, max=256, doc="DataLoader workers (dataloader path only)")
-    image_size: int = _f(224, min=8, max=4096, doc="crop size of the image-folder datasets")
+    image_size: Union[int, None] = _f(None, min=8, max=4096,
+                                      doc="image files: crop size the model sees (null: 224, or the images' own "
+                                          "size for small images)")
+    channels: Union[int, None] = _f(None, min=1, max=3,
+                                    doc="image_folder / image_list: 1 (grey) or 3 (RGB) input channels (null: 1 when "
+                                        "the sampled images are all grey, else 3)")
+    normalize: str = _f("auto", choices=("auto", "computed", "imagenet"),
+                        doc="normalisation constants: computed (per-channel mean/std of the training split), imagenet, "
+                            "or auto (the dataset's own constants; image_folder / image_list: computed for small "
+                            "images, imagenet for large ones); data.mean/std give them explicitly")
+    mean: Union[list[float], None] = _f(None, min=0, max=1, doc="normalisation mean per channel, in [0, 1]")
+    std: Union[list[float], None] = _f(None, gt=0, max=10, doc="normalisation standard deviation per channel")
+    test_crop_fraction: Union[float, None] = _f(None, gt=0, max=1,
+                                                doc="image files, test time: resize the shorter side to image_size / "
+                                                    "fraction, then centre-crop image_size (null: 224/256 for "
+                                                    "random_resized_crop, 1 otherwise)")
+    in_memory: Union[bool, str] = _f("auto", choices=(True, False, "auto"),
+                                     doc="image files: decode once into uint8 tensors and augment on the training "
+                                         "device like the built-in datasets (auto: when the pipeline has no "
+                                         "random_resized_crop / colour jitter and the images fit "
+                                         "balpoe.data.pipeline.IN_MEMORY_BUDGET)")
     decode: str = _f("tensor", choices=("tensor", "pil"),
                      doc="image files: torchvision decoding into uint8 tensors (faster, same random draws) or PIL")
     train_root: Union[str, None] = _f(None, max_len=PATH_CHARS,
@@ -206,7 +240,16 @@ class TrainConfig:
                              "gets test_acc/many/medium/few/ece, eval.json's test_curve and report.html also the best "
                              "epoch on the test set (as the official logs report; optimistic, never the headline)")
     eval_batch_size: int = _f(1024, min=1, max=MAX_BATCH)
-    threads: int = _f(0, min=0, max=1024, doc="CPU threads for torch (0: torch's default)")
+    val_every: int = _f(0, min=0, max=MAX_EPOCHS, doc="evaluate the validation split (data.val_root / val_list / "
+                                                     "holdout_fraction) every N epochs and keep OUT/best.pt "
+                                                     "(0: off)")
+    select_metric: str = _f("balanced_acc", choices=("balanced_acc", "nll"),
+                            doc="validation metric best.pt is chosen by: balanced accuracy (higher) or "
+                                "class-balanced NLL (lower)")
+    early_stop_patience: int = _f(0, min=0, max=MAX_EPOCHS,
+                                  doc="stop after this many validations without a better select_metric (0: never)")
+    threads: int = _f(0, min=0, max=1024, doc="CPU threads for torch (0: torch's default; training on the CPU: "
+                                              "at most the cores the 1-minute load average leaves free, at least 1)")
     log_tensorboard: bool = _f(False, doc="also log to OUT/tensorboard (pip install 'balpoe[tensorboard]')")
 
 
@@ -438,8 +481,12 @@ def _build(cls: type, raw: Any, prefix: str) -> Any:
     for k in raw:
         if k not in fields:
             name = prefix + (k if isinstance(k, str) else shown(k, 80))
-            raise BalpoeError(f"unknown recipe key {quoted(name, 120)} (known in '{where}': "
-                              f"{', '.join(fields)})")
+            known = ", ".join(fields)
+            if len(known) > 200:  # a long section: the closest names, the rest in the reference
+                close = difflib.get_close_matches(str(k), list(fields), n=4, cutoff=0.5)
+                known = (", ".join(close) + ", ..." if close else f"{', '.join(list(fields)[:8])}, ...") + \
+                    f" ({len(fields)} keys, listed in docs/recipe.md)"
+            raise BalpoeError(f"unknown recipe key {quoted(name, 120)} (known in '{where}': {known})")
     kwargs = {}
     for name, f in fields.items():
         if name not in raw:
@@ -504,6 +551,7 @@ def _cross_checks(r: Recipe) -> None:
     if r.data.groups == "ranges" and (len(r.data.group_ranges) != 2 or r.data.group_ranges[0] > r.data.group_ranges[1]):
         raise BalpoeError(f"recipe key 'data.group_ranges' must be two boundaries [a, b] with a <= b when "
                           f"data.groups is ranges, got {shown(r.data.group_ranges)}")
+    _check_pipeline_keys(r)
     if r.data.few_threshold > r.data.many_threshold:
         raise BalpoeError("recipe key 'data.few_threshold' must not exceed data.many_threshold")
     if "zero_init_last" in r.model.kwargs:
@@ -519,6 +567,29 @@ def _cross_checks(r: Recipe) -> None:
                               f"stage2.eps_1 ({r.stage2.eps_1})")
         if r.stage2.las_form == "power" and r.stage2.las_power is None:
             raise BalpoeError("recipe key 'stage2.las_power' is required when stage2.las_form is power")
+
+
+def _check_pipeline_keys(r: Recipe) -> None:
+    """Augmentation, normalisation and validation keys that only make sense together."""
+    a, d = r.data.augment, r.data
+    for key, pair in (("crop_scale", a.crop_scale), ("crop_ratio", a.crop_ratio)):
+        if pair is not None and (len(pair) != 2 or pair[0] > pair[1]):
+            raise BalpoeError(f"recipe key 'data.augment.{key}' must be two increasing numbers [low, high], got "
+                              f"{shown(pair)}")
+    if d.channels == 2:
+        raise BalpoeError("recipe key 'data.channels' must be 1 (grey) or 3 (RGB), got 2")
+    if (d.mean is None) != (d.std is None):
+        raise BalpoeError("recipe keys 'data.mean' and 'data.std' go together: set both or neither")
+    if d.mean is not None:
+        if len(d.mean) != len(d.std) or len(d.mean) not in (1, 3):
+            raise BalpoeError(f"recipe keys 'data.mean' and 'data.std' must hold one value per channel (1 or 3), got "
+                              f"{len(d.mean)} and {len(d.std)}")
+        if d.normalize != "auto":
+            raise BalpoeError(f"recipe key 'data.normalize' is {d.normalize} but data.mean/std give the constants: set "
+                              "one")
+    if r.train.early_stop_patience and not r.train.val_every:
+        raise BalpoeError("recipe key 'train.early_stop_patience' needs train.val_every > 0 (early stopping watches "
+                          "the validation split)")
 
 
 def recipe_from_dict(raw: dict) -> Recipe:
@@ -625,3 +696,58 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not isinstance(raw, dict):
         raise BalpoeError(f"recipe file {quoted(path)} must hold a mapping of sections")
     return recipe_from_dict(apply_overrides(raw, overrides or []))
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference of every key (docs/recipe.md)
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _allowed(meta: dict) -> str:
+    if meta.get("choices") is not None:
+        return ", ".join(f"`{_yaml_text(c)}`" for c in meta["choices"])
+    def num(v) -> str:
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+    parts = [f"≥ {num(meta['min'])}" if meta.get("min") is not None else "",
+             f"> {num(meta['gt'])}" if meta.get("gt") is not None else "",
+             f"≤ {num(meta['max'])}" if meta.get("max") is not None else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def _default(f: dataclasses.Field) -> str:
+    value = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def reference_markdown() -> str:
+    """Every recipe key with its type, default, allowed values and description, as Markdown
+    (``docs/recipe.md``; regenerate it with ``python -c "from balpoe.recipe import reference_markdown as r;
+    print(r(), end='')" > docs/recipe.md``)."""
+    lines = ["# Recipe keys", "",
+             "Generated from the schema in `balpoe/recipe.py` by `reference_markdown()` (a test checks it is up to "
+             "date: `python -c \"from balpoe.recipe import reference_markdown as r; print(r(), end='')\" > "
+             "docs/recipe.md`). Unknown keys, wrong types and out-of-range values are one-line errors naming the key; "
+             "`--set section.key=value` overrides any key.", ""]
+
+    def section(cls: type, prefix: str) -> None:
+        hints = typing.get_type_hints(cls)
+        rows, subs = [], []
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                subs.append((hints[f.name], f"{prefix}{f.name}."))
+                continue
+            meta = dict(f.metadata)
+            rows.append(f"| `{prefix}{f.name}` | {_cell(_type_name(hints[f.name]))} | {_cell(_default(f))} | "
+                        f"{_cell(_allowed(meta))} | {_cell(meta.get('doc', ''))} |")
+        title = prefix.rstrip(".") or "top level"
+        doc = (cls.__doc__ or "").strip() if cls.__doc__ and not cls.__doc__.startswith(cls.__name__ + "(") else ""
+        lines.extend([f"## {title}", ""] + ([" ".join(doc.split()), ""] if doc else []) +
+                     ["| key | type | default | allowed | description |", "|---|---|---|---|---|", *rows, ""])
+        for sub_cls, sub_prefix in subs:
+            section(sub_cls, sub_prefix)
+
+    section(Recipe, "")
+    return "\n".join(lines)
+

@@ -362,6 +362,8 @@ def canonical(config: dict | None, side: str) -> dict | None:
         for section, keys in REFERENCE_IGNORES.items():
             drop[section] = drop.get(section, set()) | set(keys)
     r = fill(config["recipe"], Recipe().to_dict())
+    if isinstance(r.get("data"), dict) and r["data"].get("image_size") == 224:
+        r["data"] = {**r["data"], "image_size": None}  # the old default (224) never applied to in-memory datasets
     if r["train"].get("compile") is False:
         drop["train"] = drop["train"] | {"compile_mode"}
     r = {sec: ({k: v for k, v in val.items() if k not in drop.get(sec, ())} if isinstance(val, dict) else val)

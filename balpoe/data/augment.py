@@ -162,18 +162,25 @@ def policy_transform(policy: str, randaugment: str, fill: tuple[int, ...], inter
 
 def folder_transform(train: bool, mean, std, image_size: int = 224, *, color_jitter: bool = True,
                      policy: str = "none", randaugment: str = "rand-n2-m10-mstd0.5", cutout_length: int = 0,
-                     interpolation: str | None = None, flip: bool = True,
+                     interpolation: str | None = None, flip: bool = True, scale=None, ratio=None,
+                     rotation: float = 0.0, test_resize: int | None = None,
                      policy_fill: tuple[int, ...] | None = None) -> T.Compose:
-    """The image-file path's transform.  Train: ``RandomResizedCrop(image_size)`` -> flip ->
-    ``ColorJitter(0.4, 0.4, 0.4, 0)`` (``color_jitter``) -> policy (:func:`policy_transform`) ->
-    ``ToTensor`` -> Cutout -> ``Normalize``.  Test: ``Resize(image_size * 256 / 224)`` ->
-    ``CenterCrop(image_size)`` -> ``ToTensor`` -> ``Normalize``."""
+    """The image-file path's transform.  Train: ``RandomResizedCrop(image_size, scale, ratio)`` ->
+    flip -> ``RandomRotation(rotation)`` -> ``ColorJitter(0.4, 0.4, 0.4, 0)`` (``color_jitter``) ->
+    policy (:func:`policy_transform`, its fill ``policy_fill``) -> ``ToTensor`` -> Cutout ->
+    ``Normalize``.  Test: ``Resize(test_resize)`` (default ``image_size * 256 / 224``) ->
+    ``CenterCrop(image_size)`` -> ``ToTensor`` -> ``Normalize``.  The defaults are the official
+    BalPoE ImageNet-LT pipeline."""
     if not train:
-        ops = [T.Resize(int(round(image_size * 256 / 224))), T.CenterCrop(image_size)]
+        resize = int(round(image_size * 256 / 224)) if test_resize is None else test_resize
+        ops = [T.Resize(resize), T.CenterCrop(image_size)]
         return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
-    ops: list = [T.RandomResizedCrop(image_size)]
+    extra = {k: tuple(v) for k, v in (("scale", scale), ("ratio", ratio)) if v is not None}
+    ops: list = [T.RandomResizedCrop(image_size, **extra)]
     if flip:
         ops.append(T.RandomHorizontalFlip())
+    if rotation:
+        ops.append(T.RandomRotation(rotation))
     if color_jitter:
         ops.append(T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0))
     strong = policy_transform(policy, randaugment, tuple(round(255 * m) for m in mean), interpolation, policy_fill)

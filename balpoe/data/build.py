@@ -4,7 +4,9 @@ The dataset comes from the registry (:mod:`balpoe.data.registry`).  Small datase
 :class:`~balpoe.data.bundle.ArraySplit`) become a long-tailed uint8 training tensor and a balanced
 test tensor on the training device, served by :class:`~balpoe.data.device_loader.DeviceLoader`;
 image-file datasets (a :class:`~balpoe.data.bundle.FileSplit`) a ``DataLoader`` with torchvision
-transforms (:class:`~balpoe.data.folder_loader.FolderLoader`).
+transforms (:class:`~balpoe.data.folder_loader.FolderLoader`), or, when small enough
+(``data.in_memory``), are decoded once and served like the in-memory datasets.  What the images go
+through is one :class:`~balpoe.data.pipeline.Pipeline` (:mod:`balpoe.data.pipeline`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,13 @@ import numpy as np
 import torch
 
 from balpoe.data.augment import folder_transform
-from balpoe.data.bundle import ArraySplit, DataBundle, ImageArrays
+from balpoe.data.bundle import ArraySplit, DataBundle, FileSplit, ImageArrays
 from balpoe.data.device_loader import DeviceLoader
 from balpoe.data.folder_loader import ArrayImageDataset, FolderLoader, array_transforms
 from balpoe.data.image_list import ImageListDataset
 from balpoe.data.lt import lt_class_counts, lt_subsample_indices, stratified_holdout
+from balpoe.data.pipeline import (Pipeline, array_pipeline, channel_stats, decode_split, file_stats,
+                                  pipeline_transform, resolve_pipeline)
 from balpoe.data.registry import FILE_KEYS, check_dataset_keys, get_dataset
 from balpoe.errors import BalpoeError, quoted
 
@@ -144,32 +148,64 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
     if test is not None:
         check_split_labels(test, num_classes, "test split", train_source)
     counts = torch.bincount(torch.from_numpy(labels[keep]), minlength=num_classes)
-    if isinstance(train, ArraySplit):
-        dev = torch.device(device)
+    dev = torch.device(device)
+    if isinstance(train, FileSplit):
+        n_images = len(keep) + (0 if hold is None else len(hold)) + (len(test_idx) if test is None else len(test.labels)) \
+            + (0 if val is None else len(val.labels))
+        pipe = resolve_pipeline(cfg, cfg.dataset, train, official=not spec.auto_pipeline, spec_mean=spec.mean,
+                                spec_std=spec.std, spec_jitter=spec.color_jitter, n_images=n_images, device=dev)
+        if test is not None:
+            test.class_names = list(class_names)
+        if val is not None:
+            val.class_names = list(class_names)
+        if not pipe.in_memory:
+            return _file_bundle(cfg, pipe, train, keep, hold, test, test_idx, val, counts, class_names, holdout_note)
+        # small image files: decoded once (at the test geometry) and served like the built-in datasets
+        workers = cfg.num_workers
+        train_arrays = decode_split(train, pipe, keep, workers)
+        hold_arrays = None if hold is None else decode_split(train, pipe, hold, workers)
+        test_files = FileSplit([train.paths[i] for i in test_idx], labels[test_idx], class_names, train.root) \
+            if test is None else test
+        test = decode_split(test_files, pipe, None, workers)
+        val = None if val is None else decode_split(val, pipe, None, workers)
+        train, keep, hold, test_idx = train_arrays, np.arange(len(keep)), None, None
+        if pipe.mean is None:
+            pipe.mean, pipe.std = channel_stats(train.images)
+    else:
+        pipe = array_pipeline(cfg, cfg.dataset, train, keep, spec.mean, spec.std)
+        hold_arrays = None
 
-        def arrays(split: ArraySplit, idx=None) -> ImageArrays:
-            x, y = (split.images, split.labels) if idx is None else (split.images[idx], split.labels[idx])
-            return ImageArrays(torch.from_numpy(np.ascontiguousarray(x)),
-                               torch.from_numpy(np.asarray(y, dtype=np.int64))).to(dev)
+    def arrays(split: ArraySplit, idx=None) -> ImageArrays:
+        x, y = (split.images, split.labels) if idx is None else (split.images[idx], split.labels[idx])
+        return ImageArrays(torch.from_numpy(np.ascontiguousarray(x)),
+                           torch.from_numpy(np.asarray(y, dtype=np.int64))).to(dev)
 
-        holdout = arrays(val) if val is not None else None if hold is None else arrays(train, hold)
-        return DataBundle(cfg.dataset, num_classes, int(train.images.shape[1]), counts, spec.mean, spec.std,
-                          class_names, arrays(train, keep), arrays(train, test_idx) if test is None else arrays(test),
-                          holdout, in_memory=True, holdout_note=holdout_note)
-    train_tf = folder_transforms(cfg.dataset, True, cfg.image_size, cfg.augment)
-    test_tf = folder_transforms(cfg.dataset, False, cfg.image_size)
-    full = ImageListDataset(train, train_tf, cfg.decode)
-    if test is not None:
-        test.class_names = list(class_names)
+    holdout = arrays(val) if val is not None else arrays(hold_arrays) if hold_arrays is not None else \
+        None if hold is None else arrays(train, hold)
+    test_arrays = arrays(train, test_idx) if test is None else arrays(test)
+    if pipe.files:  # decoded image files: test-distribution list files match the test images by path
+        test_arrays.paths, test_arrays.root = list(test_files.paths), test_files.root
+    return DataBundle(cfg.dataset, num_classes, int(train.images.shape[1]), counts, pipe.mean, pipe.std,
+                      class_names, arrays(train, keep), test_arrays, holdout, in_memory=True,
+                      holdout_note=holdout_note, pipeline=pipe)
+
+
+def _file_bundle(cfg, pipe: Pipeline, train: FileSplit, keep, hold, test, test_idx, val, counts, class_names,
+                 holdout_note) -> DataBundle:
+    """The bundle of image files read per epoch through a DataLoader (:func:`build_data`)."""
+    if pipe.mean is None:
+        pipe.mean, pipe.std = file_stats(train, pipe, keep)
+    train_tf = pipeline_transform(pipe, True, cfg.augment)
+    test_tf = pipeline_transform(pipe, False, cfg.augment)
+    full = ImageListDataset(train, train_tf, cfg.decode, pipe.channels)
     if val is not None:
-        val.class_names = list(class_names)
-    if val is not None:
-        holdout = ImageListDataset(val, test_tf, cfg.decode)
+        holdout = ImageListDataset(val, test_tf, cfg.decode, pipe.channels)
     else:
         holdout = None if hold is None else full.subset(hold, test_tf)
-    test_set = full.subset(test_idx, test_tf) if test is None else ImageListDataset(test, test_tf, cfg.decode)
-    return DataBundle(cfg.dataset, num_classes, 3, counts, spec.mean, spec.std, class_names, full.subset(keep), test_set,
-                      holdout, in_memory=False, holdout_note=holdout_note)
+    test_set = full.subset(test_idx, test_tf) if test is None else \
+        ImageListDataset(test, test_tf, cfg.decode, pipe.channels)
+    return DataBundle(cfg.dataset, len(class_names), pipe.channels, counts, pipe.mean, pipe.std, class_names,
+                      full.subset(keep), test_set, holdout, in_memory=False, holdout_note=holdout_note, pipeline=pipe)
 
 
 #: the data keys that say where data files are read from
@@ -215,7 +251,8 @@ def input_size(bundle: DataBundle, cfg) -> list[int]:
     image-file datasets' crop ``data.image_size``."""
     if bundle.in_memory:
         return [int(d) for d in bundle.train.images.shape[1:]]
-    return [bundle.in_chans, int(cfg.image_size), int(cfg.image_size)]
+    size = bundle.pipeline.size if bundle.pipeline is not None else int(cfg.image_size or 224)
+    return [bundle.in_chans, size, size]
 
 
 def uses_device_loader(cfg, bundle: DataBundle) -> bool:
@@ -233,7 +270,9 @@ def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg, *, train:
     ``num_samples`` (images this rank sees per epoch)."""
     data = getattr(bundle, split)
     sampler = sampler or (cfg.sampler if train else "instance")
-    a = cfg.augment
+    a, pipe = cfg.augment, bundle.pipeline
+    padding, flip, rotation = (pipe.padding, pipe.flip, pipe.rotation) if pipe is not None else \
+        (a.crop_padding or 0, a.flip, a.rotation or 0.0)
     policy_fill = None if a.fill is None else tuple(a.fill)
     if policy_fill is not None and len(policy_fill) not in (1, bundle.in_chans):
         raise BalpoeError(f"recipe key 'data.augment.fill' needs one value or one per channel ({bundle.in_chans}), "
@@ -242,14 +281,13 @@ def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg, *, train:
         strong = {"policy": a.policy, "randaugment": a.randaugment, "cutout_length": a.cutout,
                   "interpolation": a.interpolation, "policy_fill": policy_fill}
         return DeviceLoader(data.images, data.labels, batch_size, bundle.mean, bundle.std, train=train,
-                            padding=a.crop_padding, flip=a.flip, rotation=a.rotation, sampler=sampler,
+                            padding=padding, flip=flip, rotation=rotation, sampler=sampler,
                             images_per_class_visit=cfg.images_per_class_visit,
                             seed=seed, rank=rank, world_size=world_size, channels_last=channels_last,
                             strong=strong)
     if bundle.in_memory:
-        tf = array_transforms(tuple(data.images.shape[-2:]), bundle.mean, bundle.std, train, a.crop_padding,
-                              a.flip, a.rotation, a.policy, a.randaugment, a.cutout, a.interpolation,
-                              policy_fill)
+        tf = array_transforms(tuple(data.images.shape[-2:]), bundle.mean, bundle.std, train, padding,
+                              flip, rotation, a.policy, a.randaugment, a.cutout, a.interpolation, policy_fill)
         data = ArrayImageDataset(data, tf)
     return FolderLoader(data, bundle.labels_of(split), batch_size, train=train, sampler=sampler, seed=seed,
                         images_per_class_visit=cfg.images_per_class_visit,

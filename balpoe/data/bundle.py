@@ -63,6 +63,7 @@ class DataBundle:
     holdout: object | None = None       # held-out labelled slice of the LT training split, or the validation split
     in_memory: bool = True
     holdout_note: str | None = None     # what ``holdout`` is when it is not a slice of the training split
+    pipeline: object | None = None      # balpoe.data.pipeline.Pipeline: augmentation, size, normalisation
 
     def labels_of(self, split: str) -> torch.Tensor:
         """int64 labels (CPU) of ``split`` in {'train', 'test', 'holdout'}."""

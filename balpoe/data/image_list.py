@@ -18,6 +18,7 @@ from PIL import Image
 
 from balpoe.data.bundle import FileSplit
 from balpoe.data.decode import load_pil, read_rgb, tensor_transform
+from balpoe.data.pipeline import luma
 from balpoe.errors import BalpoeError, short_path, shown
 
 #: dataset name -> (train list, test list), the conventional file names
@@ -202,9 +203,11 @@ class ImageListDataset(torch.utils.data.Dataset):
     1.35x the images per core for the standard pipeline, 1.1x with RandAugment;
     ``benchmarks/input_pipeline.py``); ``"pil"`` opens every image with PIL as RGB."""
 
-    def __init__(self, split: FileSplit, transform: Callable | None = None, decode: str = "tensor"):
+    def __init__(self, split: FileSplit, transform: Callable | None = None, decode: str = "tensor",
+                 channels: int = 3):
         if decode not in DECODERS:
             raise BalpoeError(f"image decoder must be one of {', '.join(DECODERS)}; got {decode!r}")
+        self.channels = channels  # 1: grey, PIL's convert("L")
         self.paths, self.labels = list(split.paths), np.asarray(split.labels, dtype=np.int64)
         self.class_names = list(split.class_names)
         self.root, self.source = split.root, split.source
@@ -218,17 +221,24 @@ class ImageListDataset(torch.utils.data.Dataset):
         """The images at ``idx``, with ``transform`` (default: this dataset's)."""
         idx = np.asarray(idx, dtype=np.int64)
         split = FileSplit([self.paths[i] for i in idx], self.labels[idx], self.class_names, self.root, self.source)
-        return ImageListDataset(split, self.pil_transform if transform is None else transform, self.decode)
+        return ImageListDataset(split, self.pil_transform if transform is None else transform, self.decode,
+                                self.channels)
 
     def load(self, index: int) -> Image.Image:
-        """The PIL RGB image at ``index`` (no transform; :func:`~balpoe.data.decode.load_pil`: the
-        pixel limit, and a one-line error naming a file that cannot be decoded)."""
-        return load_pil(self.paths[index]).convert("RGB")
+        """The PIL image at ``index``, RGB or grey (``channels``), no transform
+        (:func:`~balpoe.data.decode.load_pil`: the pixel limit, and a one-line error naming a file
+        that cannot be decoded)."""
+        return load_pil(self.paths[index]).convert("L" if self.channels == 1 else "RGB")
 
     def __getitem__(self, index: int):
         if self.transform is None:
             return self.load(index), int(self.labels[index])
-        img = read_rgb(self.paths[index]) if self.decode == "tensor" else self.load(index)
+        if self.decode != "tensor":
+            img = self.load(index)
+        else:
+            img = read_rgb(self.paths[index])
+            if self.channels == 1:
+                img = luma(img)
         return self.transform(img), int(self.labels[index])
 
 

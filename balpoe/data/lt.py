@@ -90,6 +90,22 @@ def class_groups(class_counts: torch.Tensor | Sequence[int], many_threshold: int
 GROUP_NAMES = ("many", "medium", "few")
 
 
+def empty_group_hint(class_counts, many_threshold: int, few_threshold: int) -> str | None:
+    """A one-line hint when the many/medium/few thresholds leave a group without classes (its
+    accuracy is then NaN): which group, the training counts, and the recipe keys to set; else None."""
+    counts = torch.as_tensor(class_counts)
+    if not len(counts):
+        return None
+    present = set(class_groups(counts, many_threshold, few_threshold).tolist())
+    empty = [name for g, name in enumerate(GROUP_NAMES) if g not in present]
+    if not empty:
+        return None
+    return (f"hint: the {' and '.join(empty)} group{'s are' if len(empty) > 1 else ' is'} empty with "
+            f"data.many_threshold {many_threshold} and data.few_threshold {few_threshold} (many: > many_threshold "
+            f"training images, few: < few_threshold; the classes have {int(counts.min())}..{int(counts.max())}); set "
+            "data.many_threshold / data.few_threshold for this dataset (e.g. --set data.many_threshold=N)")
+
+
 def stratified_holdout(labels: np.ndarray | Sequence[int] | torch.Tensor, fraction: float, seed: int = 0,
                        min_per_class: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into ``(kept, held_out)`` (both sorted int64), stratified by class.

@@ -48,7 +48,10 @@ class DatasetSpec:
     ``color_jitter``: image-file datasets add ``ColorJitter(0.4, 0.4, 0.4, 0)`` to their training
     transform.  ``read_val(cfg)``: the validation split, or None when the recipe names none (it is
     then the calibration holdout instead of a slice of the training split).  ``keys``: the data keys
-    among :data:`FILE_KEYS` the reader reads; setting another is a one-line error."""
+    among :data:`FILE_KEYS` the reader reads; setting another is a one-line error.  ``auto_pipeline``:
+    image files whose augmentation, channels and normalisation are chosen from the images
+    themselves (:func:`~balpoe.data.pipeline.resolve_pipeline`; users' own data), instead of the
+    official ImageNet-style pipeline with ``mean`` / ``std``."""
     read: Callable[[Any, str], ArraySplit | FileSplit]
     mean: tuple[float, ...]
     std: tuple[float, ...]
@@ -56,6 +59,7 @@ class DatasetSpec:
     color_jitter: bool = True
     read_val: Callable[[Any], ArraySplit | FileSplit | None] | None = None
     keys: tuple[str, ...] = ()
+    auto_pipeline: bool = False
 
 
 #: data keys that locate a dataset's files; each dataset reads some of them (``DatasetSpec.keys``)
@@ -129,7 +133,7 @@ def _image_folder_val(cfg) -> FileSplit | None:
 
 def _listed(name: str | None, mean, std, **kw) -> DatasetSpec:
     return DatasetSpec(partial(_image_list, name), mean, std, subsample_lt=False,
-                       read_val=partial(_image_list_val, name), keys=LIST_KEYS, **kw)
+                       read_val=partial(_image_list_val, name), keys=LIST_KEYS, auto_pipeline=name is None, **kw)
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -139,9 +143,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "imagenet_lt": _listed("imagenet_lt", IMAGENET_MEAN, IMAGENET_STD),
     "places_lt": _listed("places_lt", IMAGENET_MEAN, IMAGENET_STD),
     "inat": _listed("inat", INAT_MEAN, INAT_STD, color_jitter=False),
-    # users' own data: ImageNet statistics and the ImageNet-LT pipeline (what pretrained backbones expect)
+    # users' own data: the pipeline chosen from the images (small: CIFAR-style, in memory; large: the ImageNet-LT
+    # pipeline with ImageNet statistics, what pretrained backbones expect), balpoe.data.pipeline
     "image_folder": DatasetSpec(_image_folder, IMAGENET_MEAN, IMAGENET_STD, subsample_lt=False,
-                                read_val=_image_folder_val, keys=FOLDER_KEYS),
+                                read_val=_image_folder_val, keys=FOLDER_KEYS, auto_pipeline=True),
     "image_list": _listed(None, IMAGENET_MEAN, IMAGENET_STD),
 }
 

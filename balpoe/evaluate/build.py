@@ -193,6 +193,25 @@ def evaluate_model(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, d
     return report
 
 
+def validation_metrics(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device) -> dict:
+    """Metrics of the validation split (``bundle.holdout``: ``data.val_root`` / ``data.val_list`` /
+    the ``data.holdout_fraction`` slice) for model selection, of the ensemble logits the test
+    report scores: ``val_balanced_acc`` (%, the mean over the classes present of each class's
+    recall) and ``val_nll`` (the mean over the classes present of each class's mean NLL), so that
+    a long-tailed validation split scores the model as the balanced test set does."""
+    loader = build_loader(bundle, "holdout", recipe.train.eval_batch_size, recipe.data, train=False)
+    expert, labels = collect_logits(model, loader, device, recipe.train.amp)
+    logits = MultiExpertNet.ensemble(expert).double()
+    num_classes = logits.shape[1]
+    n = torch.bincount(labels, minlength=num_classes).double()
+    present = n > 0
+    hits = torch.bincount(labels, weights=(logits.argmax(1) == labels).double(), minlength=num_classes)
+    nll = torch.bincount(labels, weights=torch.nn.functional.cross_entropy(logits, labels, reduction="none"),
+                         minlength=num_classes)
+    return {"val_balanced_acc": float((hits[present] / n[present]).mean() * 100.0),
+            "val_nll": float((nll[present] / n[present]).mean())}
+
+
 def write_run_report(run_dir: str | Path) -> Path | None:
     """``RUN_DIR/report.html`` (:func:`~balpoe.evaluate.html_report.write_html_report`) when
     ``run_dir`` is a run directory (holds ``recipe.yaml``); returns its path or None."""
@@ -204,6 +223,19 @@ def write_run_report(run_dir: str | Path) -> Path | None:
     return path
 
 
+def checkpoint_line(path: str | Path, ckpt: dict, recipe: Recipe) -> str:
+    """Which checkpoint is evaluated: its file, epoch and, for a run with validation, how it was chosen."""
+    line = f"evaluating {path}: epoch {ckpt['epoch']} of {recipe.optim.epochs}"
+    sel = ckpt.get("selection")
+    if isinstance(sel, dict) and isinstance(sel.get("epoch"), int) and isinstance(sel.get("value"), float):
+        if sel["epoch"] == ckpt["epoch"]:
+            line += f", the best by {sel.get('metric', 'validation')} ({sel['value']:.4f}) on the validation split"
+        else:
+            line += (f"; the best by {sel.get('metric', 'validation')} on the validation split is epoch {sel['epoch']} "
+                     f"({sel['value']:.4f}, best.pt)")
+    return line
+
+
 def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int | None = None,
                         overrides: list[str] | None = None, out: str | Path | None = None, *,
                         report: bool = True) -> dict:
@@ -211,11 +243,15 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int 
     set, and the analysis the run report draws; prints a table and writes ``eval.json`` next to the
     checkpoint (or to ``out``, checked writable before the evaluation starts) and, when that is the
     checkpoint's run directory and ``report``, ``report.html`` there."""
-    out_path = ensure_writable_file(Path(out) if out else Path(path).with_name("eval.json"), "evaluation output")
+    default = "eval_best.json" if Path(path).name == "best.pt" else "eval.json"  # best.pt beside last.pt
+    out_path = ensure_writable_file(Path(out) if out else Path(path).with_name(default), "evaluation output")
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
+    console.print(checkpoint_line(path, ckpt, recipe), highlight=False)
     result = evaluate_model(model, bundle, recipe, dev, analysis=True)
     result["checkpoint"] = str(path)
     result["epoch"] = ckpt["epoch"]
+    if isinstance(ckpt.get("selection"), dict):
+        result["selection"] = ckpt["selection"]
     write_json(result, out_path)
     print_report(result, title=f"{recipe.name} (epoch {ckpt['epoch']}): balanced test set")
     print_data_location(recipe, path, overrides)

@@ -8,11 +8,12 @@ from balpoe.runtime.precision import amp_dtype, autocast
 
 
 @torch.no_grad()
-def collect_logits(model: torch.nn.Module, loader, device: torch.device, amp: bool = False
+def collect_logits(model: torch.nn.Module, loader, device: torch.device | str, amp: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-expert logits ``[E, N, C]`` (float32, CPU) and labels ``[N]`` of everything in ``loader``
     (model in eval mode); ``amp``: bf16 autocast where the device has native bf16
     (:func:`balpoe.runtime.precision.amp_dtype`)."""
+    device = torch.device(device)
     model.eval()
     dtype = amp_dtype(device, amp, warn=False)
     outs, labels = [], []

@@ -49,7 +49,8 @@ def reliability_data(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 1
 def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, path: str | Path, n_bins: int = 15,
                         title: str | None = None, size: tuple[int, int] = (480, 480)) -> Path:
     """Save a reliability diagram PNG of ``size`` (width, height) pixels to ``path``: bars of per-bin
-    accuracy, the confidence gap, the diagonal, and "ECE = x.xx%" in the title.  Returns the path."""
+    accuracy, the confidence gap (over- and under-confident in two colours), each bin's image count, the
+    diagonal, and "ECE = x.xx%" in the title.  Returns the path."""
     width, height = int(size[0]), int(size[1])
     if width < 120 or height < 120:
         raise BalpoeError(f"reliability diagram size must be at least 120x120 pixels, got {size}")
@@ -63,8 +64,14 @@ def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, path: str | 
     return path
 
 
-def draw_reliability(data: ReliabilityData, path: Path, heading: str, width: int, height: int) -> None:
-    """Draw ``data`` as a PNG of ``width`` x ``height`` pixels with the title ``heading``."""
+#: gap colours: confidence above accuracy (over-confident) and below it (under-confident)
+OVER_COLOUR, UNDER_COLOUR = "#d9534f", "#2ca02c"
+
+
+def reliability_figure(data: ReliabilityData, heading: str, width: int, height: int) -> Figure:
+    """The diagram of ``data``: per-bin accuracy bars, the gap to the bin's mean confidence in one
+    colour where the model is over-confident and another where it is under-confident (both in the
+    legend, also when one does not occur), each non-empty bin's image count above it, the diagonal."""
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
@@ -73,15 +80,31 @@ def draw_reliability(data: ReliabilityData, path: Path, heading: str, width: int
     lefts = data.edges[:-1]
     acc = [a if a is not None else 0.0 for a in data.accuracy]
     conf = [c if c is not None else 0.0 for c in data.confidence]
-    ax.bar(lefts, acc, width=w, align="edge", color="#3b6fb6", edgecolor="black", linewidth=0.6, label="accuracy")
-    ax.bar(lefts, [c - a for a, c in zip(acc, conf)], bottom=acc, width=w, align="edge", color="#d9534f",
-           alpha=0.35, edgecolor="#d9534f", linewidth=0.6, label="gap")
+    handles = [ax.bar(lefts, acc, width=w, align="edge", color="#3b6fb6", edgecolor="black", linewidth=0.6,
+                      label="accuracy")]
+    handles.append(ax.bar(lefts, [max(c - a, 0.0) for a, c in zip(acc, conf)], bottom=acc, width=w, align="edge",
+                          color=OVER_COLOUR, alpha=0.35, edgecolor=OVER_COLOUR, linewidth=0.6,
+                          label="gap: over-confident"))
+    handles.append(ax.bar(lefts, [max(a - c, 0.0) for a, c in zip(acc, conf)], bottom=conf, width=w, align="edge",
+                          color=UNDER_COLOUR, alpha=0.35, edgecolor=UNDER_COLOUR, linewidth=0.6, hatch="//",
+                          label="gap: under-confident"))
+    for left, n, a, c in zip(lefts, data.count, acc, conf):
+        if n:
+            ax.text(left + w / 2, min(max(a, c), 1.0) + 0.01, f"{n:,}", ha="center", va="bottom", fontsize=6,
+                    rotation=90, color="#333333")
     ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
+    handles += ax.plot([], [], linestyle="none", label="numbers: images per bin")
     ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.12)
     ax.set_xlabel("confidence")
     ax.set_ylabel("accuracy")
     ax.set_title(heading, fontsize=9)
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(handles=handles, loc="upper left", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi, format="png")
+    return fig
+
+
+def draw_reliability(data: ReliabilityData, path: Path, heading: str, width: int, height: int) -> None:
+    """Draw ``data`` (:func:`reliability_figure`) as a PNG of ``width`` x ``height`` pixels with the title
+    ``heading``."""
+    reliability_figure(data, heading, width, height).savefig(path, dpi=100, format="png")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from balpoe.errors import BalpoeError
 
@@ -199,15 +199,9 @@ def save_safetensors(ckpt: dict, path: str | Path) -> Path:
     written atomically."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
     meta = {"format": WEIGHTS_FORMAT, **{k: json.dumps(ckpt.get(k)) for k in _META_KEYS}}
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    # serialised in memory and written like every other output (so with the same permissions: safetensors'
+    # own save_file creates its file 0600)
+    return _atomic_write(path, lambda f: f.write(save(tensors, metadata=meta)))
 
 
 def load_safetensors(path: str | Path) -> dict:

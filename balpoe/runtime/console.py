@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeElapsedColumn, \
     TimeRemainingColumn
@@ -38,10 +39,11 @@ def _fmt(v) -> str:
 def metrics_table(title: str, rows: dict[str, dict], columns: list[str] | None = None) -> Table:
     """A table with one row per entry of ``rows`` (name -> metrics dict)."""
     columns = columns or list(next(iter(rows.values())).keys())
-    table = Table(title=title)
-    table.add_column("", style="bold")
+    # light borders and one space between columns: the 10-column result table fits 80 columns unabridged
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False, collapse_padding=True)
+    table.add_column("", style="bold", no_wrap=True)
     for c in columns:
-        table.add_column(c, justify="right")
+        table.add_column(c, justify="right", no_wrap=True)
     for name, metrics in rows.items():
         table.add_row(name, *[_fmt(metrics.get(c, "")) for c in columns])
     return table

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -39,3 +40,28 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{device.type} ({cpu_name()}, {torch.get_num_threads()} threads)"
+
+
+def auto_threads(default: int | None = None, cores: int | None = None, load: float | None = None) -> tuple[int, str]:
+    """CPU threads for training when the recipe leaves ``train.threads`` at 0: torch's default
+    (``default``, the physical cores), less the cores other processes keep busy (the 1-minute load
+    average ``load`` on the ``cores`` this process may run on), at least 1.  Torch's OpenMP threads
+    wait for each other at every parallel region: one more thread than there are free cores makes a
+    small model's step several times slower than one thread (``benchmarks/threads.py``).  Returns
+    ``(threads, why)``; ``why`` is a one-line note when fewer than ``default`` were chosen, else ""."""
+    default = default or torch.get_num_threads()
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            cores = os.cpu_count() or 1
+    if load is None:
+        try:
+            load = os.getloadavg()[0]
+        except OSError:  # no load average on this platform
+            return default, ""
+    n = max(1, min(default, int(cores - load + 0.5)))
+    if n >= default:
+        return default, ""
+    return n, (f"threads: {n} of {default} (the 1-minute load average is {load:.1f} on {cores} cores: other processes "
+               "keep the rest busy; train.threads sets the count)")

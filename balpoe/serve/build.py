@@ -61,7 +61,7 @@ def checkpoint_preprocess(ckpt: dict, recipe, where: str) -> Preprocess:
     size = ckpt.get("input_size")
     if not size:
         if file_dataset:
-            size = [3, int(data.image_size), int(data.image_size)]
+            size = [3, int(data.image_size or 224), int(data.image_size or 224)]
         elif data.dataset in KNOWN_INPUT_SIZES:
             size = KNOWN_INPUT_SIZES[data.dataset]
         else:
@@ -78,6 +78,9 @@ def checkpoint_preprocess(ckpt: dict, recipe, where: str) -> Preprocess:
         spec = get_dataset(data.dataset)
         mean, std = spec.mean, spec.std
     crop = int(round(h * 256 / 224)) if file_dataset else None
+    if isinstance(ckpt.get("test_resize"), int) and not isinstance(ckpt["test_resize"], bool) \
+            and 0 < ckpt["test_resize"] <= 16384:  # image files (on disk or decoded into memory): their test resize
+        crop, file_dataset = ckpt["test_resize"], True
     if file_dataset and h != w:
         raise BalpoeError(f"{where}: an image-file dataset's input must be square, got {h}x{w}")
     return Preprocess(c, h, w, tuple(float(m) for m in mean), tuple(float(s) for s in std), crop)

@@ -1,9 +1,9 @@
-"""``balpoe export CKPT --format safetensors|torchscript|onnx``: a trained model as one file.
+"""``balpoe export CKPT --format safetensors|torchscript|pt2|onnx``: a trained model as one file.
 
 * ``safetensors``: the weights exactly, with the resolved recipe and the data description as JSON
   metadata (:func:`~balpoe.runtime.checkpoint.save_safetensors`); loads back with
   :func:`~balpoe.evaluate.build.load_model` and evaluates/predicts like the checkpoint.
-* ``torchscript`` / ``onnx``: ONE module (:class:`~balpoe.serve.serving.ServingModule`)
+* ``torchscript`` / ``pt2`` (``torch.export``) / ``onnx``: ONE module (:class:`~balpoe.serve.serving.ServingModule`)
 
       input   ``images``: float32 ``[B, C, H, W]``, values in [0, 1] (``ToTensor`` scale), channels
               RGB (or grey for a 1-channel model), already resized (and centre-cropped) to the
@@ -13,11 +13,11 @@
               ``softmax`` gives the class probabilities.
 
   The normalisation (mean, std) is inside the module.  The file's metadata (TorchScript
-  ``_extra_files``, ONNX ``metadata_props``; :func:`read_metadata` reads both) holds, as JSON
+  ``_extra_files``, ``torch.export.save``'s ``extra_files``, ONNX ``metadata_props``; :func:`read_metadata` reads both) holds, as JSON
   strings: ``format``, ``preprocess`` (input size, channel order, value range, mean, std, resize),
   ``class_names``, ``prior``, ``recipe``, ``input`` and ``output`` (one-line descriptions),
   ``checkpoint``.  The batch axis is dynamic.  Every export is checked: the written file is loaded
-  back and run on a random batch against the PyTorch module (TorchScript within 1e-5, ONNX in
+  back and run on a random batch against the PyTorch module (TorchScript and pt2 within 1e-5, ONNX in
   onnxruntime within 1e-4; safetensors bit-exact weights).
 
 ONNX uses the ``torch.export``-based exporter (``torch.onnx.export(..., dynamo=True)``), which
@@ -44,12 +44,12 @@ from balpoe.serve.build import Served, load_served
 from balpoe.serve.serving import ServingModule, prior_offset, resolve_prior
 
 #: export format -> default suffix (next to the checkpoint)
-FORMATS = {"safetensors": ".safetensors", "torchscript": ".torchscript", "onnx": ".onnx"}
+FORMATS = {"safetensors": ".safetensors", "torchscript": ".torchscript", "pt2": ".pt2", "onnx": ".onnx"}
 METADATA_FORMAT = "balpoe-serving-module"
 #: metadata keys of TorchScript / ONNX exports
 METADATA_KEYS = ("format", "input", "output", "preprocess", "class_names", "prior", "recipe", "checkpoint")
 #: agreement of the written file with the PyTorch module on a random batch
-TOLERANCE = {"torchscript": 1e-5, "onnx": 1e-4}
+TOLERANCE = {"torchscript": 1e-5, "pt2": 1e-5, "onnx": 1e-4}
 #: the ONNX graph's input / output names
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
 _INSTALL = 'pip install "balpoe[export]"'
@@ -155,6 +155,24 @@ def _export_torchscript(module: ServingModule, meta: dict[str, str], path: Path,
         return _write_checked(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=meta), check)
 
 
+def _export_pt2(module: ServingModule, meta: dict[str, str], path: Path, served: Served) -> float:
+    """``torch.export``: an ``ExportedProgram`` with a dynamic batch axis, saved with
+    ``torch.export.save`` (metadata as ``extra_files``); loads with ``torch.export.load(path).module()``."""
+    x, xb = _example(served, 2), _example(served, 3, 2)
+    try:
+        with torch.no_grad():
+            program = torch.export.export(module.eval(), (x,), dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as e:  # noqa: BLE001 - the exporter's failures are many kinds; one line names the cause
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise BalpoeError(f"torch.export of this model failed ({type(e).__name__}: {first})") from None
+
+    def check(tmp: str) -> float:
+        with torch.no_grad():
+            return _check("pt2", torch.export.load(tmp).module()(xb), module(xb))
+
+    return _write_checked(path, lambda tmp: torch.export.save(program, tmp, extra_files=meta), check)
+
+
 def _onnx_modules():
     """The optional ONNX packages: onnxscript (used by torch's exporter), onnxruntime (the check)."""
     try:
@@ -208,8 +226,8 @@ def export(checkpoint: str | Path, format: str, *, prior=None, out: str | Path |
     if format not in FORMATS:
         raise BalpoeError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     if format == "safetensors" and prior not in (None, "uniform"):
-        raise BalpoeError("a safetensors export holds the weights only; a target prior applies to the torchscript "
-                          "and onnx formats")
+        raise BalpoeError("a safetensors export holds the weights only; a target prior applies to the torchscript, "
+                          "pt2 and onnx formats")
     path = Path(out) if out is not None else default_path(checkpoint, format)
     if Path(checkpoint).exists() and path.exists() and path.resolve() == Path(checkpoint).resolve():
         raise BalpoeError(f"export output '{path}' is the checkpoint itself; choose another path")
@@ -224,7 +242,8 @@ def export(checkpoint: str | Path, format: str, *, prior=None, out: str | Path |
     else:
         module = serving_module(served, q)
         meta = export_metadata(served, q, prior)
-        diff = (_export_torchscript if format == "torchscript" else _export_onnx)(module, meta, path, served)
+        write = {"torchscript": _export_torchscript, "pt2": _export_pt2, "onnx": _export_onnx}[format]
+        diff = write(module, meta, path, served)
     result = {"path": str(path), "format": format, "max_abs_diff": diff,
               "metadata": {k: _decode(v) for k, v in meta.items()}}
     if not quiet:
@@ -256,6 +275,13 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
                 .custom_metadata_map
         except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
             raise BalpoeError(f"'{path}' could not be read as an ONNX model ({type(e).__name__})") from None
+    elif path.suffix == ".pt2":
+        props = {k: "" for k in METADATA_KEYS}
+        try:
+            torch.export.load(str(path), extra_files=props)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is a user error
+            raise BalpoeError(f"'{path}' could not be read as a torch.export program ({type(e).__name__})") from None
+        props = {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in props.items() if v}
     else:
         props = {k: "" for k in METADATA_KEYS}
         try:

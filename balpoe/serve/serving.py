@@ -73,7 +73,7 @@ class Preprocess:
     def transform(self):
         """PIL image (any mode, any size) -> float tensor ``[C, H, W]`` in [0, 1]."""
         if self.crop_resize is not None:
-            test = folder_transform(False, self.mean, self.std, self.height)
+            test = folder_transform(False, self.mean, self.std, self.height, test_resize=self.crop_resize)
             ops = [t for t in test.transforms if not isinstance(t, T.Normalize)]
         else:
             ops = [_ResizeTo(self.height, self.width), T.ToTensor()]

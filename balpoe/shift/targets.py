@@ -135,6 +135,7 @@ def list_target_sets(test, lists: Sequence[str | Path], taken: Iterable[str] = (
         if name in out or name in taken:
             other = out[name].file if name in out else "another target set"
             raise BalpoeError(f"test list {f} is named {name!r} (its file stem), as {other}: rename one of them")
-        idx = match_image_list(f, test.paths, test.labels, getattr(test, "root", None))
+        labels = test.labels.cpu().numpy() if isinstance(test.labels, torch.Tensor) else test.labels
+        idx = match_image_list(f, test.paths, labels, getattr(test, "root", None))
         out[name] = TargetSet(name, torch.from_numpy(idx), "list", file=str(f))
     return out

@@ -19,8 +19,9 @@ from torch.optim import lr_scheduler
 from balpoe.data.build import build_data, build_loader, input_size
 from balpoe.data.autoaugment import parse_randaugment
 from balpoe.data.bundle import DataBundle
+from balpoe.data.lt import empty_group_hint
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists
-from balpoe.evaluate.build import evaluate_model, write_run_report
+from balpoe.evaluate.build import evaluate_model, validation_metrics, write_run_report
 from balpoe.evaluate.report import print_report
 from balpoe.data.registry import get_dataset
 from balpoe.losses.build import LOSSES, build_criterion, expert_taus
@@ -31,7 +32,7 @@ from balpoe.recipe import Recipe, recipe_from_dict
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries
 from balpoe.runtime.console import console
-from balpoe.runtime.device import resolve_device
+from balpoe.runtime.device import auto_threads, resolve_device
 from balpoe.runtime.precision import amp_dtype
 from balpoe.training.stage2 import adopt_stage1_sections, check_stage2_data, prepare_stage2, set_stage2_mode
 from balpoe.training.tensorboard import TensorBoardLogger
@@ -142,12 +143,23 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
     meta = {"recipe": recipe.to_dict(), "taus": taus, "class_counts": bundle.class_counts.tolist(),
             "num_classes": bundle.num_classes, "in_chans": bundle.in_chans, "mean": list(bundle.mean),
             "std": list(bundle.std), "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data),
-            "image_files": not bundle.in_memory}
+            "image_files": not bundle.in_memory,
+            **({"pipeline": bundle.pipeline.as_dict(), "test_resize": bundle.pipeline.test_resize}
+               if bundle.pipeline is not None else {})}
     resolved = recipe
     amp = amp_dtype(device, tc.amp, warn=rank == 0)
 
     def evaluate(m: nn.Module, analysis: bool = False) -> dict:
         return evaluate_model(m, bundle, resolved, device, analysis=analysis)
+
+    validate = None
+    if tc.val_every:
+        if bundle.holdout is None:
+            raise BalpoeError("recipe key 'train.val_every' needs a validation split: set data.val_root (image_folder), "
+                              "data.val_list (list datasets) or data.holdout_fraction (a slice of the training split)")
+
+        def validate(m: nn.Module) -> dict:
+            return validation_metrics(m, bundle, resolved, device)
 
     def show(out: Path, report: dict) -> None:
         print_report(report, title=f"{resolved.name}: balanced test set")
@@ -160,7 +172,8 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                 checkpoint_meta=meta, recipe_yaml=recipe.to_yaml(), mixup_alpha=tc.mixup_alpha,
                 amp=amp, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), checkpoint_every=tc.checkpoint_every,
                 eval_every=tc.eval_every, compile=compile_enabled(tc.compile, device), compile_mode=tc.compile_mode,
-                sync_bn=tc.sync_bn,
+                sync_bn=tc.sync_bn, validate=validate, val_every=tc.val_every, select_metric=tc.select_metric,
+                early_stop_patience=tc.early_stop_patience,
                 finish=[show])
 
 
@@ -178,7 +191,8 @@ def compile_enabled(setting: bool | str, device: torch.device) -> bool:
 #: and fast-forwarded to the restored epoch) and bookkeeping that does not change what is learnt
 RESUMABLE_KEYS = ("name", "optim.lr", "optim.epochs", "optim.warmup_epochs", "optim.schedule", "optim.milestones",
                   "optim.gamma", "optim.min_lr", "train.device", "train.threads", "train.checkpoint_every",
-                  "train.eval_every", "train.eval_batch_size", "train.compile", "train.compile_mode", "data.root",
+                  "train.eval_every", "train.eval_batch_size", "train.val_every", "train.early_stop_patience",
+                  "train.compile", "train.compile_mode", "data.root",
                   "data.download", "data.num_workers", "data.decode", "data.train_root", "data.val_root",
                   "data.test_root", "data.train_list", "data.val_list", "data.test_list", "data.class_names",
                   "data.test_lists", "stage2.init_checkpoint")
@@ -254,6 +268,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     device = resolve_device(recipe.train.device)
     # Under torchrun: join the process group (gloo on CPU; NCCL with one GPU per process, cuda:LOCAL_RANK).
     rank, world_size, device = dist.init_distributed(device)
+    if not recipe.train.threads and device.type == "cpu" and world_size == 1:
+        threads, why = auto_threads()  # no more threads than free cores: a busy machine does not collapse
+        if why:
+            torch.set_num_threads(threads)
+            console.print(why, highlight=False)
     resume_from = prepare_output_dir(out, resume)  # every rank checks, so all fail alike
     ckpt = None if resume_from is None else load_checkpoint(resume_from, map_location=device, resume=True)
     dist.barrier()
@@ -261,6 +280,13 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
     plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report)
+    if rank == 0:  # after everything that can refuse the recipe: an error stays one line
+        if bundle.pipeline is not None:
+            console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False,
+                          soft_wrap=True)
+        hint = empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)
+        if hint:
+            console.print(hint, highlight=False, soft_wrap=True)
     if ckpt is not None:
         changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)
         plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [

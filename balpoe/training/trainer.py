@@ -10,7 +10,10 @@ per epoch.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -57,6 +60,10 @@ class Plan:
     sync_bn: bool = False
     finish: list = field(default_factory=list)   # callables (out_dir, report) run on rank 0 after the final evaluation
     on_epoch: list = field(default_factory=list)  # callables (metrics row) run on rank 0 after each epoch
+    validate: Callable[[nn.Module], dict] | None = None  # model -> validation metrics (val_balanced_acc, val_nll)
+    val_every: int = 0
+    select_metric: str = "balanced_acc"          # best.pt: the best val_<select_metric>
+    early_stop_patience: int = 0                 # stop after this many validations without a better one (0: never)
 
 
 #: steps between checks for a non-finite loss (the flag lives on the device; reading it syncs)
@@ -121,8 +128,8 @@ def train_one_epoch(model: nn.Module, loader, criterion: nn.Module, optimizer: t
     return {"loss": (loss_sum / total).item(), "images": int(total.item()), "seconds": time.perf_counter() - start}
 
 
-def _checkpoint(plan: Plan, epoch: int) -> dict:
-    return {"format": FORMAT, "version": 1, **plan.checkpoint_meta, "epoch": epoch,
+def _checkpoint(plan: Plan, epoch: int, **extra) -> dict:
+    return {"format": FORMAT, "version": 1, **plan.checkpoint_meta, **extra, "epoch": epoch,
             "model": dist.unwrap(plan.model).state_dict(), "optimizer": plan.optimizer.state_dict(),
             "scheduler": plan.scheduler.state_dict(), "rng": rng_state(),
             **({"scaler": plan.scaler.state_dict()} if plan.scaler is not None and plan.scaler.is_enabled() else {})}
@@ -182,9 +189,59 @@ def _add_test_curve(report: dict, metrics_path: Path, epochs: int, every: int) -
                       f"(headline, last epoch {curve['last_epoch']}: {curve['last_acc']:.2f}%)", highlight=False)
 
 
+def metrics_csv(rows: list[dict]) -> str:
+    """``metrics.jsonl`` rows as CSV text: one column per key, in order of first appearance (a key a
+    row lacks, e.g. validation metrics of epochs without validation, is an empty cell)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def _write_metrics_csv(metrics_path: Path) -> None:
+    rows = [json.loads(line) for line in _metrics_rows(metrics_path, 10 ** 9)]
+    atomic_write_text(metrics_csv(rows), metrics_path.with_suffix(".csv"))
+
+
+def interactive() -> bool:
+    """Whether a progress bar has someone to look at: stdout and the console are terminals (not a
+    batch job's log file)."""
+    return sys.stdout.isatty() and console.is_terminal
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def epoch_line(row: dict, epochs: int, eta_s: float) -> str:
+    """The plain per-epoch line of a batch job: epoch, loss, lr, images/s, ETA, validation metrics."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"loss {row['loss']:.4f}", f"lr {row['lr']:.4g}",
+             f"{row['img_per_s']:,.0f} img/s", f"ETA {_duration(eta_s)}"]
+    if "val_balanced_acc" in row:
+        parts += [f"val_balanced_acc {row['val_balanced_acc']:.2f}", f"val_nll {row['val_nll']:.4f}"]
+    if "test_acc" in row:
+        parts += [f"test_acc {row['test_acc']:.2f}"]
+    return "  ".join(parts)
+
+
+def _better(metric: str, value: float, best: float | None) -> bool:
+    if best is None:
+        return True
+    return value > best if metric == "val_balanced_acc" else value < best
+
+
 def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress: bool = True) -> dict:
     """Run ``plan`` into ``out`` (from the checkpoint dict ``resume``, if given); returns the final
-    evaluation report (rank 0; ``{}`` on other ranks)."""
+    evaluation report (rank 0; ``{}`` on other ranks).
+
+    With ``plan.validate`` the validation split is scored every ``plan.val_every`` epochs; the
+    best model by ``val_<select_metric>`` is written to ``OUT/best.pt`` (the test set chooses
+    nothing), and after ``early_stop_patience`` validations without a better one training stops
+    (``OUT/last.pt`` then holds that epoch).  The selection state travels in every checkpoint, so a
+    resumed run keeps its best model and patience."""
     is_main = dist.rank() == 0
     metrics_path = out / "metrics.jsonl"
     # 1. resume: weights, optimizer state, the schedule at the restored epoch, RNG states; metrics.jsonl
@@ -192,21 +249,28 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
     start_epoch = _restore(plan, resume) if resume is not None else 0
     if is_main:
         atomic_write_text("".join(r + "\n" for r in _metrics_rows(metrics_path, start_epoch)), metrics_path)
+        _write_metrics_csv(metrics_path)
         atomic_write_text(plan.recipe_yaml, out / "recipe.yaml")
+    metric = f"val_{plan.select_metric}"
+    selection = dict((resume or {}).get("selection") or {}) if plan.validate is not None else {}
+    selection.setdefault("metric", metric)
+    end_epoch = start_epoch if selection.get("stopped") else plan.epochs
 
     # 2. the model as it trains: DDP under torchrun, torch.compile (static shapes: the smaller last
     #    batch gets its own graph instead of a slower dynamic one)
     model = dist.wrap_model(plan.model, plan.device, sync_bn=plan.sync_bn)
     step_model = torch.compile(model, mode=plan.compile_mode, dynamic=False) if plan.compile else model
 
-    progress = training_progress() if (show_progress and is_main) else None
+    progress = training_progress() if (show_progress and is_main and interactive()) else None
+    plain = is_main and progress is None
+    loop_start = time.perf_counter()
     task = None
     if progress is not None:
         task = progress.add_task(f"epoch {start_epoch + 1}/{plan.epochs}", loss="…", lr="…",
                                  total=plan.loader.num_samples * dist.world_size() * (plan.epochs - start_epoch))
         progress.start()
     try:
-        for epoch in range(start_epoch, plan.epochs):
+        for epoch in range(start_epoch, end_epoch):
             # 3. one epoch: seed the data streams, set the train mode, step through the loader
             plan.loader.set_epoch(epoch)
             plan.set_train_mode(model)
@@ -227,15 +291,43 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
                    "img_per_s": stats["images"] / max(stats["seconds"], 1e-9)}
             if plan.eval_every and (epoch + 1) % plan.eval_every == 0 and epoch + 1 < plan.epochs and is_main:
                 row.update(_curve_point(plan.evaluate(dist.unwrap(model))))
+            improved = stop = False
+            if plan.validate is not None and ((epoch + 1) % plan.val_every == 0 or epoch + 1 == plan.epochs):
+                if is_main:
+                    row.update(plan.validate(dist.unwrap(model)))
+                    improved = _better(metric, row[metric], selection.get("value"))
+                    if improved:
+                        selection.update(value=row[metric], epoch=epoch + 1, stale=0)
+                    else:
+                        selection["stale"] = selection.get("stale", 0) + 1
+                    stop = bool(plan.early_stop_patience) and selection["stale"] >= plan.early_stop_patience \
+                        and epoch + 1 < plan.epochs
+                    selection["stopped"] = stop
+                stop = bool(dist.all_reduce_sum(torch.tensor(float(stop), device=plan.device)).item() > 0)  # all ranks
             if progress is not None:
                 progress.update(task, loss=f"{stats['loss']:.4f}")
             if is_main:
                 with open(metrics_path, "a") as f:
                     f.write(json_text(row, indent=None) + "\n")
+                _write_metrics_csv(metrics_path)
+                if plain:
+                    done = epoch + 1 - start_epoch
+                    eta = (time.perf_counter() - loop_start) / done * (plan.epochs - epoch - 1)
+                    console.print(epoch_line(row, plan.epochs, 0.0 if stop else eta), highlight=False,
+                                  soft_wrap=True)
                 for fn in plan.on_epoch:
                     fn(row)
-                if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs:
-                    atomic_save(_checkpoint(plan, epoch + 1), out / "last.pt")
+                extra = {"selection": dict(selection)} if plan.validate is not None else {}
+                if improved:
+                    atomic_save(_checkpoint(plan, epoch + 1, **extra), out / "best.pt")
+                if (epoch + 1) % plan.checkpoint_every == 0 or epoch + 1 == plan.epochs or stop:
+                    atomic_save(_checkpoint(plan, epoch + 1, **extra), out / "last.pt")
+                if stop:
+                    console.print(f"early stop after epoch {epoch + 1}: {metric} has not improved for "
+                                  f"{plan.early_stop_patience} validations (best {selection['value']:.4f} at epoch "
+                                  f"{selection['epoch']})")
+            if stop:
+                break
     finally:
         if progress is not None:
             progress.stop()
@@ -246,8 +338,12 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
         report = plan.evaluate(dist.unwrap(model), True)
         if plan.eval_every:
             _add_test_curve(report, metrics_path, plan.epochs, plan.eval_every)
+            _write_metrics_csv(metrics_path)     # the curve's last point
         write_json(report, out / "eval.json")
         for fn in plan.finish:
             fn(out, report)
         console.print(f"saved {out / 'last.pt'}, {out / 'eval.json'}, {metrics_path}")
+        if selection.get("epoch"):
+            console.print(f"best.pt: epoch {selection['epoch']}, {metric} {selection['value']:.4f} on the validation "
+                          f"split (balpoe eval {out / 'best.pt'} scores it on the test set)")
     return report

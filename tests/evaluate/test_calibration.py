@@ -97,3 +97,20 @@ def test_reliability_diagram_writes_a_png_of_the_expected_size(tmp_path):
         assert (59, 111, 182) in {c for _, c in img.convert("RGB").getcolors(1 << 20)}
     with pytest.raises(BalpoeError):
         reliability_diagram(logits, y, tmp_path / "x.png", size=(50, 50))
+
+
+def test_reliability_legend_shows_both_gap_colours_and_bin_counts():
+    from matplotlib.colors import to_hex
+
+    from balpoe.evaluate.reliability import OVER_COLOUR, UNDER_COLOUR, reliability_data, reliability_figure
+
+    z, y = calibrated_sample(3000, 10, seed=4)
+    data = reliability_data((z * 2.5).float(), y)             # over-confident only: both gaps still in the legend
+    ax = reliability_figure(data, "t", 480, 480).axes[0]
+    legend = ax.get_legend()
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert labels == ["accuracy", "gap: over-confident", "gap: under-confident", "numbers: images per bin"]
+    colours = [to_hex(h.get_facecolor()[:3]) for h in legend.legend_handles[1:3]]
+    assert colours == [OVER_COLOUR, UNDER_COLOUR]
+    counts = [int(t.get_text().replace(",", "")) for t in ax.texts]
+    assert counts == [n for n in data.count if n] and sum(counts) == 3000

@@ -91,6 +91,20 @@ def test_torchscript_module_matches_and_carries_its_metadata(ckpt, capsys):
     assert read_metadata(path)["preprocess"] == pre
 
 
+def test_pt2_program_matches_for_any_batch_and_carries_its_metadata(ckpt, capsys):
+    rc, _, err = _cli(capsys, "export", ckpt, "--format", "pt2", "--prior", PRIOR)
+    path = ckpt.with_suffix(".pt2")
+    assert rc == 0 and path.is_file() and f"saved {path}" in err, err
+    program = torch.export.load(str(path)).module()
+    for n in (1, 5):                                   # the batch axis is dynamic
+        x = _batch(n, n)
+        with torch.no_grad():
+            assert torch.allclose(program(x), _balanced(ckpt, x) + _log_q(ckpt), atol=1e-5, rtol=0)
+    meta = read_metadata(path)
+    assert meta["class_names"] == load_checkpoint(ckpt)["class_names"] and meta["prior"]["spec"] == PRIOR
+    assert meta["preprocess"]["input_size"] == [3, 32, 32]
+
+
 @pytest.fixture(scope="module")
 def onnxruntime():
     return pytest.importorskip("onnxruntime", reason="the 'export' extra (onnx, onnxscript, onnxruntime)")
@@ -184,3 +198,21 @@ def test_a_missing_checkpoint_is_one_line_and_creates_nothing(tmp_path, capsys):
     rc, _, err = _cli(capsys, "export", missing, "--format", "torchscript")
     assert rc == 2 and err == f"error: checkpoint '{missing}' not found\n"
     assert not (tmp_path / "typo").exists()
+
+
+def test_export_and_predict_keep_earlier_outputs_unless_forced(ckpt, tmp_path, capsys):
+    assert _cli(capsys, "export", ckpt, "--format", "pt2")[0] == 0
+    path = ckpt.with_suffix(".pt2")
+    before = path.read_bytes()
+    rc, _, err = _cli(capsys, "export", ckpt, "--format", "pt2")
+    assert rc == 2 and err == (f"error: export output '{path}' already exists; pass --force to overwrite it, or --out "
+                               "to write elsewhere\n")
+    assert path.read_bytes() == before
+    assert _cli(capsys, "export", ckpt, "--format", "pt2", "--force")[0] == 0
+    out = tmp_path / "p.jsonl"
+    out.write_text("earlier\n")
+    imgs = write_images(tmp_path / "imgs", [1])
+    rc, _, err = _cli(capsys, "predict", ckpt, *imgs, "--out", out)
+    assert rc == 2 and err.startswith(f"error: predictions file '{out}' already exists") and out.read_text() == "earlier\n"
+    assert _cli(capsys, "predict", ckpt, *imgs, "--out", out, "--force")[0] == 0
+    assert len(out.read_text().splitlines()) == 1 and "earlier" not in out.read_text()

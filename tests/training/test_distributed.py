@@ -267,7 +267,8 @@ def test_torchrun_cli_two_gloo_processes_rank0_writes_and_resume(tmp_path):
 
     proc = _torchrun([str(recipe), "--out", str(out)], tmp_path)
     log = proc.stdout + proc.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.jsonl", "recipe.yaml", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.csv", "metrics.jsonl", "recipe.yaml",
+                                                      "report.html"]
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1       # rank 1 wrote no row
     assert log.count("saved ") == 2 and log.count("balanced test set") == 1  # one report (+ report.html), from rank 0
     ckpt = load_checkpoint(out / "last.pt")
@@ -280,4 +281,5 @@ def test_torchrun_cli_two_gloo_processes_rank0_writes_and_resume(tmp_path):
     rows = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [1, 2]
     assert load_checkpoint(out / "last.pt")["epoch"] == 2
-    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.jsonl", "recipe.yaml", "report.html"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "last.pt", "metrics.csv", "metrics.jsonl", "recipe.yaml",
+                                                      "report.html"]
