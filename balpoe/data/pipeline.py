@@ -29,14 +29,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
 from balpoe.data.augment import Cutout, folder_transform, policy_transform
 from balpoe.data.bundle import ArraySplit, FileSplit
-from balpoe.data.decode import read_rgb
-from balpoe.errors import BalpoeError, short_path
+from balpoe.data.decode import open_image, read_rgb
+from balpoe.errors import BalpoeError
 
 #: images whose longer side is at most this many pixels are "small" (CIFAR, Fashion-MNIST, Tiny-ImageNet)
 SMALL_SIDE = 64
@@ -115,12 +114,9 @@ def inspect_images(paths, k: int = SAMPLE_IMAGES) -> tuple[list[tuple[int, int]]
     sizes, grey = [], True
     for i in idx:
         path = paths[int(i)]
-        try:
-            with Image.open(path) as im:
-                sizes.append(im.size)
-                grey &= im.mode in GREY_MODES
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-            raise BalpoeError(f"cannot read image {short_path(str(path), 240)}: {e}".replace("\n", " ")) from None
+        with open_image(path, path) as im:   # the header, with the pixel limit; one line for a bad file
+            sizes.append(im.size)
+            grey &= im.mode in GREY_MODES
     return sizes, grey
 
 
