@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from balpoe.errors import BalpoeError
+from balpoe.runtime.files import atomic_write
 from balpoe.evaluate.metrics import calibration_bins, check_logits_labels
 
 
@@ -58,13 +59,12 @@ def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, path: str | 
     if title:
         heading = f"{title}: {heading}"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draw_reliability(data, path, heading, width, height)
+    atomic_write(path, lambda f: draw_reliability(data, f, heading, width, height))
     return path
 
 
-def draw_reliability(data: ReliabilityData, path: Path, heading: str, width: int, height: int) -> None:
-    """Draw ``data`` as a PNG of ``width`` x ``height`` pixels with the title ``heading``."""
+def draw_reliability(data: ReliabilityData, path, heading: str, width: int, height: int) -> None:
+    """Draw ``data`` (to a path or a binary file object) as a PNG of ``width`` x ``height`` pixels with the title ``heading``."""
     dpi = 100
     fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     FigureCanvasAgg(fig)
