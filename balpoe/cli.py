@@ -13,13 +13,14 @@ loading torch.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import warnings
 from pathlib import Path
 
 from balpoe import __version__
-from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists
+from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists, UnfinishedRun, short_path
 
 
 class _UsageError(Exception):
@@ -57,6 +58,26 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {text!r}") from None
+    if not 0 <= value < 2 ** 32:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**32), got {value}")
+    return value
+
+
+def _positive_number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
     return value
 
 
@@ -110,10 +131,10 @@ def _eval_arguments(e: argparse.ArgumentParser) -> None:
     s.add_argument("--source", default="auto", choices=SOURCES,
                    help="labelled source data for calibration: auto (default: the recipe's held-out slice, else a "
                    "slice of the seen training split, with a warning) | holdout | train")
-    s.add_argument("--labels-per-class", type=float, default=5, metavar="K",
+    s.add_argument("--labels-per-class", type=_positive_number, default=5, metavar="K",
                    help="--adapt labelled: K*C labelled images drawn at random from each target set, i.e. K per "
                    "class on average (default 5)")
-    s.add_argument("--seed", type=int, default=0, help="seed of user-prior subsets and labelled draws")
+    s.add_argument("--seed", type=_seed, default=0, help="seed of user-prior subsets and labelled draws")
     s.add_argument("--no-plots", action="store_true", help="no reliability diagrams")
     e.add_argument("--no-report", action="store_true",
                    help="do not rewrite report.html in the checkpoint's run directory")
@@ -220,8 +241,12 @@ def _eval(args) -> None:
 
 
 def _report_cmd(args) -> None:
-    from balpoe.evaluate.html_report import screenshot, write_html_report
+    from balpoe.evaluate.html_report import report_inputs, screenshot, write_html_report
     from balpoe.runtime.console import console
+    from balpoe.runtime.files import check_output_path
+    if args.png:  # checked before the page is written
+        html = Path(args.out) if args.out else Path(args.run_dir) / "report.html"
+        check_output_path(args.png, "screenshot", inputs=[*report_inputs(args.run_dir), html], create=False)
     path = write_html_report(args.run_dir, args.out)
     console.print(f"saved {path}")
     if args.png:
@@ -273,6 +298,10 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as e:
         _report(str(e))
         return EXIT_USAGE
+    except UnfinishedRun as e:
+        _report(f"output directory '{e.out}' holds a run that stopped before its first checkpoint "
+                f"({', '.join(e.files)}); pass --resume auto to start it again or --out to choose another directory")
+        return EXIT_USAGE
     except RunExists as e:
         _report(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to choose "
                 "another directory")
@@ -282,6 +311,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except BalpoeError as e:
         _report(str(e))
+        return EXIT_USAGE
+    except OSError as e:  # a file-system failure the code did not name (no space left, a name too long, ...)
+        where = f" '{short_path(e.filename)}'" if getattr(e, "filename", None) else ""
+        _report(f"file system error{where}: {e.strerror or type(e).__name__}")
         return EXIT_USAGE
     except KeyboardInterrupt:
         _report("interrupted; the last checkpoint written is intact")

@@ -69,6 +69,17 @@ class RunExists(BalpoeError):
                          "output directory")
 
 
+class UnfinishedRun(RunExists):
+    """The output directory holds the files of a run that stopped before its first checkpoint
+    (``recipe.yaml``, ``metrics.jsonl``) and starting it again was not asked for."""
+
+    def __init__(self, out, files):
+        self.out, self.files = out, list(files)
+        BalpoeError.__init__(self, f"output directory '{out}' holds a run that stopped before its first checkpoint "
+                             f"({', '.join(self.files)}); start it again with resume 'auto' or choose another output "
+                             "directory")
+
+
 class NoRunToResume(BalpoeError):
     """Resuming was asked for but the output directory holds no ``last.pt``."""
 

@@ -27,6 +27,7 @@ from typing import Any, Union
 import yaml
 
 from balpoe.errors import BalpoeError, clip, quoted, shown
+from balpoe.runtime.files import MAX_RECIPE_BYTES, DuplicateKey, check_size, parse_yaml, yaml_problem  # noqa: F401
 
 
 #: Longest string a recipe key takes: names (datasets, backbones, ...) and paths (PATH_MAX).
@@ -37,8 +38,6 @@ MAX_EPOCHS, MAX_BATCH = 100_000, 2 ** 20
 MAX_KWARGS_VALUES = 10_000
 #: ... nested at most this deep.
 MAX_KWARGS_DEPTH = 32
-#: A recipe file is a few hundred bytes; refuse anything absurdly large before parsing it.
-MAX_RECIPE_BYTES = 1 << 20
 
 
 def _f(default: Any = None, *, choices: tuple | None = None, min: float | None = None,  # noqa: A002
@@ -390,19 +389,7 @@ def check_kwargs(value: Any, key: str = "model.kwargs") -> dict:
         if not isinstance(name, str) or not name.isidentifier():
             raise BalpoeError(f"recipe key '{key}' must map keyword-argument names to values, got the key "
                               f"{shown(name, 80)}")
-    count, stack = 0, [(value, 0)]
-    while stack:
-        node, depth = stack.pop()
-        count += 1
-        if count > MAX_KWARGS_VALUES:
-            raise BalpoeError(f"recipe key '{key}' holds more than {MAX_KWARGS_VALUES} values (each use of a YAML "
-                              "alias counts)")
-        if depth > MAX_KWARGS_DEPTH:
-            raise BalpoeError(f"recipe key '{key}' is nested more than {MAX_KWARGS_DEPTH} levels deep")
-        if isinstance(node, dict):
-            stack.extend((v, depth + 1) for v in node.values())
-        elif isinstance(node, (list, tuple, set, frozenset)):
-            stack.extend((v, depth + 1) for v in node)
+    check_size(value, f"recipe key '{key}'", max_values=MAX_KWARGS_VALUES, max_depth=MAX_KWARGS_DEPTH)
     return value
 
 
@@ -599,29 +586,14 @@ def recipe_from_dict(raw: dict) -> Recipe:
     return recipe
 
 
-class _TooDeep(yaml.YAMLError):
-    """YAML nested too deeply for the parser."""
-
-
 def _parse_yaml(text: str) -> Any:
-    """``yaml.safe_load``; nesting too deep for the parser is a :class:`yaml.YAMLError` too."""
-    try:
-        return yaml.safe_load(text)
-    except RecursionError:
-        raise _TooDeep("nested too deeply") from None
+    """YAML -> plain data (:func:`~balpoe.runtime.files.parse_yaml`: a key twice in one mapping is
+    refused; nesting too deep for the parser is a ``yaml.YAMLError`` too)."""
+    return parse_yaml(text)
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
-    """Where and what, for a one-line message: ``line 3: found unexpected end of stream``."""
-    if isinstance(e, _TooDeep):
-        return "nested too deeply"
-    if isinstance(e, yaml.reader.ReaderError):
-        code = e.character if isinstance(e.character, int) else ord(e.character)
-        return f"character U+{code:04X} at offset {e.position} is not allowed"
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None)
-    parts = [f"line {mark.line + 1}" if mark is not None else "", clip(problem, 100) if problem else ""]
-    return ": ".join(p for p in parts if p)
+    return yaml_problem(e)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -637,6 +609,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise BalpoeError(f"override {shown(text)}: the key must be dotted names such as optim.lr")
     try:
         parsed = _parse_yaml(value) if value.strip() else None
+    except DuplicateKey as e:
+        raise BalpoeError(f"override {shown(text)}: {_yaml_problem(e).split(': ', 1)[-1]}") from None
     except yaml.YAMLError:
         parsed = value
     return path, parsed

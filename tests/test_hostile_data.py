@@ -16,7 +16,6 @@ import io
 import json
 import os
 import pickle
-import resource
 import shlex
 import struct
 import subprocess

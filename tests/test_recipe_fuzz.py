@@ -302,7 +302,7 @@ def nothing_trains(monkeypatch):
     """A variant that got past validation would reach the output directory: fail loudly instead."""
     def accepted(out, *args, **kwargs):
         raise AssertionError(f"a fuzzed variant was accepted (output directory {out})")
-    monkeypatch.setattr(training_build, "prepare_output_dir", accepted)
+    monkeypatch.setattr(training_build, "check_output_dir", accepted)
 
 
 def test_the_generator_is_deterministic_and_large():

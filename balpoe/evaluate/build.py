@@ -34,7 +34,8 @@ from balpoe.losses.priors import balance_logits
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import Recipe, apply_overrides, recipe_from_dict
-from balpoe.runtime.checkpoint import ensure_writable_file, load_checkpoint, write_json
+from balpoe.runtime.checkpoint import load_checkpoint, write_json
+from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
 from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import amp_dtype
@@ -236,6 +237,15 @@ def checkpoint_line(path: str | Path, ckpt: dict, recipe: Recipe) -> str:
     return line
 
 
+def check_run_report(run_dir: str | Path) -> None:
+    """Before any work: ``RUN_DIR/report.html`` can be written by :func:`write_run_report` (not a
+    link, not a directory; nothing is created)."""
+    run_dir = Path(run_dir)
+    if (run_dir / "recipe.yaml").is_file():
+        check_output_path(run_dir / "report.html", "report output", own_run=run_dir, writes=["report.html"],
+                          create=False)
+
+
 def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int | None = None,
                         overrides: list[str] | None = None, out: str | Path | None = None, *,
                         report: bool = True) -> dict:
@@ -244,8 +254,14 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int 
     checkpoint (or to ``out``, checked writable before the evaluation starts) and, when that is the
     checkpoint's run directory and ``report``, ``report.html`` there."""
     default = "eval_best.json" if Path(path).name == "best.pt" else "eval.json"  # best.pt beside last.pt
-    out_path = ensure_writable_file(Path(out) if out else Path(path).with_name(default), "evaluation output")
+    out_path = Path(out) if out else Path(path).with_name(default)
+    check = dict(inputs=[path], own_run=Path(path).parent, writes=[default])
+    check_output_path(out_path, "evaluation output", create=False, **check)   # before anything is read
+    rewrite_report = report and out_path.resolve().parent == Path(path).resolve().parent
+    if rewrite_report:
+        check_run_report(out_path.parent)
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
+    check_output_path(out_path, "evaluation output", **check)                 # created before the evaluation
     console.print(checkpoint_line(path, ckpt, recipe), highlight=False)
     result = evaluate_model(model, bundle, recipe, dev, analysis=True)
     result["checkpoint"] = str(path)
@@ -256,7 +272,7 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int 
     print_report(result, title=f"{recipe.name} (epoch {ckpt['epoch']}): balanced test set")
     print_data_location(recipe, path, overrides)
     console.print(f"saved {out_path}")
-    if report and out_path.resolve().parent == Path(path).resolve().parent:
+    if rewrite_report:
         write_run_report(out_path.parent)
     return result
 

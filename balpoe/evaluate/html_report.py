@@ -38,8 +38,8 @@ import base64
 import datetime
 import html
 import io
-import json
 import math
+import os
 import shutil
 import subprocess
 import tempfile
@@ -47,7 +47,6 @@ from pathlib import Path
 
 import matplotlib
 import numpy as np
-import yaml
 from PIL import Image
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import Normalize, PowerNorm
@@ -56,6 +55,7 @@ from matplotlib.ticker import MaxNLocator
 
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.curve import summarize_test_curve
+from balpoe.runtime.files import MAX_RECIPE_BYTES, atomic_write, check_output_path, parse_json, parse_yaml, read_text
 
 DPI = 100
 GROUPS = ("many", "medium", "few")
@@ -72,6 +72,7 @@ SECTIONS = {  # id -> heading, in page order
     "recipe": "Recipe",
     "environment": "Environment",
 }
+MAX_CLASS_COUNT = 1e12  # training images of one class a report accepts (a larger count is a damaged file)
 MAX_CONFUSION_CELLS = 200  # larger confusion matrices are drawn in blocks of classes
 TOP_CONFUSIONS = 20  # beyond 50 classes (no names on the figure): the largest confusions, as a table
 MAX_BARS = 1000  # more classes: the training counts are drawn as one filled outline, not a bar per class
@@ -98,15 +99,11 @@ def _arr(values) -> np.ndarray:
 
 
 def _read_json(path: Path) -> dict | None:
-    """The JSON object in ``path``, or None when the file does not exist."""
-    if not path.is_file():
+    """The JSON object in ``path``, or None when the file does not exist (a link, a directory, a
+    malformed, non-strict, too deeply nested or non-UTF-8 file is one line)."""
+    if not os.path.lexists(path):
         return None
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise BalpoeError(f"{path}: malformed JSON at line {e.lineno}, column {e.colno} ({e.msg})") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise BalpoeError(f"cannot read {path}: {e}") from None
+    obj = parse_json(read_text(path, "run file", follow_links=False), str(path))
     if not isinstance(obj, dict):
         raise BalpoeError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
@@ -116,18 +113,12 @@ def read_metrics(path: str | Path) -> list[dict]:
     """The per-epoch rows of a ``metrics.jsonl`` (one JSON object a line), one row per epoch in
     epoch order; a resumed run that logged an epoch twice keeps the later row."""
     path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise BalpoeError(f"cannot read {path}: {e}") from None
+    lines = read_text(path, "metrics file", follow_links=False).splitlines()
     by_epoch: dict[float, dict] = {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise BalpoeError(f"{path}, line {lineno}: malformed JSON ({e.msg})") from None
+        row = parse_json(line, f"{path}, line {lineno}")
         if not isinstance(row, dict):
             raise BalpoeError(f"{path}, line {lineno}: expected a JSON object, got {type(row).__name__}")
         epoch = _num(row.get("epoch"))
@@ -136,14 +127,13 @@ def read_metrics(path: str | Path) -> list[dict]:
 
 
 def _read_recipe(run_dir: Path) -> tuple[dict, str]:
+    """``RUN_DIR/recipe.yaml`` (never through a link; duplicate keys refused; its size and the values
+    its aliases expand to bounded) and its text."""
     path = run_dir / "recipe.yaml"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise BalpoeError(f"{run_dir} has no recipe.yaml: not a balpoe run directory")
-    text = path.read_text(encoding="utf-8")
-    try:
-        recipe = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise BalpoeError(f"{path}: malformed YAML ({str(e).splitlines()[0]})") from None
+    text = read_text(path, "recipe", max_bytes=MAX_RECIPE_BYTES, follow_links=False)
+    recipe = parse_yaml(text, str(path))
     if not isinstance(recipe, dict):
         raise BalpoeError(f"{path}: expected a YAML mapping (the resolved recipe)")
     return recipe, text
@@ -284,9 +274,14 @@ def _per_class(analysis: dict, taus: list | None, path: Path) -> dict:
         else [str(i) for i in range(n)]
     pca = analysis.get("per_class_acc") if isinstance(analysis.get("per_class_acc"), dict) else {}
     ens = _arr(_check_len(pca.get("ensemble"), n, "analysis.per_class_acc.ensemble", path))
+    experts_in = pca.get("experts") or []
+    if not isinstance(experts_in, list):
+        raise BalpoeError(f"{path}: analysis.per_class_acc.experts must be a list (one list per expert)")
     experts = [_arr(_check_len(e, n, f"analysis.per_class_acc.experts[{k}]", path))
-               for k, e in enumerate(pca.get("experts") or [])]
+               for k, e in enumerate(experts_in)]
     c = _arr(counts)
+    if np.any(np.abs(np.nan_to_num(c)) > MAX_CLASS_COUNT):
+        raise BalpoeError(f"{path}: analysis.class_counts holds a count beyond {MAX_CLASS_COUNT:.0e} (damaged file)")
     order = np.argsort(-np.nan_to_num(c, nan=-1.0), kind="stable")
     many_t, few_t = _num(analysis.get("many_threshold")), _num(analysis.get("few_threshold"))
     cs = c[order]
@@ -404,7 +399,10 @@ def _confusion(analysis: dict, per_class: dict, path: Path) -> dict:
 def _reliability_entry(entry, name: str, path: Path) -> dict:
     if not isinstance(entry, dict):
         raise BalpoeError(f"{path}: analysis.reliability.{name} must be an object")
-    edges = _arr(entry.get("edges") or [])
+    edges = entry.get("edges") or []
+    if not isinstance(edges, list):
+        raise BalpoeError(f"{path}: analysis.reliability.{name}.edges must be a list of bin edges")
+    edges = _arr(edges)
     nb = len(edges) - 1
     if nb < 1:
         raise BalpoeError(f"{path}: analysis.reliability.{name}.edges needs at least 2 values")
@@ -1094,15 +1092,20 @@ def write_html_report(run_dir: str | Path, out: str | Path | None = None) -> Pat
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise BalpoeError(f"{run_dir} does not exist or is not a directory: not a balpoe run directory")
+    path = Path(out) if out is not None else run_dir / "report.html"
+    check_output_path(path, "report output", inputs=report_inputs(run_dir), own_run=run_dir, writes=["report.html"],
+                      create=False)
     with matplotlib.rc_context({"font.family": "DejaVu Sans", "axes.unicode_minus": False,
                                 "hatch.linewidth": 0.6}):
         page = build_html(report_sections(run_dir))
-    path = Path(out) if out is not None else run_dir / "report.html"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(page, encoding="utf-8")
-    tmp.replace(path)
+    atomic_write(path, lambda f: f.write(page.encode("utf-8")))
     return path
+
+
+def report_inputs(run_dir: str | Path) -> list[Path]:
+    """The files :func:`write_html_report` reads from ``run_dir`` (an output must not be one of them)."""
+    run_dir = Path(run_dir)
+    return [run_dir / n for n in ("recipe.yaml", "metrics.jsonl", "eval.json", "shift_eval.json")]
 
 
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -1127,8 +1130,8 @@ def chromium(args: list[str], profile: Path, timeout: float = 120) -> subprocess
 def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int = 12000) -> Path:
     """A PNG of the page ``html`` as Chromium shows it ``width`` pixels wide; the empty page below the
     content is cut off (the window is ``height`` pixels tall)."""
+    check_output_path(png, "screenshot", inputs=[html])
     html, png = Path(html).resolve(), Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         shot = Path(tmp) / "shot.png"
         r = chromium([f"--window-size={width},{height}", f"--screenshot={shot}", html.as_uri()], Path(tmp) / "profile")
@@ -1139,8 +1142,8 @@ def screenshot(html: str | Path, png: str | Path, width: int = 1200, height: int
     background = rgb[-1, rgb.shape[1] // 2].astype(int)  # the page colour below the content
     rows = np.where((np.abs(rgb.astype(int) - background) > 8).any(axis=(1, 2)))[0]
     bottom = int(rows[-1]) + 24 if len(rows) else rgb.shape[0]
-    Image.fromarray(rgb[:min(bottom, rgb.shape[0])]).save(png, format="PNG", optimize=True)
+    atomic_write(png, lambda f: Image.fromarray(rgb[:min(bottom, rgb.shape[0])]).save(f, format="PNG", optimize=True))
     return png
 
 
-__all__ = ["write_html_report", "screenshot", "find_chromium", "chromium", "report_sections", "build_html", "read_metrics", "stage1_metrics_path"]
+__all__ = ["write_html_report", "report_inputs", "screenshot", "find_chromium", "chromium", "report_sections", "build_html", "read_metrics", "stage1_metrics_path"]

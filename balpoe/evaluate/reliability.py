@@ -15,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from balpoe.errors import BalpoeError
+from balpoe.runtime.files import atomic_write
 from balpoe.evaluate.metrics import calibration_bins, check_logits_labels
 
 
@@ -59,8 +60,7 @@ def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, path: str | 
     if title:
         heading = f"{title}: {heading}"
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    draw_reliability(data, path, heading, width, height)
+    atomic_write(path, lambda f: draw_reliability(data, f, heading, width, height))
     return path
 
 
@@ -104,7 +104,7 @@ def reliability_figure(data: ReliabilityData, heading: str, width: int, height: 
     return fig
 
 
-def draw_reliability(data: ReliabilityData, path: Path, heading: str, width: int, height: int) -> None:
+def draw_reliability(data: ReliabilityData, path, heading: str, width: int, height: int) -> None:
     """Draw ``data`` (:func:`reliability_figure`) as a PNG of ``width`` x ``height`` pixels with the title
-    ``heading``."""
+    ``heading``, to a path or a binary file object."""
     reliability_figure(data, heading, width, height).savefig(path, dpi=100, format="png")

@@ -13,15 +13,21 @@ from balpoe.errors import BalpoeError
 
 def resolve_device(name: str, what: str = "recipe key 'train.device'") -> torch.device:
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``; ``what`` names the
-    setting in the one-line error (a recipe key, or a keyword argument)."""
+    setting in the one-line error (a recipe key, or a keyword argument).  Other device types
+    (``meta``, ``mps``, ...) are refused: nothing here runs on them."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise BalpoeError(f"{what} is {name!r} but CUDA is not available on this machine (use 'cpu' or 'auto')")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except (RuntimeError, TypeError):
-        raise BalpoeError(f"{what} is not a device name: {name!r} (expected auto, cpu, cuda or cuda:N)") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise BalpoeError(f"{what} is not a device name: {name!r} (expected auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise BalpoeError(f"{what} is {name!r} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def cpu_name() -> str:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ import torch
 
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import load_model
-from balpoe.runtime.checkpoint import ensure_writable_file, json_text, save_safetensors
+from balpoe.runtime.checkpoint import json_text, safetensors_bytes
+from balpoe.runtime.files import atomic_write, check_output_path
 from balpoe.runtime.console import console
 from balpoe.serve.build import Served, load_served
 from balpoe.serve.serving import ServingModule, prior_offset, resolve_prior
@@ -91,17 +91,16 @@ def export_metadata(served: Served, prior: torch.Tensor | None, spec) -> dict[st
 
 
 def _write_checked(path: Path, write, check) -> float:
-    """``write(tmp)`` to a temporary file beside ``path`` (same suffix), ``check(tmp)`` it, then
-    rename it to ``path``: a failed or interrupted export never leaves a file under the final name."""
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    try:
-        write(str(tmp))
-        diff = check(str(tmp))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return diff
+    """``write(tmp)`` to a temporary file beside ``path`` (:func:`~balpoe.runtime.files.atomic_write`),
+    ``check(tmp)`` it, then rename it to ``path``: a failed or interrupted export never leaves a file
+    under the final name, and the temporary file of a killed export is removed by the next one."""
+    diff: list[float] = []
+
+    def to_file(f) -> None:
+        write(f)
+
+    atomic_write(path, to_file, check=lambda tmp: diff.append(check(str(tmp))))
+    return diff[0]
 
 
 def _example(served: Served, batch: int, seed: int = 0) -> torch.Tensor:
@@ -135,7 +134,8 @@ def _export_safetensors(served: Served, path: Path) -> float:
                 raise BalpoeError(f"the weights file written for '{path}' does not reproduce the checkpoint's model")
         return 0.0
 
-    return _write_checked(path, lambda tmp: save_safetensors(ckpt, tmp), check)
+    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
+    return _write_checked(path, lambda f: f.write(safetensors_bytes(ckpt, tensors)), check)
 
 
 def _export_torchscript(module: ServingModule, meta: dict[str, str], path: Path, served: Served) -> float:
@@ -152,7 +152,7 @@ def _export_torchscript(module: ServingModule, meta: dict[str, str], path: Path,
             with torch.no_grad():
                 return _check("torchscript", torch.jit.load(tmp, map_location="cpu")(xb), module(xb))
 
-        return _write_checked(path, lambda tmp: torch.jit.save(traced, tmp, _extra_files=meta), check)
+        return _write_checked(path, lambda f: torch.jit.save(traced, f, _extra_files=meta), check)
 
 
 def _export_pt2(module: ServingModule, meta: dict[str, str], path: Path, served: Served) -> float:
@@ -212,7 +212,7 @@ def _export_onnx(module: ServingModule, meta: dict[str, str], path: Path, served
     if big:  # protobuf's 2 GiB limit: the weights go to a data file beside PATH, written in place
         program.save(str(path), external_data=True)
         return check(str(path))
-    return _write_checked(path, lambda tmp: program.save(tmp, external_data=False), check)
+    return _write_checked(path, lambda f: f.write(program.model_proto.SerializeToString()), check)
 
 
 def export(checkpoint: str | Path, format: str, *, prior=None, out: str | Path | None = None,  # noqa: A002
@@ -229,13 +229,14 @@ def export(checkpoint: str | Path, format: str, *, prior=None, out: str | Path |
         raise BalpoeError("a safetensors export holds the weights only; a target prior applies to the torchscript, "
                           "pt2 and onnx formats")
     path = Path(out) if out is not None else default_path(checkpoint, format)
-    if Path(checkpoint).exists() and path.exists() and path.resolve() == Path(checkpoint).resolve():
-        raise BalpoeError(f"export output '{path}' is the checkpoint itself; choose another path")
+    inputs = [checkpoint] + ([prior] if isinstance(prior, (str, Path)) else [])
+    # never the checkpoint, the prior file or a run's files; the folder is created once the inputs are read
+    check_output_path(path, "export output", inputs=inputs, create=False)
     if format == "onnx":
         _onnx_modules()  # fail before any work
     served = load_served(checkpoint, "cpu")
     q = resolve_prior(prior, served.class_counts, served.class_names)
-    ensure_writable_file(path, "export output")
+    check_output_path(path, "export output", inputs=inputs)
     meta: dict[str, str] = {}
     if format == "safetensors":
         diff = _export_safetensors(served, path)

@@ -25,7 +25,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from balpoe.errors import BalpoeError
-from balpoe.runtime.checkpoint import atomic_write_text, ensure_writable_file, json_text
+from balpoe.runtime.checkpoint import atomic_write_text, json_text
+from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
 from balpoe.runtime.device import resolve_device
 from balpoe.serve.build import calibration_source, load_served
@@ -114,7 +115,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
     served = load_served(checkpoint, dev)
     counts, names = served.class_counts, served.class_names
     q = resolve_prior(prior, counts, names)
-    out_path = ensure_writable_file(out, "predictions file") if out is not None else None
+    inputs = [checkpoint, *paths] + ([prior] if isinstance(prior, (str, Path)) else [])
+    out_path = check_output_path(out, "predictions file", inputs=inputs) if out is not None else None
     module = ServingModule(served.model, served.preprocess.mean, served.preprocess.std,
                            prior_offset(counts, served.lam_model)).to(dev).eval()
 

@@ -29,6 +29,7 @@ for plain cross-entropy.  Without adaptation the model's own logits are scored, 
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,21 +37,23 @@ from typing import Any, Sequence
 from balpoe.data.build import build_loader
 from balpoe.data.image_list import find_list_file
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import SOURCES, check_source, group_ranges, load_for_eval, print_data_location, \
-    source_logits, write_run_report
+from balpoe.evaluate.build import (SOURCES, check_run_report, check_source, group_ranges, load_for_eval,
+                                   print_data_location, source_logits, write_run_report)
 from balpoe.evaluate.logits import collect_logits
 from balpoe.losses.build import model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.runtime.checkpoint import ensure_writable_dir
+from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
-from balpoe.shift.render import plot_targets, print_shift_report, write_reports
+from balpoe.shift.render import SHIFT_FILES, plot_targets, print_shift_report, write_reports
 from balpoe.shift.scoring import accuracy_curves, calibration_section, evaluate_targets
 from balpoe.shift.selector import CALIBRATIONS, ESTIMATORS, TauSelector, get_adapt_mode
 from balpoe.shift.targets import list_target_sets, parse_prior, parse_test_dists, prior_names, target_sets
 
 
-def _check_options(adapt_mode: str, calibration: str, source: str, estimator: str, labels_per_class: float) -> None:
+def _check_options(adapt_mode: str, calibration: str, source: str, estimator: str, labels_per_class: float,
+                   seed: int = 0) -> None:
     get_adapt_mode(adapt_mode)
     if calibration not in CALIBRATIONS:
         raise BalpoeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
@@ -58,8 +61,11 @@ def _check_options(adapt_mode: str, calibration: str, source: str, estimator: st
         raise BalpoeError(f"calibration source must be one of {', '.join(SOURCES)}; got {source!r}")
     if estimator not in ESTIMATORS:
         raise BalpoeError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    if labels_per_class <= 0:
-        raise BalpoeError(f"labels per class must be > 0, got {labels_per_class}")
+    if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, float)) or \
+            not math.isfinite(labels_per_class) or labels_per_class <= 0:
+        raise BalpoeError(f"labels per class must be a finite number > 0, got {labels_per_class!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
+        raise BalpoeError(f"seed must be an integer in [0, 2**32), got {seed!r}")
 
 
 def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None = None,
@@ -81,8 +87,20 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     ``test_lists`` (added to the recipe's ``data.test_lists``) are test-distribution list files of
     ``path label`` lines whose images are a subset of the test split, each named by its file stem
     (:func:`~balpoe.shift.targets.list_target_sets`).  Returns the report dict."""
-    _check_options(adapt, calibration, source, estimator, labels_per_class)
-    out_dir = ensure_writable_dir(Path(out) if out else Path(path).parent, "label-shift output directory")
+    _check_options(adapt, calibration, source, estimator, labels_per_class, seed)
+    out_dir = Path(out) if out else Path(path).parent
+
+    def check_outputs(create: bool) -> Path:
+        folder = ensure_writable_dir(out_dir, "label-shift output directory", create=create)
+        for name in SHIFT_FILES:  # never another run's results, never a file this command reads
+            check_output_path(out_dir / name, "label-shift output", own_run=Path(path).parent, writes=SHIFT_FILES,
+                              inputs=[path, *([test_lists] if isinstance(test_lists, (str, Path)) else test_lists or [])],
+                              create=create)
+        return folder
+    check_outputs(create=False)  # before anything is read; created once every input has been checked
+    rewrite_report = html_report and out_dir.resolve() == Path(path).resolve().parent
+    if rewrite_report:
+        check_run_report(out_dir)
     dists = parse_test_dists(test_dists)
     priors = [priors] if isinstance(priors, str) else list(priors or [])
     lists = [str(test_lists)] if isinstance(test_lists, (str, Path)) else [str(f) for f in test_lists or []]
@@ -101,6 +119,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     if need_source or source != "auto":
         check_source(bundle, source)  # fail before any forward pass
     lam_model = model_prior_exponent(recipe)
+    out_dir = check_outputs(create=True)
 
     # 1. the balanced test set, once
     loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)
@@ -167,6 +186,6 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
         print_shift_report(report, console)
         print_data_location(recipe, path, overrides)
         console.print("saved " + ", ".join(str(f) for f in files))
-    if html_report and out_dir.resolve() == Path(path).resolve().parent:
+    if rewrite_report:
         write_run_report(out_dir)
     return report

@@ -122,9 +122,13 @@ def check_prior(prior: ArrayLike, num_classes: int | None = None, what: str = "p
         raise BalpoeError(f"{what} has {q.size} entries, expected one per class ({num_classes})")
     if not np.isfinite(q).all() or (q < 0).any():
         raise BalpoeError(f"{what} weights must be finite and non-negative")
-    if q.sum() <= 0:
+    with np.errstate(over="ignore"):
+        total = q.sum()
+    if not np.isfinite(total):
+        raise BalpoeError(f"{what} weights overflow: their sum is not a finite number (scale them down)")
+    if total <= 0:
         raise BalpoeError(f"{what} weights sum to 0")
-    return q / q.sum()
+    return q / total
 
 
 def prior_subset_indices(labels: ArrayLike, prior: ArrayLike, seed: int = 0,

@@ -20,6 +20,10 @@ from balpoe.shift.selector import ADAPT_MODES
 from balpoe.shift.targets import TargetSet, file_tag
 
 
+#: the files every label-shift evaluation writes (besides its reliability diagrams)
+SHIFT_FILES = ("shift_eval.json", "shift_eval.md")
+
+
 def _fmt(v: Any, digits: int = 2) -> str:
     if v is None:
         return "–"
@@ -169,7 +173,7 @@ def write_reports(report: dict, out_dir: Path, expert_logits: torch.Tensor, labe
                 files.append(reliability_diagram(apply_calibration(bal.double(), c[name]["temperature"], bias), labels,
                                                  out_dir / f"reliability_uniform_{name}.png",
                                                  title=f"uniform, {name.upper()}"))
-    json_path, md_path = out_dir / "shift_eval.json", out_dir / "shift_eval.md"
+    json_path, md_path = (out_dir / name for name in SHIFT_FILES)
     files = [json_path, md_path] + files
     report["files"] = [str(f) for f in files]
     write_json(report, json_path)

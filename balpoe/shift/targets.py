@@ -11,6 +11,7 @@ names its subset image by image (:func:`list_target_sets`).
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -63,6 +64,10 @@ def parse_prior(spec: str, class_counts: Sequence[int] | torch.Tensor) -> torch.
             conc_f, seed_i = float(conc), int(seed)
         except ValueError:
             raise BalpoeError(f"prior {spec!r}: concentration must be a number and seed an integer") from None
+        if not 0 <= seed_i < 2 ** 32:
+            raise BalpoeError(f"prior {spec!r}: the seed must be an integer in [0, 2**32), got {seed_i}")
+        if not math.isfinite(conc_f) or conc_f <= 0:
+            raise BalpoeError(f"prior {spec!r}: Dirichlet concentration must be > 0 and finite, got {conc}")
         return dirichlet_prior(distribution_prior(profile, class_counts), conc_f, seed_i)
     try:
         weights = [float(w) for w in spec.split(",")]

@@ -7,6 +7,8 @@ plan (model, loss, optimizer, schedule for the recipe's stage), then the stage-a
 
 from __future__ import annotations
 
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -20,7 +22,7 @@ from balpoe.data.build import build_data, build_loader, input_size
 from balpoe.data.autoaugment import parse_randaugment
 from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import empty_group_hint
-from balpoe.errors import BalpoeError, NoRunToResume, RunExists
+from balpoe.errors import BalpoeError, NoRunToResume, RunExists, UnfinishedRun, short_path, shown
 from balpoe.evaluate.build import evaluate_model, validation_metrics, write_run_report
 from balpoe.evaluate.report import print_report
 from balpoe.data.registry import get_dataset
@@ -28,9 +30,11 @@ from balpoe.losses.build import LOSSES, build_criterion, expert_taus
 from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
 from balpoe.models.build import check_backbone
+from balpoe.models.weights import read_weights
 from balpoe.recipe import Recipe, recipe_from_dict
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries
+from balpoe.runtime.files import RUN_FILES, RunLock
 from balpoe.runtime.console import console
 from balpoe.runtime.device import auto_threads, resolve_device
 from balpoe.runtime.precision import amp_dtype
@@ -82,12 +86,14 @@ def load_init_checkpoint(path: str | None) -> tuple[dict, Recipe]:
     return ckpt, stage1
 
 
-def resolve_stage2(recipe: Recipe, bundle: DataBundle) -> tuple[Recipe, dict]:
+def resolve_stage2(recipe: Recipe, bundle: DataBundle, loaded: tuple[dict, Recipe] | None = None
+                   ) -> tuple[Recipe, dict]:
     """MiSLAS stage 2: the recipe with the stage-1 checkpoint's ``model`` and ``loss`` sections
     (:func:`~balpoe.training.stage2.adopt_stage1_sections`, a new recipe) and that checkpoint; the data
-    are checked against it (:func:`~balpoe.training.stage2.check_stage2_data`)."""
+    are checked against it (:func:`~balpoe.training.stage2.check_stage2_data`).  ``loaded``: the
+    checkpoint and recipe :func:`load_init_checkpoint` returned (read here otherwise)."""
     path = recipe.stage2.init_checkpoint
-    init, stage1 = load_init_checkpoint(path)
+    init, stage1 = loaded if loaded is not None else load_init_checkpoint(path)
     resolved, taken = adopt_stage1_sections(recipe, stage1, path)
     check_stage2_data(resolved.data.sampler, bundle.num_classes, bundle.in_chans, bundle.class_counts.tolist(),
                       init, path)
@@ -99,11 +105,12 @@ def resolve_stage2(recipe: Recipe, bundle: DataBundle) -> tuple[Recipe, dict]:
 
 
 def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank: int = 0,
-               world_size: int = 1, html_report: bool = True) -> Plan:
+               world_size: int = 1, html_report: bool = True, init: tuple[dict, Recipe] | None = None) -> Plan:
     """The :class:`~balpoe.training.trainer.Plan` of ``recipe``'s stage.
 
     Stage 1: the recipe's model and loss.  Stage 2 (MiSLAS): the stage-1 checkpoint's network with
-    its weights, Eq. 4 heads, a frozen backbone, shifted BN and the label-aware smoothing loss."""
+    its weights, Eq. 4 heads, a frozen backbone, shifted BN and the label-aware smoothing loss
+    (``init``: that checkpoint as :func:`load_init_checkpoint` returned it, else it is read here)."""
     tc = recipe.train
     loader = build_loader(bundle, "train", dist.local_batch_size(recipe.optim.batch_size, world_size), recipe.data,
                           train=True, seed=recipe.seed, rank=rank, world_size=world_size,
@@ -118,7 +125,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
         def set_train_mode(m: nn.Module) -> None:
             m.train()  # the model's own train(): a frozen trunk (model.trainable) stays in eval mode
     else:
-        recipe, init = resolve_stage2(recipe, bundle)
+        recipe, init = resolve_stage2(recipe, bundle, init)
         model = build_model(recipe.model, init["num_classes"], init["in_chans"], pretrained=False)
         try:
             model.load_state_dict(init["model"])
@@ -198,20 +205,142 @@ RESUMABLE_KEYS = ("name", "optim.lr", "optim.epochs", "optim.warmup_epochs", "op
                   "data.test_lists", "stage2.init_checkpoint")
 
 
-def prepare_output_dir(out: Path, resume: bool | str) -> Path | None:
-    """Create ``out`` (checked writable) and remove temporary files a killed run left there; refuse
-    to overwrite an existing run unless resuming.  ``resume``: True (``OUT/last.pt`` must exist),
-    ``"auto"`` (resume if it exists, else start) or False.  Returns the checkpoint to resume from."""
+#: files of a finished (or evaluated) run: never replaced by a new run, with or without resuming
+RESULT_FILES = ("best.pt", "eval.json", "shift_eval.json")
+#: files a run writes before its first checkpoint
+UNFINISHED_FILES = ("recipe.yaml", "metrics.jsonl", "report.html")
+
+
+def check_output_dir(out: Path, resume: bool | str) -> Path | None:
+    """What ``out`` holds, read only (nothing is created): the checkpoint to resume from, or None
+    for a new run.  ``resume``: True (``OUT/last.pt`` must exist), ``"auto"`` (resume if it exists,
+    else start) or False.  Refused, with one line: ``out`` is a file; a run's file in it is a link or
+    not a regular file; a run (``last.pt``) without resuming; results (``eval.json``, ``best.pt``, ...)
+    without a ``last.pt`` to resume; the files of a run that stopped before its first checkpoint
+    (``recipe.yaml``, ``metrics.jsonl``) unless ``resume`` is ``"auto"`` (which starts it again)."""
+    try:
+        if out.exists() and not out.is_dir():
+            raise BalpoeError(f"output directory '{out}' is a file, not a directory")
+        present = [name for name in RUN_FILES if os.path.lexists(out / name)]
+    except OSError as e:
+        raise BalpoeError(f"output directory '{short_path(out)}' cannot be read ({e.strerror or type(e).__name__})") from None
+    for name in present:
+        path = out / name
+        if path.is_symlink():
+            raise BalpoeError(f"'{path}' is a symbolic link; a run's files are never read or written through links: "
+                              "remove it")
+        if not path.is_file():
+            raise BalpoeError(f"'{path}' is not a regular file; remove it or choose another output directory")
     last = out / "last.pt"
-    ensure_writable_dir(out)
-    remove_stale_temporaries(out)
-    if resume and last.is_file():
-        return last
+    if "last.pt" in present:
+        if resume:
+            return last
+        raise RunExists(out)
     if resume is True:
         raise NoRunToResume(out)
-    if last.exists():
-        raise RunExists(out)
+    results = [n for n in RESULT_FILES if n in present]
+    if results:
+        raise BalpoeError(f"output directory '{out}' holds results ({', '.join(results)}) but no last.pt to resume; "
+                          "they are never overwritten: choose another output directory")
+    partial = [n for n in UNFINISHED_FILES if n in present]
+    if partial and resume != "auto":
+        raise UnfinishedRun(out, partial)
     return None
+
+
+def _signature(path: Path | None) -> tuple | None:
+    if path is None:
+        return None
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _lock_output_dir(out: Path, resume: bool | str, resume_from: Path | None, expected: tuple | None,
+                     device: torch.device) -> RunLock | None:
+    """Create ``out`` and take its lock (:class:`~balpoe.runtime.files.RunLock`; under torchrun on
+    rank 0 only, every rank learns whether it succeeded), then check, under the lock, that ``out``
+    still holds what :func:`check_output_dir` found before the data were read (another run may have
+    written it meanwhile); remove temporary files killed runs left there."""
+    lock, error = None, None
+    if dist.rank() == 0:
+        try:
+            ensure_writable_dir(out)
+            lock = RunLock(out).acquire()
+            now = check_output_dir(out, resume)
+            if now != resume_from or _signature(now) != expected:
+                raise BalpoeError(f"output directory '{out}' changed while this run was starting (another run wrote "
+                                  "it); start again")
+            remove_stale_temporaries(out)
+        except BalpoeError as e:
+            error = e
+            if lock is not None:
+                lock.release()
+                lock = None
+    flag = torch.tensor(0.0 if error is None else 1.0, device=device)
+    if dist.is_distributed() and dist.all_reduce_sum(flag).item() > 0 and error is None:
+        if lock is not None:
+            lock.release()
+        raise BalpoeError(f"rank 0 could not take the output directory '{out}'")
+    if error is not None:
+        raise error
+    return lock
+
+
+def check_inputs(recipe: Recipe) -> tuple[dict, Recipe] | None:
+    """Every file the run reads besides the data, before anything is created: ``model.pretrained_file``
+    (read and checked as a weights file) and, for stage 2, ``stage2.init_checkpoint`` (loaded,
+    every field validated; returned with its recipe for :func:`build_plan`)."""
+    if recipe.stage == 1 and recipe.model.pretrained_file:
+        read_weights(recipe.model.pretrained_file)
+    if recipe.stage == 2:
+        return load_init_checkpoint(recipe.stage2.init_checkpoint)
+    return None
+
+
+#: image files whose absence is named in full in the error (the rest are counted)
+_SHOWN_FILES = 1
+
+
+def check_image_files(bundle: DataBundle) -> None:
+    """Every image file of an image-file dataset (training, test and holdout splits) exists and is a
+    readable regular file, so that a missing test image is found before training, not after it."""
+    if bundle.in_memory:
+        return
+    for split in ("train", "test", "holdout"):
+        data = getattr(bundle, split)
+        if data is None:
+            continue
+        bad: list[tuple[str, str]] = []
+        for path in data.paths:
+            try:
+                st = os.stat(path)
+                problem = None if stat.S_ISREG(st.st_mode) else "not a regular file"
+                if problem is None and not os.access(path, os.R_OK):
+                    problem = "not readable"
+            except FileNotFoundError:
+                problem = "not found"
+            except OSError as e:
+                problem = e.strerror or type(e).__name__
+            if problem:
+                bad.append((str(path), problem))
+        if bad:
+            first, why = bad[0]
+            more = f" ({len(bad) - 1} more image file(s) of the {split} split too)" if len(bad) > 1 else ""
+            raise BalpoeError(f"image file of the {split} split '{short_path(first)}': {why}{more}")
+
+
+def check_resume_data(bundle: DataBundle, ckpt: dict, path: Path) -> None:
+    """The data a resumed run reads are those the checkpoint was trained on: same classes, class
+    names, channels and training class counts (a moved data folder is fine; other data are not)."""
+    checks = [("number of classes", bundle.num_classes, ckpt["num_classes"]),
+              ("number of channels", bundle.in_chans, ckpt["in_chans"]),
+              ("training class counts", [int(n) for n in bundle.class_counts.tolist()], ckpt["class_counts"])]
+    if ckpt.get("class_names") is not None:
+        checks.append(("class names", list(bundle.class_names), ckpt["class_names"]))
+    for what, now, was in checks:
+        if now != was:
+            raise BalpoeError(f"the recipe's data differ from those '{path}' was trained on ({what}: "
+                              f"{shown(now, 80)} here, {shown(was, 80)} there); a resumed run must read the same data")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -262,7 +391,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     with the schedule of the new horizon) and fast-forwarded to the restored epoch; other keys must
     not change (:func:`resume_changes`).  ``report``: write ``OUT/report.html`` at the end."""
     out = Path(out_dir)
-    check_names(recipe)  # before anything is written
+    check_names(recipe)  # before anything is read or written
     if recipe.train.threads:
         torch.set_num_threads(recipe.train.threads)
     device = resolve_device(recipe.train.device)
@@ -273,13 +402,17 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
         if why:
             torch.set_num_threads(threads)
             console.print(why, highlight=False)
-    resume_from = prepare_output_dir(out, resume)  # every rank checks, so all fail alike
+    # 1. every input, read only, before anything is created: the output directory's state, the
+    #    checkpoint to resume, the weights files, the data (every rank checks, so all fail alike)
+    resume_from = check_output_dir(out, resume)
+    expected = _signature(resume_from)
     ckpt = None if resume_from is None else load_checkpoint(resume_from, map_location=device, resume=True)
-    dist.barrier()
+    init = check_inputs(recipe)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
-    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report)
+    check_image_files(bundle)
+    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report, init=init)
     if rank == 0:  # after everything that can refuse the recipe: an error stays one line
         if bundle.pipeline is not None:
             console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False,
@@ -288,17 +421,25 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
         if hint:
             console.print(hint, highlight=False, soft_wrap=True)
     if ckpt is not None:
-        changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)
+        changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)  # names a changed key first
+        check_resume_data(bundle, ckpt, resume_from)
         plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [
             {"epoch": ckpt["epoch"], "changed": {k: list(v) for k, v in changes.items()}}]
         if rank == 0 and changes:
             warnings.warn(f"resuming '{resume_from}' at epoch {ckpt['epoch']} with changed recipe keys: "
                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), stacklevel=2)
-    if recipe.train.log_tensorboard and rank == 0:
-        tensorboard = TensorBoardLogger(out, plan.checkpoint_meta["recipe"])
-        plan.on_epoch.append(tensorboard.log_epoch)
-        plan.finish.append(tensorboard.close)
-    report = train_model(plan, out, resume=ckpt, show_progress=show_progress)
-    dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group
+    # 2. the output directory: created and locked (one training run per folder) by rank 0
+    lock = _lock_output_dir(out, resume, resume_from, expected, device)
+    dist.barrier()
+    try:
+        if recipe.train.log_tensorboard and rank == 0:
+            tensorboard = TensorBoardLogger(out, plan.checkpoint_meta["recipe"])
+            plan.on_epoch.append(tensorboard.log_epoch)
+            plan.finish.append(tensorboard.close)
+        report = train_model(plan, out, resume=ckpt, show_progress=show_progress)
+        dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group
+    finally:
+        if lock is not None:
+            lock.release()
     dist.shutdown()
     return report

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -24,10 +25,11 @@ import torch
 import torch.nn as nn
 
 from balpoe.data.mixup import mixup_batch, mixup_targets
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, clip
 from balpoe.evaluate.curve import summarize_test_curve
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import FORMAT, atomic_save, atomic_write_text, json_text, rng_state, set_rng_state, write_json
+from balpoe.runtime.files import append_text, parse_json, read_text
 from balpoe.runtime.console import console, training_progress
 from balpoe.runtime.precision import autocast
 from balpoe.runtime.seeding import numpy_stream, torch_stream
@@ -138,10 +140,25 @@ def _checkpoint(plan: Plan, epoch: int, **extra) -> dict:
 def _restore(plan: Plan, resume: dict) -> int:
     """Weights, optimizer state, RNG states and the epoch reached; the learning-rate schedule is the
     plan's, fast-forwarded to that epoch (a resumed run with an unchanged recipe is bit-identical to an
-    uninterrupted one; a changed schedule takes effect from the restored epoch)."""
-    plan.model.load_state_dict(resume["model"])
+    uninterrupted one; a changed schedule takes effect from the restored epoch).  A state that does
+    not fit the plan (a damaged or foreign checkpoint) is one line, before anything is written."""
+    try:
+        plan.model.load_state_dict(resume["model"])
+    except RuntimeError as e:
+        raise BalpoeError(f"the checkpoint's weights do not fit the model ({clip(str(e).strip().splitlines()[0], 160)})"
+                          ) from None
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in plan.optimizer.param_groups]
-    plan.optimizer.load_state_dict(resume["optimizer"])
+    try:
+        plan.optimizer.load_state_dict(resume["optimizer"])
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as e:
+        raise BalpoeError(f"the checkpoint's optimizer state does not fit the model ({type(e).__name__}: "
+                          f"{clip(str(e).strip().splitlines()[0] if str(e).strip() else '', 120)})") from None
+    params = [p for g in plan.optimizer.param_groups for p in g["params"]]
+    for p in params:
+        for key, v in plan.optimizer.state.get(p, {}).items():
+            if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                raise BalpoeError(f"the checkpoint's optimizer state '{key}' has shape {tuple(v.shape)} for a "
+                                  f"parameter of shape {tuple(p.shape)}; the checkpoint is damaged")
     for group, hyper in zip(plan.optimizer.param_groups, fresh):
         group.update(hyper)          # the plan's hyper-parameters (lr, initial_lr) over the saved ones
     with warnings.catch_warnings():  # stepping the schedule without optimizer steps is the point here
@@ -150,20 +167,24 @@ def _restore(plan: Plan, resume: dict) -> int:
             plan.scheduler.step()
     set_rng_state(resume["rng"])
     if plan.scaler is not None and "scaler" in resume:
-        plan.scaler.load_state_dict(resume["scaler"])
+        try:
+            plan.scaler.load_state_dict(resume["scaler"])
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise BalpoeError(f"the checkpoint's gradient-scaler state does not restore ({type(e).__name__})") from None
     return resume["epoch"]
 
 
 def _metrics_rows(path: Path, upto: int) -> list[str]:
-    """The rows of ``metrics.jsonl`` for epochs <= ``upto`` (one per epoch, the last one kept)."""
+    """The rows of ``metrics.jsonl`` for epochs <= ``upto`` (one per epoch, the last one kept);
+    lines that are not a JSON object with an integer epoch (a line cut by a crash) are dropped."""
     rows: dict[int, str] = {}
-    if path.is_file():
-        for line in path.read_text().splitlines():
+    if os.path.lexists(path):
+        for line in read_text(path, "metrics file", follow_links=False).splitlines():
             try:
-                epoch = int(json.loads(line)["epoch"])
-            except (ValueError, KeyError, TypeError):
+                epoch = parse_json(line, "metrics.jsonl").get("epoch")
+            except (BalpoeError, AttributeError):
                 continue
-            if epoch <= upto:
+            if isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= upto:
                 rows[epoch] = line
     return [rows[e] for e in sorted(rows)]
 
@@ -307,8 +328,7 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
             if progress is not None:
                 progress.update(task, loss=f"{stats['loss']:.4f}")
             if is_main:
-                with open(metrics_path, "a") as f:
-                    f.write(json_text(row, indent=None) + "\n")
+                append_text(metrics_path, json_text(row, indent=None) + "\n")
                 _write_metrics_csv(metrics_path)
                 if plain:
                     done = epoch + 1 - start_epoch

@@ -185,7 +185,7 @@ def test_an_export_that_fails_its_check_leaves_no_file(ckpt, monkeypatch, capsys
     (["--format", "safetensors", "--prior", "1,2"], "a safetensors export holds the weights only"),
     (["--format", "torchscript", "--prior", "1,2,3"], "has 3 entries, expected one per class (10)"),
     (["--format", "pickle"], "argument --format: invalid choice"),
-    (["--format", "torchscript", "--out", "{ckpt}"], "is the checkpoint itself"),
+    (["--format", "torchscript", "--out", "{ckpt}"], "is a file this command reads"),
 ])
 def test_export_errors_are_one_line(ckpt, capsys, argv, message):
     rc, _, err = _cli(capsys, "export", ckpt, *[a.format(ckpt=ckpt) for a in argv])

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -18,6 +19,7 @@ import pickle
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,7 +198,9 @@ def test_metrics_rows_are_those_of_the_checkpoint(cifar_root, uninterrupted, tmp
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     (fresh / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "loss": 7.7}) + "\n")
-    train(recipe_from_dict(_recipe(cifar_root, epochs=1)), fresh, show_progress=False, report=False)
+    with pytest.raises(BalpoeError, match="stopped before its first checkpoint"):   # not without being asked
+        train(recipe_from_dict(_recipe(cifar_root, epochs=1)), fresh, show_progress=False, report=False)
+    train(recipe_from_dict(_recipe(cifar_root, epochs=1)), fresh, resume="auto", show_progress=False, report=False)
     assert [json.loads(x)["loss"] != 7.7 for x in (fresh / "metrics.jsonl").read_text().splitlines()] == [True]
 
 
@@ -225,8 +229,8 @@ def test_stale_temporaries_are_removed_and_failed_writes_leave_none(tmp_path):
 
     class Boom(str):
         def encode(self, *a):
-            raise OSError("disk full")
-    with pytest.raises(OSError):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    with pytest.raises(BalpoeError, match="cannot write '.*eval.json' \\(No space left on device\\)"):
         atomic_write_text(Boom("text"), tmp_path / "eval.json")
     assert not list(tmp_path.glob(".eval.json.tmp-*")) and not (tmp_path / "eval.json").exists()
 
@@ -385,18 +389,18 @@ def test_unwritable_output_and_missing_cuda_are_one_line_before_any_work(uninter
                                                                         monkeypatch, cifar_root):
     recipe_file = tmp_path / "r.yaml"
     recipe_file.write_text(yaml.safe_dump(_recipe(cifar_root, epochs=1)))
-    real = Path.write_bytes
+    real = tempfile.mkstemp
 
-    def refuse(self, data):
-        if self.name.startswith(".write-test-"):
+    def refuse(*args, prefix=None, **kwargs):
+        if prefix and prefix.startswith(".write-test-"):
             raise PermissionError(13, "Permission denied")
-        return real(self, data)
-    monkeypatch.setattr(Path, "write_bytes", refuse)        # a read-only folder (root can write anywhere)
+        return real(*args, prefix=prefix, **kwargs)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)        # a read-only folder (root can write anywhere)
     assert main(["train", str(recipe_file), "--out", str(tmp_path / "ro")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not writable (Permission denied)" in err
     assert not (tmp_path / "ro" / "metrics.jsonl").exists()
-    monkeypatch.setattr(Path, "write_bytes", real)
+    monkeypatch.setattr(tempfile, "mkstemp", real)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["eval", str(uninterrupted / "last.pt"), "--device", "cuda"]) == 2
     err = capsys.readouterr().err
