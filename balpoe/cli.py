@@ -20,22 +20,11 @@ import warnings
 from pathlib import Path
 
 from balpoe import __version__
-from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, RunExists, UnfinishedRun, short_path
+from balpoe.errors import EXIT_USAGE, BalpoeError, NoRunToResume, OutputExists, RunExists, UnfinishedRun, short_path
 
 
 class _UsageError(Exception):
     """A command-line usage error (bad flag or flag value)."""
-
-
-def _keep_earlier_output(path: str | Path, force: bool, what: str, source: str | Path | None = None) -> None:
-    """``balpoe predict`` / ``export`` do not overwrite an earlier output (as ``train`` does not
-    overwrite a run) unless ``--force``; the checkpoint itself is the library's own error."""
-    path = Path(path)
-    if force or not path.exists():
-        return
-    if source is not None and Path(source).exists() and path.resolve() == Path(source).resolve():
-        return
-    raise _UsageError(f"{what} '{path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -259,20 +248,18 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def _predict(args) -> None:
     from balpoe.serve.predict import predict
-    _keep_earlier_output(args.out, args.force, "predictions file")
     with warnings.catch_warnings():
         # one line per warning (an unreadable image, uncalibrated adaptation), every one shown
         warnings.showwarning = _one_line_warning
         warnings.filterwarnings("always", category=UserWarning, module="balpoe")
         predict(args.checkpoint, args.inputs, prior=args.prior, adapt=args.adapt, topk=args.topk, device=args.device,
-                batch_size=args.batch_size, out=args.out, estimator=args.estimator, calibration=args.calibration)
+                batch_size=args.batch_size, out=args.out, estimator=args.estimator, calibration=args.calibration,
+                overwrite=args.force)
 
 
 def _export(args) -> None:
-    from balpoe.serve.export import default_path, export
-    _keep_earlier_output(args.out or default_path(args.checkpoint, args.format), args.force, "export output",
-                         args.checkpoint)
-    export(args.checkpoint, args.format, prior=args.prior, out=args.out)
+    from balpoe.serve.export import export
+    export(args.checkpoint, args.format, prior=args.prior, out=args.out, overwrite=args.force)
 
 
 COMMANDS = {"train": _train, "eval": _eval, "report": _report_cmd, "predict": _predict, "export": _export}
@@ -295,8 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
-    except _UsageError as e:
-        _report(str(e))
+    except OutputExists as e:
+        _report(f"{e.what} '{e.path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
         return EXIT_USAGE
     except UnfinishedRun as e:
         _report(f"output directory '{e.out}' holds a run that stopped before its first checkpoint "

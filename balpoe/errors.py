@@ -80,6 +80,15 @@ class UnfinishedRun(RunExists):
                              "directory")
 
 
+class OutputExists(BalpoeError):
+    """An output file a command would write exists already, and replacing it was not asked for."""
+
+    def __init__(self, path, what: str):
+        self.path, self.what = path, what
+        super().__init__(f"{what} '{path}' already exists; replacing it was not asked for (overwrite=True), or "
+                         "choose another path")
+
+
 class NoRunToResume(BalpoeError):
     """Resuming was asked for but the output directory holds no ``last.pt``."""
 

@@ -520,7 +520,7 @@ def _(w):
     return ["train", str(w.recipe), "--set", "train.device=meta", "--out", str(w.tmp / "new"), "--no-progress"]
 
 
-@case("train-missing-test-image", "image file of the test split", "not found")
+@case("train-missing-test-image", "not found", "n00000002_1.JPEG")
 def _(w):
     from formats import write_image_list
     root = write_image_list(w.tmp / "lists", "imagenet_lt", 3, [6, 4, 3], 2, size=8)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 
 import yaml
 
-from balpoe.errors import BalpoeError, clip, short_path
+from balpoe.errors import BalpoeError, OutputExists, clip, short_path
 
 # ------------------------------------------------------------------------------------------------
 # Run folders
@@ -69,7 +69,8 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def check_output_path(path: str | Path, what: str = "output file", *, inputs: Iterable[str | Path] = (),
-                      own_run: str | Path | None = None, writes: Iterable[str] = (), create: bool = True) -> Path:
+                      own_run: str | Path | None = None, writes: Iterable[str] = (), create: bool = True,
+                      overwrite: bool = True) -> Path:
     """Check, before any work, that writing ``path`` destroys nothing; returns ``path``.
 
     Refused with one line naming the path: a directory, a symbolic link, one of ``inputs`` (the
@@ -77,7 +78,8 @@ def check_output_path(path: str | Path, what: str = "output file", *, inputs: It
     files named in ``writes`` when that folder is ``own_run`` (``balpoe eval RUN/last.pt`` writes
     ``RUN/eval.json``).  The folder is created and checked writable (:func:`ensure_writable_file`);
     ``create=False`` creates nothing (the nearest existing folder must be writable): for a first
-    check before the inputs are read."""
+    check before the inputs are read.  ``overwrite=False``: an existing file (that passes the checks
+    above) is refused too, with :class:`~balpoe.errors.OutputExists`."""
     path = Path(path)
     _check_name(path, what)
     for given in inputs:
@@ -88,6 +90,8 @@ def check_output_path(path: str | Path, what: str = "output file", *, inputs: It
         if not (own and path.name in set(writes)):
             raise BalpoeError(f"{what} '{_p(path)}' is a run's own {path.name}; it is never overwritten by this "
                               "command: choose another path")
+    if not overwrite and os.path.lexists(path) and not path.is_symlink() and not path.is_dir():
+        raise OutputExists(_p(path), what)
     return ensure_writable_file(path, what, create=create)
 
 
@@ -385,7 +389,7 @@ def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_RUN_FILE_BYTE
         if st.st_size > max_bytes:
             raise BalpoeError(f"{name} is {st.st_size} bytes; at most {max_bytes} are read")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            data = f.read(max_bytes + 1)
+            data = f.read(min(st.st_size, max_bytes) + 1)   # the size the file has (a read allocates it)
     except OSError as e:
         raise BalpoeError(f"{name} cannot be read ({e.strerror or type(e).__name__})") from None
     finally:

@@ -216,13 +216,14 @@ def _export_onnx(module: ServingModule, meta: dict[str, str], path: Path, served
 
 
 def export(checkpoint: str | Path, format: str, *, prior=None, out: str | Path | None = None,  # noqa: A002
-           quiet: bool = False) -> dict[str, Any]:
+           quiet: bool = False, overwrite: bool = True) -> dict[str, Any]:
     """Export a checkpoint (module docstring); returns ``{"path", "format", "metadata",
     "max_abs_diff"}`` (``metadata``: the JSON-decoded metadata of TorchScript / ONNX files).
 
     ``prior`` (TorchScript / ONNX): ``None`` / ``"uniform"`` for the balanced logits, or a target
     prior as :func:`~balpoe.serve.serving.resolve_prior` takes it; ``out``: default next to the
-    checkpoint with the format's suffix (:data:`FORMATS`)."""
+    checkpoint with the format's suffix (:data:`FORMATS`); ``overwrite=False`` refuses an existing file
+    (:class:`~balpoe.errors.OutputExists`)."""
     if format not in FORMATS:
         raise BalpoeError(f"export format must be one of {', '.join(FORMATS)}; got {format!r}")
     if format == "safetensors" and prior not in (None, "uniform"):
@@ -231,12 +232,12 @@ def export(checkpoint: str | Path, format: str, *, prior=None, out: str | Path |
     path = Path(out) if out is not None else default_path(checkpoint, format)
     inputs = [checkpoint] + ([prior] if isinstance(prior, (str, Path)) else [])
     # never the checkpoint, the prior file or a run's files; the folder is created once the inputs are read
-    check_output_path(path, "export output", inputs=inputs, create=False)
+    check_output_path(path, "export output", inputs=inputs, create=False, overwrite=overwrite)
     if format == "onnx":
         _onnx_modules()  # fail before any work
     served = load_served(checkpoint, "cpu")
     q = resolve_prior(prior, served.class_counts, served.class_names)
-    check_output_path(path, "export output", inputs=inputs)
+    check_output_path(path, "export output", inputs=inputs, overwrite=overwrite)
     meta: dict[str, str] = {}
     if format == "safetensors":
         diff = _export_safetensors(served, path)

@@ -85,7 +85,7 @@ def _check_options(prior, adapt, topk: int, batch_size: int) -> None:
 def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *, prior=None,
             adapt: str | None = None, topk: int = 5, device: str = "auto", batch_size: int = 64,
             out: str | Path | None = None, estimator: str = "1d", calibration: str = "bcts",
-            quiet: bool = False) -> dict[str, Any]:
+            quiet: bool = False, overwrite: bool = True) -> dict[str, Any]:
     """Top-k classes of image files (module docstring).
 
     Args:
@@ -97,7 +97,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
         adapt: ``"unlabelled"``: estimate the target prior from all the readable images first.
         topk, device, batch_size: classes per image; ``auto`` / ``cpu`` / ``cuda[:N]``; images per
             forward pass.
-        out: JSON-lines file with one row per image (``None``: none written).
+        out: JSON-lines file with one row per image (``None``: none written); ``overwrite=False``
+            refuses an existing one (:class:`~balpoe.errors.OutputExists`).
         estimator, calibration: of the unlabelled estimate (:data:`~balpoe.shift.selector.ESTIMATORS`,
             ``bcts`` / ``ts`` / ``none``), as in :func:`~balpoe.shift.build.evaluate_shift`.
 
@@ -116,7 +117,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
     counts, names = served.class_counts, served.class_names
     q = resolve_prior(prior, counts, names)
     inputs = [checkpoint, *paths] + ([prior] if isinstance(prior, (str, Path)) else [])
-    out_path = check_output_path(out, "predictions file", inputs=inputs) if out is not None else None
+    out_path = check_output_path(out, "predictions file", inputs=inputs, overwrite=overwrite) if out is not None \
+        else None
     module = ServingModule(served.model, served.preprocess.mean, served.preprocess.std,
                            prior_offset(counts, served.lam_model)).to(dev).eval()
 

@@ -397,11 +397,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     device = resolve_device(recipe.train.device)
     # Under torchrun: join the process group (gloo on CPU; NCCL with one GPU per process, cuda:LOCAL_RANK).
     rank, world_size, device = dist.init_distributed(device)
+    threads_note = None
     if not recipe.train.threads and device.type == "cpu" and world_size == 1:
-        threads, why = auto_threads()  # no more threads than free cores: a busy machine does not collapse
-        if why:
+        threads, threads_note = auto_threads()  # no more threads than free cores: a busy machine does not collapse
+        if threads_note:
             torch.set_num_threads(threads)
-            console.print(why, highlight=False)
     # 1. every input, read only, before anything is created: the output directory's state, the
     #    checkpoint to resume, the weights files, the data (every rank checks, so all fail alike)
     resume_from = check_output_dir(out, resume)
@@ -413,13 +413,6 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     bundle = build_data(recipe.data, device, seed=recipe.seed)
     check_image_files(bundle)
     plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report, init=init)
-    if rank == 0:  # after everything that can refuse the recipe: an error stays one line
-        if bundle.pipeline is not None:
-            console.print(bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)), highlight=False,
-                          soft_wrap=True)
-        hint = empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)
-        if hint:
-            console.print(hint, highlight=False, soft_wrap=True)
     if ckpt is not None:
         changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)  # names a changed key first
         check_resume_data(bundle, ckpt, resume_from)
@@ -428,6 +421,11 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
         if rank == 0 and changes:
             warnings.warn(f"resuming '{resume_from}' at epoch {ckpt['epoch']} with changed recipe keys: "
                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), stacklevel=2)
+    # printed by train_model once nothing can refuse the run any more (an error stays one line)
+    plan.notes += [threads_note, bundle.pipeline.describe(recipe.data.dataset, len(bundle.train))
+                   if bundle.pipeline is not None else None,
+                   empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)]
+    plan.notes = [n for n in plan.notes if n]
     # 2. the output directory: created and locked (one training run per folder) by rank 0
     lock = _lock_output_dir(out, resume, resume_from, expected, device)
     dist.barrier()

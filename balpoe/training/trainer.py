@@ -61,6 +61,7 @@ class Plan:
     compile_mode: str = "default"
     sync_bn: bool = False
     finish: list = field(default_factory=list)   # callables (out_dir, report) run on rank 0 after the final evaluation
+    notes: list = field(default_factory=list)     # lines printed (rank 0) once the run has started: nothing refused it
     on_epoch: list = field(default_factory=list)  # callables (metrics row) run on rank 0 after each epoch
     validate: Callable[[nn.Module], dict] | None = None  # model -> validation metrics (val_balanced_acc, val_nll)
     val_every: int = 0
@@ -269,6 +270,8 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
     #    keeps exactly the rows of the epochs the checkpoint holds (a fresh start keeps none)
     start_epoch = _restore(plan, resume) if resume is not None else 0
     if is_main:
+        for note in plan.notes:
+            console.print(note, highlight=False, soft_wrap=True)
         atomic_write_text("".join(r + "\n" for r in _metrics_rows(metrics_path, start_epoch)), metrics_path)
         _write_metrics_csv(metrics_path)
         atomic_write_text(plan.recipe_yaml, out / "recipe.yaml")
