@@ -20,6 +20,7 @@ from balpoe.evaluate.report import REPORT_COLUMNS
 from balpoe.recipe import load_recipe, reference_markdown
 from balpoe.runtime.checkpoint import load_safetensors, save_safetensors
 from balpoe.runtime.console import metrics_table
+from balpoe.shift.render import print_shift_report
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "recipes" / "balpoe" / "fashion_mnist_lt_ir100_cpu_demo.yaml"
@@ -55,6 +56,23 @@ def test_result_table_fits_80_columns():
     text = console.export_text()
     assert "…" not in text and max(map(len, text.splitlines())) <= 80
     assert "ensemble" in text and "medium" in text and "0.6543" in text and "10000" in text
+
+
+@pytest.mark.parametrize("adapt", ["none", "unlabelled"])
+def test_label_shift_table_fits_80_columns(adapt):
+    row = {"n": 10000, "acc": 78.94, "many": 84.97, "medium": 63.1, "few": 86.73, "ece": 8.69, "nll": 0.6543}
+    if adapt != "none":
+        row.update(acc_before=75.11, ece_before=10.25, tau=1.234, tau_star=1.301, temperature=1.118)
+    names = ["forward50", "forward25", "uniform", "backward25", "backward50"]
+    report = {"recipe": "balpoe_fashion_mnist_lt_ir100_cpu_demo", "epoch": 12, "adapt": adapt,
+              "distributions": {n: dict(row) for n in names}, "calibration": "bcts", "estimator": "1d",
+              "source": {"n": 1000, "note": "held-out slice", "kind": "holdout"}, "n_test": 10000,
+              "forward_seconds": 1.0, "derive_seconds": 0.1, "logit_prior_exponent": 0.0}
+    console = Console(width=80, record=True, file=open(os.devnull, "w"))
+    print_shift_report(report, console)
+    table = console.export_text().split("acc0 /")[0]
+    assert "…" not in table and max(map(len, table.splitlines())) <= 80
+    assert "backward50" in table and "78.94" in table and ("1.301" in table) == (adapt != "none")
 
 
 def test_recipe_reference_is_up_to_date():
