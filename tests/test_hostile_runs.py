@@ -532,6 +532,20 @@ def _(w):
     return ["train", str(_recipe_file(w, raw)), "--out", str(w.tmp / "new"), "--no-progress"]
 
 
+@case("train-foreign-test-image-on-disk", "cannot decode image", "n00000002_1.JPEG")
+def _(w):
+    """A test image that is not an image (its header), in a dataset read from disk per epoch: found
+    before --out is created, not after training."""
+    from formats import write_image_list
+    root = write_image_list(w.tmp / "lists", "imagenet_lt", 3, [6, 4, 3], 2, size=8)
+    lines = (root / "ImageNet_LT_test.txt").read_text().splitlines()
+    (root / lines[-1].split()[0]).write_text("not an image\n")
+    raw = _recipe(root)
+    raw["data"] = {"dataset": "image_list", "root": str(root), "train_list": "ImageNet_LT_train.txt",
+                   "test_list": "ImageNet_LT_test.txt", "image_size": 8, "num_workers": 0, "in_memory": False}
+    return ["train", str(_recipe_file(w, raw)), "--out", str(w.tmp / "new"), "--no-progress"]
+
+
 @case("train-out-name-too-long", "File name too long")
 def _(w):
     return ["train", str(w.recipe), "--out", str(w.tmp / ("y" * 300)), "--no-progress"]

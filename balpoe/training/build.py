@@ -21,6 +21,7 @@ from torch.optim import lr_scheduler
 from balpoe.data.build import build_data, build_loader, input_size
 from balpoe.data.autoaugment import parse_randaugment
 from balpoe.data.bundle import DataBundle
+from balpoe.data.decode import open_image
 from balpoe.data.lt import empty_group_hint
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists, UnfinishedRun, short_path, shown
 from balpoe.evaluate.build import evaluate_model, validation_metrics, write_run_report
@@ -302,8 +303,11 @@ _SHOWN_FILES = 1
 
 
 def check_image_files(bundle: DataBundle) -> None:
-    """Every image file of an image-file dataset (training, test and holdout splits) exists and is a
-    readable regular file, so that a missing test image is found before training, not after it."""
+    """Every image file of an image-file dataset (training, test and holdout splits) exists, is a
+    readable regular file and has an image header PIL identifies, within the pixel limit
+    (:func:`~balpoe.data.decode.open_image`: the header only, nothing decoded), so that a missing,
+    foreign or oversized test image is found before training, not after it.  A file whose pixel data
+    are damaged behind a valid header is found when it is decoded."""
     if bundle.in_memory:
         return
     for split in ("train", "test", "holdout"):
@@ -323,6 +327,8 @@ def check_image_files(bundle: DataBundle) -> None:
                 problem = e.strerror or type(e).__name__
             if problem:
                 bad.append((str(path), problem))
+            elif not bad:
+                open_image(path, path).close()   # one line naming the file when the header is not an image's
         if bad:
             first, why = bad[0]
             more = f" ({len(bad) - 1} more image file(s) of the {split} split too)" if len(bad) > 1 else ""
