@@ -17,6 +17,8 @@ from timm.data import auto_augment as taa
 from torchvision.transforms import AutoAugment, AutoAugmentPolicy, InterpolationMode, TrivialAugmentWide
 from torchvision.transforms.autoaugment import _apply_op
 
+from image_pairs import from_pil as _from_pil, to_pil as _to_pil, uint8_batch as _batch
+
 from balpoe.data.autoaugment import (
     CIFAR10_POLICY, RAND_INCREASING_OPS, RAND_OPS, TV_OPS, WIDE_OPS, RandAugmentConfig, apply_op,
     autoaugment_cifar10, cutout, parse_randaugment, rand_augment, sample_autoaugment_cifar10,
@@ -24,25 +26,6 @@ from balpoe.data.autoaugment import (
 from balpoe.errors import BalpoeError
 
 SHAPES = [(3, 20, 24), (1, 32, 32), (3, 32, 32)]
-
-
-def _batch(c, h, w, seed=0):
-    """Four images: random, narrow-range (autocontrast/equalize do something), constant, random."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (4, c, h, w), generator=g, dtype=torch.uint8)
-    x[1] = x[1] // 5 + 90
-    x[2] = 77
-    return x
-
-
-def _to_pil(img):
-    a = img.permute(1, 2, 0).numpy()
-    return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
-
-
-def _from_pil(im, c):
-    a = torch.from_numpy(np.array(im))
-    return a.unsqueeze(0) if c == 1 else a.permute(2, 0, 1)
 
 
 # ----------------------------------------------------------------------------- torchvision ops

@@ -12,6 +12,8 @@ import pytest
 import torch
 from PIL import Image, ImageEnhance, ImageOps
 
+from image_pairs import from_pil as _from_pil, to_pil as _to_pil, uint8_batch as _batch
+
 from balpoe.data.autoaugment import (
     CIFAR10_POLICY, TV_OPS, autoaugment_cifar10_official, official_cifar10_arguments, official_cifar10_op,
     sample_autoaugment_cifar10_official, strong_augment)
@@ -72,24 +74,6 @@ def official_op(name, img, magnitude, sign=1):
     if name == "solarize":
         return ImageOps.solarize(img, magnitude)
     return {"autocontrast": ImageOps.autocontrast, "equalize": ImageOps.equalize, "invert": ImageOps.invert}[name](img)
-
-
-def _batch(c, h, w, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randint(0, 256, (4, c, h, w), generator=g, dtype=torch.uint8)
-    x[1] = x[1] // 5 + 90
-    x[2] = 77
-    return x
-
-
-def _to_pil(img):
-    a = img.permute(1, 2, 0).numpy()
-    return Image.fromarray(a[..., 0] if a.shape[2] == 1 else a)
-
-
-def _from_pil(im, c):
-    a = torch.from_numpy(np.array(im))
-    return a.unsqueeze(0) if c == 1 else a.permute(2, 0, 1)
 
 
 def _ours(name, x, bin_, signs):
