@@ -207,9 +207,9 @@ RESUMABLE_KEYS = ("name", "optim.lr", "optim.epochs", "optim.warmup_epochs", "op
 
 
 #: files of a finished (or evaluated) run: never replaced by a new run, with or without resuming
-RESULT_FILES = ("best.pt", "eval.json", "shift_eval.json")
+RESULT_FILES = ("best.pt", "eval.json", "eval_best.json", "shift_eval.json")
 #: files a run writes before its first checkpoint
-UNFINISHED_FILES = ("recipe.yaml", "metrics.jsonl", "report.html")
+UNFINISHED_FILES = ("recipe.yaml", "metrics.jsonl", "metrics.csv", "report.html")
 
 
 def check_output_dir(out: Path, resume: bool | str) -> Path | None:
@@ -428,10 +428,9 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
             warnings.warn(f"resuming '{resume_from}' at epoch {ckpt['epoch']} with changed recipe keys: "
                           + ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()), stacklevel=2)
     # printed by train_model once nothing can refuse the run any more (an error stays one line)
-    plan.notes += [threads_note, bundle.pipeline.describe(recipe.data.dataset, len(bundle.train))
-                   if bundle.pipeline is not None else None,
-                   empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)]
-    plan.notes = [n for n in plan.notes if n]
+    pipeline = bundle.pipeline.describe(recipe.data.dataset, len(bundle.train)) if bundle.pipeline is not None else None
+    hint = empty_group_hint(bundle.class_counts, recipe.data.many_threshold, recipe.data.few_threshold)
+    plan.notes += [note for note in (threads_note, pipeline, hint) if note]
     # 2. the output directory: created and locked (one training run per folder) by rank 0
     lock = _lock_output_dir(out, resume, resume_from, expected, device)
     dist.barrier()

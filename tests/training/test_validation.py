@@ -90,3 +90,19 @@ def test_epoch_line_and_csv_are_plain():
                                         "val_balanced_acc 81.23  val_nll 0.6123")
     assert metrics_csv([{"epoch": 1, "loss": 2.0}, {"epoch": 2, "loss": 1.0, "val_nll": 0.5}]) == \
         "epoch,loss,val_nll\n1,2.0,\n2,1.0,0.5\n"
+
+
+def test_selection_files_count_as_run_files_of_the_output_folder(tmp_path):
+    """eval_best.json is a result (never replaced by a new run); metrics.csv is written before the
+    first checkpoint, like metrics.jsonl (a new start needs resume 'auto')."""
+    from balpoe.errors import UnfinishedRun
+    from balpoe.training.build import check_output_dir
+    results, partial = tmp_path / "results", tmp_path / "partial"
+    results.mkdir(), partial.mkdir()
+    (results / "eval_best.json").write_text("{}")
+    (partial / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    with pytest.raises(BalpoeError, match=r"holds results \(eval_best.json\) but no last.pt"):
+        check_output_dir(results, "auto")
+    with pytest.raises(UnfinishedRun, match="metrics.csv"):
+        check_output_dir(partial, False)
+    assert check_output_dir(partial, "auto") is None
