@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from formats import write_cifar, write_fashion_mnist
 from PIL import Image, features
@@ -34,7 +35,7 @@ from balpoe import recipe_from_dict, train
 from balpoe.cli import main
 from balpoe.data import cifar
 from balpoe.data.cifar import load_cifar
-from balpoe.data.decode import load_pil, read_rgb
+from balpoe.data.decode import load_pil, png_rows_missing, read_rgb
 from balpoe.data.image_folder import folder_split
 from balpoe.errors import BalpoeError
 
@@ -396,10 +397,19 @@ def _jpeg_bomb(w: int = 15000, h: int = 15000) -> bytes:
     return bytes(data)
 
 
-#: name -> (bytes, what reading it gives: "error" (one line naming the file) or "decoded" (PIL's lenient
-#: decode of a zlib stream that ends cleanly before the last row: missing rows black, as PIL gives them))
+def _black_last_row_png() -> bytes:
+    a = np.full((6, 5, 3), 90, np.uint8)
+    a[-1] = 0
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, "PNG")
+    return buf.getvalue()
+
+
+#: name -> (bytes, what reading it gives: "error" (one line naming the file), "decoded", "too_large")
 IMAGE_CASES = {
-    "png_69_bytes_one_of_16_rows": (_png(rows=1), "decoded"),
+    "png_69_bytes_one_of_16_rows": (_png(rows=1), "error"),
+    "png_15_of_16_rows": (_png(rows=15), "error"),
+    "png_complete_last_row_black": (_black_last_row_png(), "decoded"),
     "png_no_rows": (_png(rows=0), "error"),
     "png_bad_idat_crc": (_png(crc=1), "decoded"),
     "png_bad_filter_byte": (_png(raw=b"\x09" * (16 * 49)), "error"),
@@ -476,6 +486,37 @@ def test_hostile_images_decode_to_one_line_in_a_subprocess(tmp_path):
     assert "is 225,000,000 pixels" in got[f"{tmp_path / 'jpeg_bomb_15000x15000.jpeg'}|tensor"]
 
 
+def _adam7_png(a: np.ndarray, passes: int = 7) -> bytes:
+    """An interlaced 8-bit grey PNG of ``a`` holding the first ``passes`` Adam7 passes (ISO/IEC 15948,
+    8.2), its zlib stream complete either way."""
+    starts = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+    data = b"".join(b"\x00" + a[y, x0::dx].tobytes() for x0, y0, dx, dy in starts[:passes]
+                    for y in range(y0, a.shape[0], dy) if a[y, x0::dx].size)
+    return (SIG + _chunk(b"IHDR", struct.pack(">IIBBBBB", a.shape[1], a.shape[0], 8, 0, 0, 0, 1))
+            + _chunk(b"IDAT", zlib.compress(data)) + _chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("size", [(1, 1), (5, 3), (9, 13), (16, 16)])
+def test_png_rows_missing_counts_the_pixels_a_clean_stream_does_not_reach(size, tmp_path):
+    """A PNG whose zlib stream ends cleanly early decodes in PIL with black rows and no word; the
+    stream length the header fixes finds it, interlaced or not, and a complete file is untouched."""
+    h, w = size
+    a = (np.arange(h * w).reshape(h, w) % 200 + 20).astype(np.uint8)
+    assert png_rows_missing(_adam7_png(a)) == 0
+    p = tmp_path / "a.png"
+    p.write_bytes(_adam7_png(a))
+    assert torch.equal(read_rgb(p), torch.from_numpy(a).expand(3, h, w))  # our Adam7 writer is PIL's reader's
+    # without pass 7 (the odd rows, every column), which PIL would leave black: h // 2 rows of w pixels
+    if h > 1:
+        p.write_bytes(_adam7_png(a, passes=6))
+        assert png_rows_missing(p.read_bytes()) == (h // 2) * w
+        with pytest.raises(BalpoeError, match=f"its PNG pixel data end early \\({(h // 2) * w:,} of {h * w:,} pixels"):
+            read_rgb(p)
+    # not interlaced, the last k rows short: k rows of w pixels
+    for k in range(1, h):
+        assert png_rows_missing(_png(w, h, rows=h - k, depth=8, colour=0)) == k * w
+
+
 def test_pixel_limit_is_pils_value_on_every_path(tmp_path, monkeypatch):
     """One limit: PIL's ``Image.MAX_IMAGE_PIXELS``, read when a file is opened (here lowered)."""
     p = tmp_path / "x.jpg"
@@ -515,6 +556,22 @@ def test_hostile_image_in_a_training_folder(case, workers, tmp_path, recipe_file
     assert "Original Traceback" not in err and "DataLoader worker" not in line
     if "bomb" in case:
         assert "more than the limit" in line
+
+
+@pytest.mark.parametrize("case", ["png_15_of_16_rows", "png_bad_filter_byte", "jpeg_header_only"])
+def test_damaged_test_image_is_found_before_training(case, tmp_path, recipe_file, capsys):
+    """A test image whose header is valid but whose pixel data are damaged: one line naming it before
+    the run folder exists (the test split is decoded in full first), not after the training."""
+    root = _folder(tmp_path / "train", {"a": 6, "b": 4})
+    test = _folder(tmp_path / "test", {"a": 3, "b": 3}, seed=2)
+    bad = test / "b" / "1_bad.png"
+    bad.write_bytes(IMAGE_CASES[case][0])
+    out = tmp_path / "out"
+    rc, _, err = _cli(capsys, "train", recipe_file, "--set", "data.dataset=image_folder", "--set",
+                      f"data.train_root={root}", "--set", f"data.test_root={test}", "--set", "data.num_workers=0",
+                      "--set", "data.in_memory=false", "--out", out, "--no-progress")
+    _one_error(rc, err, str(bad))
+    assert not out.exists()
 
 
 @pytest.fixture(scope="module")

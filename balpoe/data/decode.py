@@ -32,7 +32,9 @@ import io
 import os
 import re
 import stat
+import struct
 import warnings
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -104,16 +106,70 @@ def load_pil(path: str | Path) -> Image.Image:
     with the pixel limit; a missing, unreadable, undecodable or too large file is a one-line
     :class:`BalpoeError` naming it."""
     raw = _read_bytes(os.fspath(path)).numpy().tobytes()
-    return _decoded(open_image(io.BytesIO(raw), path), path)
+    return _decoded(open_image(io.BytesIO(raw), path), path, raw)
 
 
-def _decoded(im: Image.Image, path) -> Image.Image:
+def _decoded(im: Image.Image, path, raw: bytes) -> Image.Image:
+    """``im.load()`` (``raw``: the file's bytes, in memory, so no file stays open), then
+    :func:`png_rows_missing` where PIL cannot tell: a PNG whose pixel data end early is an error, as
+    every other truncated file is."""
     try:
-        im.load()  # the bytes are in memory: no file stays open
-        return im
+        im.load()
     except _PIL_ERRORS as e:
         im.close()
         raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}") from None
+    if im.format == "PNG" and (im.info.get("interlace") or not np.asarray(im)[-1].any()):
+        missing = png_rows_missing(raw)
+        if missing:
+            im.close()
+            raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: its PNG pixel data end early "
+                              f"({missing:,} of {im.size[0] * im.size[1]:,} pixels missing; a truncated file?)")
+    return im
+
+
+#: PNG colour type -> samples per pixel (PNG specification, ISO/IEC 15948, table 11.1)
+_PNG_SAMPLES = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+#: Adam7 passes: (first column, first row, column step, row step) (ISO/IEC 15948, 8.2)
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+
+
+def png_rows_missing(raw: bytes) -> int:
+    """How many pixels of a PNG file its compressed data do not reach: 0 for a complete file.
+
+    PIL (and libpng) decode a PNG whose zlib stream ends *cleanly* before the last row without a
+    word, the missing rows black.  The filtered data a PNG must inflate to is fixed by its header:
+    ``height x (1 + ceil(width x bits per pixel / 8))`` bytes, summed over the seven Adam7 passes of
+    an interlaced file (ISO/IEC 15948, 7.2 and 8.2); this inflates the ``IDAT`` chunks (at most that
+    many bytes) and counts the pixels of the rows that are short.  Only called when PIL's result could
+    hide it (an interlaced file, or a last row that decoded all zero), so a complete file is inflated
+    once.  A file this cannot parse returns 0: PIL has already decoded it."""
+    if raw[:8] != b"\x89PNG\r\n\x1a\n" or len(raw) < 33:
+        return 0
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", raw[16:29])
+    bits = depth * _PNG_SAMPLES.get(colour, 0)
+    if not bits:
+        return 0
+    passes = [(width, height)] if not interlace else [
+        (max(0, (width - x0 + dx - 1) // dx), max(0, (height - y0 + dy - 1) // dy)) for x0, y0, dx, dy in _ADAM7]
+    rows = [(cols, 1 + (cols * bits + 7) // 8) for cols, nrows in passes if cols for _ in range(nrows)]
+    need = sum(size for _, size in rows)
+    stream, pos = bytearray(), 8
+    while pos + 8 <= len(raw):
+        (length,), kind = struct.unpack(">I", raw[pos:pos + 4]), raw[pos + 4:pos + 8]
+        if kind == b"IDAT":
+            stream += raw[pos + 8:pos + 8 + length]
+        elif kind == b"IEND":
+            break
+        pos += 12 + length
+    try:
+        got = len(zlib.decompressobj().decompress(bytes(stream), need))
+    except zlib.error:
+        return 0
+    missing = 0
+    for cols, size in rows:
+        missing += cols if got < size else 0
+        got -= size
+    return missing
 
 
 def _read_bytes(path: str) -> torch.Tensor:
@@ -135,9 +191,11 @@ def _read_bytes(path: str) -> torch.Tensor:
     return data[:got]
 
 
-def _rgb_tensor(im: Image.Image, path) -> torch.Tensor:
-    """``im.convert("RGB")`` as a ``uint8 [3, H, W]`` tensor (a permuted ``H x W x 3`` array: the
-    memory layout torchvision's decoders return and its uint8 resize reads fastest)."""
+def _rgb_tensor(im: Image.Image, path, raw: bytes) -> torch.Tensor:
+    """``im.convert("RGB")`` (decoded by :func:`_decoded`) as a ``uint8 [3, H, W]`` tensor (a
+    permuted ``H x W x 3`` array: the memory layout torchvision's decoders return and its uint8
+    resize reads fastest)."""
+    _decoded(im, path, raw)
     try:
         with im:
             rgb = np.array(im.convert("RGB"))
@@ -151,7 +209,7 @@ def pil_rgb(data: bytes | torch.Tensor, path: str | Path = "<bytes>") -> torch.T
     the pixel limit (:func:`open_image`); a file PIL cannot decode is a one-line :class:`BalpoeError`
     naming ``path``."""
     raw = data.numpy().tobytes() if isinstance(data, torch.Tensor) else data
-    return _rgb_tensor(open_image(io.BytesIO(raw), path), path)
+    return _rgb_tensor(open_image(io.BytesIO(raw), path), path, raw)
 
 
 def read_rgb(path: str | Path) -> torch.Tensor:
@@ -164,14 +222,16 @@ def read_rgb(path: str | Path) -> torch.Tensor:
     and resize run on tensors, ``benchmarks/input_pipeline.py``); every other format, and JPEGs
     torchvision refuses, by PIL.  PNG files stay with PIL on purpose: torchvision 0.29's libpng
     decoder ends the whole process (SIGSEGV) on a PNG whose row data are corrupt (fewer rows than
-    the header declares, a bad CRC, filter byte or zlib stream), where PIL raises (or, for a zlib
-    stream that ends cleanly before the last row, decodes the missing rows black), and PIL's PNG
+    the header declares, a bad CRC, filter byte or zlib stream), where PIL raises (and a zlib
+    stream that ends cleanly before the last row, which PIL decodes black without a word, is found
+    by :func:`png_rows_missing`), and PIL's PNG
     decoding is 0.78x torchvision's speed (500 x 375 RGB, one core), a small part of a training
     step.  A missing,
     unreadable, undecodable or too large file raises a one-line :class:`BalpoeError` naming it."""
     path = os.fspath(path)
     data = _read_bytes(path)
-    im = open_image(io.BytesIO(data.numpy().tobytes()), path)
+    raw = data.numpy().tobytes()
+    im = open_image(io.BytesIO(raw), path)
     if decode_image is not None and im.format == "JPEG":
         im.close()
         try:
@@ -182,8 +242,8 @@ def read_rgb(path: str | Path) -> torch.Tensor:
             img = None
         if img is not None and img.dtype == torch.uint8 and img.ndim == 3 and img.shape[0] == 3:
             return img
-        return pil_rgb(data, path)
-    return _rgb_tensor(im, path)
+        return pil_rgb(raw, path)
+    return _rgb_tensor(im, path, raw)
 
 
 def _tensor_op(op) -> object | None:

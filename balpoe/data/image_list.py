@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from balpoe.data.bundle import FileSplit
 from balpoe.data.decode import load_pil, read_rgb, tensor_transform
 from balpoe.data.pipeline import luma
 from balpoe.errors import BalpoeError, short_path, shown
+from balpoe.runtime.console import ThroughputColumn, console
 
 #: dataset name -> (train list, test list), the conventional file names
 LIST_FILES: dict[str, tuple[str, str]] = {
@@ -229,6 +232,22 @@ class ImageListDataset(torch.utils.data.Dataset):
         (:func:`~balpoe.data.decode.load_pil`: the pixel limit, and a one-line error naming a file
         that cannot be decoded)."""
         return load_pil(self.paths[index]).convert("L" if self.channels == 1 else "RGB")
+
+    def decode_every(self, threads: int = 1) -> None:
+        """Decode every image in full with this dataset's decoder (``threads`` at a time: PIL and
+        torchvision release the GIL while decoding), the images dropped: a file whose pixel data are
+        damaged behind a valid header is a one-line :class:`BalpoeError` naming it now, not when the
+        split is first read.  Used before training on the splits read only at evaluation."""
+        def decode(path) -> None:
+            load_pil(path) if self.decode != "tensor" else read_rgb(path)
+
+        progress = Progress(TextColumn("[bold]checking test images"), BarColumn(), MofNCompleteColumn(),
+                            ThroughputColumn(), TimeRemainingColumn(), console=console, transient=True,
+                            disable=not console.is_terminal or len(self.paths) < 1000)
+        with progress, ThreadPoolExecutor(max(1, threads)) as pool:
+            task = progress.add_task("decode", total=len(self.paths))
+            for _ in pool.map(decode, self.paths):  # in order: the first bad file of the list is named
+                progress.advance(task)
 
     def __getitem__(self, index: int):
         if self.transform is None:
