@@ -136,7 +136,6 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
             raise BalpoeError(f"recipe key 'stage2.init_checkpoint': the weights in '{recipe.stage2.init_checkpoint}' "
                               f"do not fit its own model section ({first})") from None
         prepare_stage2(model, recipe.stage2.classifier, recipe.stage2.weight_decay_target)
-        taus = expert_taus(recipe)
         shifted_bn = recipe.stage2.shifted_bn
 
         def set_train_mode(m: nn.Module) -> None:
@@ -149,7 +148,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
     optimizer = build_optimizer(recipe.optim, model.param_groups(recipe.optim.lr, recipe.optim.weight_decay,
                                                                  delta_lr_factor))
     scheduler = build_scheduler(recipe.optim, optimizer)
-    meta = {"taus": taus, "class_counts": bundle.class_counts.tolist(), "num_classes": bundle.num_classes,
+    meta = {"class_counts": bundle.class_counts.tolist(), "num_classes": bundle.num_classes,
             "in_chans": bundle.in_chans, "mean": list(bundle.mean), "std": list(bundle.std),
             "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data),
             "image_files": not bundle.in_memory,
