@@ -28,8 +28,8 @@ counts the main process only, not DataLoader workers.
 
 * **fast**: the library's trainer pieces -- ``build_data`` / ``build_loader`` (the device-resident
   loader with batched augmentation for in-memory datasets), ``build_model``, ``build_criterion``,
-  ``build_optimizer`` over ``model.param_groups`` and ``train_one_epoch`` (one host sync per
-  epoch) -- with optional ``--amp`` (bf16 autocast where the trainer uses it),
+  ``build_optimizer`` over ``model.param_groups`` and ``train_one_epoch`` (the loss read once per
+  epoch, the non-finite-loss flag every 50 steps) -- with optional ``--amp`` (bf16 autocast where the trainer uses it),
   ``--channels-last``, ``--compile`` (``--compile-mode``).
 * **reference** (``--reference``): ``reference_balpoe.py``, a plain-PyTorch re-implementation of
   the official BalPoE step (PIL/torchvision DataLoader with 4 workers, fp32, NCHW, no compile,
