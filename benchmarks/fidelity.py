@@ -136,7 +136,7 @@ from balpoe.data.fashion_mnist import CLASS_NAMES as FMNIST_CLASS_NAMES
 from balpoe.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from balpoe.data.registry import get_dataset
 from balpoe.errors import BalpoeError, run_reporting_errors
-from balpoe.evaluate.build import load_model
+from balpoe.evaluate.build import evaluate_model, load_model
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy
 from balpoe.evaluate.report import report_from_logits
@@ -148,7 +148,7 @@ from balpoe.runtime.device import device_name, resolve_device
 from balpoe.runtime.precision import amp_dtype
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.targets import parse_test_dists, target_sets
-from balpoe.training.build import build_plan, check_names, compile_enabled, train
+from balpoe.training.build import build_plan, check_names, compile_enabled, train, write_results
 from balpoe.training import trainer
 from balpoe.training.trainer import train_model
 
@@ -464,7 +464,10 @@ def train_library(recipe, out: Path, limit: int) -> None:
         torch.manual_seed(recipe.seed)
         np.random.seed(recipe.seed)
         bundle = limit_bundle(build_data(recipe.data, device, seed=recipe.seed), limit)
-        train_model(build_plan(recipe, bundle, device, html_report=False), out, show_progress=False)
+        plan = build_plan(recipe, bundle, device)
+        model = train_model(plan, out, show_progress=False)
+        write_results(evaluate_model(model, bundle, plan.recipe, device, analysis=True), out, plan.recipe,
+                      html_report=False)
     finally:
         balpoe_console.quiet = quiet
 

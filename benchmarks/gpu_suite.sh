@@ -364,8 +364,8 @@ for epoch in range(2):
     loader.set_epoch(epoch)
     ddp.train()
     start = time.perf_counter()
-    stats = train_one_epoch(ddp, loader, criterion, optimizer, bundle.num_classes, recipe.train.mixup_alpha,
-                            recipe.seed, epoch, amp=True)
+    stats = train_one_epoch(ddp, loader, criterion, optimizer, epoch=epoch, seed=recipe.seed,
+                            num_classes=bundle.num_classes, mixup_alpha=recipe.train.mixup_alpha, amp=True)
     epochs.append({"epoch": epoch + 1, "loss": stats["loss"], "seconds": time.perf_counter() - start})
     print(f"rank {rank}: epoch {epoch + 1} loss {stats['loss']:.4f} in {epochs[-1]['seconds']:.2f} s", flush=True)
 n_sync = sum(isinstance(m, nn.SyncBatchNorm) for m in model.modules())

@@ -28,8 +28,8 @@ counts the main process only, not DataLoader workers.
 
 * **fast**: the library's trainer pieces -- ``build_data`` / ``build_loader`` (the device-resident
   loader with batched augmentation for in-memory datasets), ``build_model``, ``build_criterion``,
-  ``build_optimizer`` over ``model.param_groups`` and ``train_one_epoch`` (one host sync per
-  epoch) -- with optional ``--amp`` (bf16 autocast where the trainer uses it),
+  ``build_optimizer`` over ``model.param_groups`` and ``train_one_epoch`` (the loss read once per
+  epoch, the non-finite-loss flag every 50 steps) -- with optional ``--amp`` (bf16 autocast where the trainer uses it),
   ``--channels-last``, ``--compile`` (``--compile-mode``).
 * **reference** (``--reference``): ``reference_balpoe.py``, a plain-PyTorch re-implementation of
   the official BalPoE step (PIL/torchvision DataLoader with 4 workers, fp32, NCHW, no compile,
@@ -293,8 +293,8 @@ def run_fast(bundle, recipe, device, args, settings: FastSettings, trace: str | 
     def epoch_fn(epoch):
         loader.set_epoch(epoch)
         model.train()
-        return train_one_epoch(train_model, loader, criterion, optimizer, bundle.num_classes, tc.mixup_alpha,
-                               recipe.seed, epoch, amp)
+        return train_one_epoch(train_model, loader, criterion, optimizer, epoch=epoch, seed=recipe.seed,
+                               num_classes=bundle.num_classes, mixup_alpha=tc.mixup_alpha, amp=amp)
 
     warmup_seconds: list[float] = []
     rows = timed_epochs(epoch_fn, args.warmup_epochs, args.epochs, device, warmup_seconds)
@@ -312,8 +312,8 @@ def run_fast(bundle, recipe, device, args, settings: FastSettings, trace: str | 
 
         def run_steps(n: int) -> None:
             model.train()
-            train_one_epoch(train_model, StepLoader(loader, n, next_epoch), criterion, optimizer, bundle.num_classes,
-                            tc.mixup_alpha, recipe.seed, next_epoch, amp)
+            train_one_epoch(train_model, StepLoader(loader, n, next_epoch), criterion, optimizer, epoch=next_epoch,
+                            seed=recipe.seed, num_classes=bundle.num_classes, mixup_alpha=tc.mixup_alpha, amp=amp)
 
         result["profile"] = profile_steps(run_steps, args.profile, device, top=args.profile_top,
                                           trace=trace)

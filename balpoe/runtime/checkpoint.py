@@ -43,8 +43,11 @@ REQUIRED_KEYS = ("recipe", "epoch", "model", "num_classes", "in_chans", "class_c
 #: keys a training checkpoint needs to be resumed
 RESUME_KEYS = ("optimizer", "scheduler", "rng")
 #: metadata of a weights file besides the tensors (JSON-encoded)
-_META_KEYS = ("recipe", "epoch", "num_classes", "in_chans", "class_counts", "mean", "std", "class_names", "taus",
+_META_KEYS = ("recipe", "epoch", "num_classes", "in_chans", "class_counts", "mean", "std", "class_names",
               "input_size", "image_files")
+#: keys older checkpoints and weights files also held, dropped on reading: ``taus``, a copy of the experts'
+#: taus, which the recipe holds (``loss``, ``model.num_experts``; :func:`balpoe.losses.build.expert_taus`)
+LEGACY_KEYS = ("taus",)
 _multiarray = getattr(np, "_core", None) or np.core
 #: numpy's array reconstruction, for RNG states in checkpoints written by balpoe 0.1.0
 _LEGACY_NUMPY = [_multiarray.multiarray._reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
@@ -89,8 +92,9 @@ def _unsafe_global(message: str) -> str:
 def load_checkpoint(path: str | Path, map_location="cpu", resume: bool = False) -> dict:
     """Read and check a balpoe checkpoint (``.pt``) or weights file (``.safetensors``) without
     running code; every field is validated (:func:`validate_checkpoint_fields`) and a one-line
-    error names the file and the field otherwise.  ``resume``: the file must also hold the
-    optimizer, scheduler and RNG states."""
+    error names the file and the field otherwise; keys older files held that are derived now
+    (:data:`LEGACY_KEYS`) are dropped.  ``resume``: the file must also hold the optimizer, scheduler
+    and RNG states."""
     path = Path(path)
     try:
         if path.is_dir():
@@ -112,6 +116,8 @@ def load_checkpoint(path: str | Path, map_location="cpu", resume: bool = False) 
             raise BalpoeError(f"checkpoint '{path}' could not be read ({type(e).__name__})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise BalpoeError(f"'{path}' is not a balpoe checkpoint")
+    for key in LEGACY_KEYS:     # derived from the recipe now: no stale copy is read
+        ckpt.pop(key, None)
     missing = [k for k in REQUIRED_KEYS + (RESUME_KEYS if resume else ()) if k not in ckpt]
     if missing:
         what = "resume from" if resume and all(k in ckpt for k in REQUIRED_KEYS) else "use"
@@ -124,7 +130,7 @@ def load_checkpoint(path: str | Path, map_location="cpu", resume: bool = False) 
 
 #: bounds of the data description a checkpoint holds
 MAX_CLASSES, MAX_CHANNELS, MAX_SIDE, MAX_EPOCH, MAX_COUNT = 1_000_000, 64, 4096, 100_000, 10 ** 12
-MAX_NAME_CHARS, MAX_EXPERTS = 1000, 64
+MAX_NAME_CHARS = 1000
 
 
 def _int(value, lo: int, hi: int) -> int | None:
@@ -168,7 +174,7 @@ def validate_checkpoint_fields(ckpt: dict, path: str | Path, resume: bool = Fals
     """Check every field of a checkpoint dict (or a weights file's metadata) for type, range and
     shape before anything uses it: ``num_classes``, ``in_chans``, ``epoch``, ``class_counts`` (one
     positive integer per class), ``class_names``, ``mean`` / ``std`` (finite, std > 0, one per
-    channel), ``taus``, ``input_size``, ``image_files``, the recipe and the weights (a mapping of
+    channel), ``input_size``, ``image_files``, the recipe and the weights (a mapping of
     names to finite tensors); with ``resume`` the optimizer, scheduler, scaler and RNG states'
     structure.  Returns ``ckpt`` (``class_counts`` etc. as plain lists); a one-line error names the
     file and the field otherwise."""
@@ -202,10 +208,6 @@ def validate_checkpoint_fields(ckpt: dict, path: str | Path, resume: bool = Fals
     for key in ("mean", "std"):
         if ckpt.get(key) is not None:
             ckpt[key] = _numbers(ckpt[key], f"{where}: '{key}'", c, **({"gt": 0} if key == "std" else {}))
-    if ckpt.get("taus") is not None:
-        ckpt["taus"] = _numbers(ckpt["taus"], f"{where}: 'taus'", None)
-        if not 1 <= len(ckpt["taus"]) <= MAX_EXPERTS:
-            raise bad("taus", f"must hold 1 to {MAX_EXPERTS} values, got {len(ckpt['taus'])}")
     if ckpt.get("input_size") is not None:
         size = _numbers(ckpt["input_size"], f"{where}: 'input_size'", 3, integer=True, lo=1, hi=MAX_SIDE)
         if size[0] != c:
@@ -264,7 +266,7 @@ def _validate_resume_state(ckpt: dict, bad) -> None:
 
 def save_safetensors(ckpt: dict, path: str | Path) -> Path:
     """The model weights of checkpoint ``ckpt`` as a ``.safetensors`` file, with the resolved recipe
-    and the data description (classes, channels, counts, normalisation, taus) as JSON metadata;
+    and the data description (classes, channels, counts, normalisation, input size) as JSON metadata;
     written atomically."""
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in ckpt["model"].items()}
     return atomic_write(path, lambda f: f.write(safetensors_bytes(ckpt, tensors)))

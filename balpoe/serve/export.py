@@ -37,6 +37,7 @@ import torch
 
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import load_model
+from balpoe.losses.build import expert_taus
 from balpoe.runtime.checkpoint import json_text, safetensors_bytes
 from balpoe.runtime.files import atomic_write, check_output_path
 from balpoe.runtime.console import console
@@ -85,7 +86,7 @@ def export_metadata(served: Served, prior: torch.Tensor | None, spec) -> dict[st
                   "logit_prior_exponent": served.lam_model,
                   "class_counts": [int(n) for n in served.class_counts]},
         "recipe": served.ckpt["recipe"],
-        "checkpoint": {"path": served.path, "epoch": served.ckpt.get("epoch"), "taus": served.ckpt.get("taus")},
+        "checkpoint": {"path": served.path, "epoch": served.ckpt.get("epoch"), "taus": expert_taus(served.recipe)},
     }
     return {k: v if isinstance(v, str) else json_text(v, indent=None) for k, v in meta.items()}
 

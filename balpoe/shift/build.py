@@ -40,7 +40,7 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import (SOURCES, check_run_report, check_source, group_ranges, load_for_eval,
                                    print_data_location, source_logits, write_run_report)
 from balpoe.evaluate.logits import collect_logits
-from balpoe.losses.build import model_prior_exponent
+from balpoe.losses.build import expert_taus, model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.runtime.checkpoint import ensure_writable_dir
 from balpoe.runtime.files import check_output_path
@@ -161,7 +161,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
 
     report: dict[str, Any] = {
         "checkpoint": str(path), "epoch": ckpt["epoch"], "recipe": recipe.name,
-        "num_experts": int(expert_logits.shape[0]), "taus": [float(t) for t in ckpt.get("taus", [])],
+        "num_experts": int(expert_logits.shape[0]), "taus": expert_taus(recipe),
         "logit_prior_exponent": lam_model, "adapt": adapt,
         "calibration": calibration if adapt == "unlabelled" else None,
         "estimator": estimator if adapt == "unlabelled" else None,

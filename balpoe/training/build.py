@@ -1,8 +1,9 @@
 """Recipe -> :class:`~balpoe.training.trainer.Plan` -> a trained run: ``balpoe train RECIPE``.
 
-:func:`train` reads top to bottom: devices and processes, the output directory, the data, the
-plan (model, loss, optimizer, schedule for the recipe's stage), then the stage-agnostic loop
-(:func:`~balpoe.training.trainer.train_model`).
+:func:`train` reads top to bottom: devices and processes, every input, the output directory, the
+data, the plan (model, loss, optimizer, schedule for the recipe's stage), then the stage-agnostic
+loop (:func:`~balpoe.training.trainer.train_model`), the final evaluation
+(:func:`~balpoe.evaluate.build.evaluate_model`) and the run's results (:func:`write_results`).
 """
 
 from __future__ import annotations
@@ -34,14 +35,14 @@ from balpoe.models.build import check_backbone
 from balpoe.models.weights import read_weights
 from balpoe.recipe import Recipe, recipe_from_dict
 from balpoe.runtime import distributed as dist
-from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries
+from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries, write_json
 from balpoe.runtime.files import RUN_FILES, RunLock
 from balpoe.runtime.console import console
 from balpoe.runtime.device import auto_threads, resolve_device
 from balpoe.runtime.precision import amp_dtype
 from balpoe.training.stage2 import adopt_stage1_sections, check_stage2_data, prepare_stage2, set_stage2_mode
 from balpoe.training.tensorboard import TensorBoardLogger
-from balpoe.training.trainer import Plan, train_model
+from balpoe.training.trainer import Plan, add_test_curve, train_model
 
 
 def build_optimizer(cfg, param_groups) -> torch.optim.Optimizer:
@@ -106,7 +107,7 @@ def resolve_stage2(recipe: Recipe, bundle: DataBundle, loaded: tuple[dict, Recip
 
 
 def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank: int = 0,
-               world_size: int = 1, html_report: bool = True, init: tuple[dict, Recipe] | None = None) -> Plan:
+               world_size: int = 1, init: tuple[dict, Recipe] | None = None) -> Plan:
     """The :class:`~balpoe.training.trainer.Plan` of ``recipe``'s stage.
 
     Stage 1: the recipe's model and loss.  Stage 2 (MiSLAS): the stage-1 checkpoint's network with
@@ -135,7 +136,6 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
             raise BalpoeError(f"recipe key 'stage2.init_checkpoint': the weights in '{recipe.stage2.init_checkpoint}' "
                               f"do not fit its own model section ({first})") from None
         prepare_stage2(model, recipe.stage2.classifier, recipe.stage2.weight_decay_target)
-        taus = expert_taus(recipe)
         shifted_bn = recipe.stage2.shifted_bn
 
         def set_train_mode(m: nn.Module) -> None:
@@ -148,17 +148,16 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
     optimizer = build_optimizer(recipe.optim, model.param_groups(recipe.optim.lr, recipe.optim.weight_decay,
                                                                  delta_lr_factor))
     scheduler = build_scheduler(recipe.optim, optimizer)
-    meta = {"recipe": recipe.to_dict(), "taus": taus, "class_counts": bundle.class_counts.tolist(),
-            "num_classes": bundle.num_classes, "in_chans": bundle.in_chans, "mean": list(bundle.mean),
-            "std": list(bundle.std), "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data),
+    meta = {"class_counts": bundle.class_counts.tolist(), "num_classes": bundle.num_classes,
+            "in_chans": bundle.in_chans, "mean": list(bundle.mean), "std": list(bundle.std),
+            "class_names": bundle.class_names, "input_size": input_size(bundle, recipe.data),
             "image_files": not bundle.in_memory,
             **({"pipeline": bundle.pipeline.as_dict(), "test_resize": bundle.pipeline.test_resize}
                if bundle.pipeline is not None else {})}
-    resolved = recipe
     amp = amp_dtype(device, tc.amp, warn=rank == 0)
 
-    def evaluate(m: nn.Module, analysis: bool = False) -> dict:
-        return evaluate_model(m, bundle, resolved, device, analysis=analysis)
+    def evaluate(m: nn.Module) -> dict:
+        return evaluate_model(m, bundle, recipe, device)
 
     validate = None
     if tc.val_every:
@@ -167,22 +166,29 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                               "data.val_list (list datasets) or data.holdout_fraction (a slice of the training split)")
 
         def validate(m: nn.Module) -> dict:
-            return validation_metrics(m, bundle, resolved, device)
+            return validation_metrics(m, bundle, recipe, device)
 
-    def show(out: Path, report: dict) -> None:
-        print_report(report, title=f"{resolved.name}: balanced test set")
-        if html_report:
-            write_run_report(out)
+    return Plan(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, loader=loader,
+                device=device, recipe=recipe, num_classes=bundle.num_classes, set_train_mode=set_train_mode,
+                checkpoint_meta=meta, amp=amp, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16),
+                compile=compile_enabled(tc.compile, device), evaluate=evaluate, validate=validate)
 
-    return Plan(name=recipe.name, model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler,
-                loader=loader, device=device, epochs=recipe.optim.epochs, seed=recipe.seed,
-                num_classes=bundle.num_classes, set_train_mode=set_train_mode, evaluate=evaluate,
-                checkpoint_meta=meta, recipe_yaml=recipe.to_yaml(), mixup_alpha=tc.mixup_alpha,
-                amp=amp, scaler=torch.amp.GradScaler(device.type, enabled=amp == torch.float16), checkpoint_every=tc.checkpoint_every,
-                eval_every=tc.eval_every, compile=compile_enabled(tc.compile, device), compile_mode=tc.compile_mode,
-                sync_bn=tc.sync_bn, validate=validate, val_every=tc.val_every, select_metric=tc.select_metric,
-                early_stop_patience=tc.early_stop_patience,
-                finish=[show])
+
+def write_results(report: dict, out: Path, recipe: Recipe, *, html_report: bool = True,
+                  tensorboard: TensorBoardLogger | None = None) -> None:
+    """The results of a finished run (rank 0): with ``train.eval_every`` the test curve
+    (:func:`~balpoe.training.trainer.add_test_curve`: its last point into metrics.jsonl / metrics.csv,
+    its summary into ``report``); ``OUT/eval.json``; the printed report; ``OUT/report.html``
+    (``html_report``); TensorBoard's final scalars."""
+    if recipe.train.eval_every:
+        add_test_curve(report, out / "metrics.jsonl", recipe.optim.epochs, recipe.train.eval_every)
+    write_json(report, out / "eval.json")
+    print_report(report, title=f"{recipe.name}: balanced test set")
+    if html_report:
+        write_run_report(out)
+    if tensorboard is not None:
+        tensorboard.close(out, report)
+    console.print(f"saved {out / 'last.pt'}, {out / 'eval.json'}, {out / 'metrics.jsonl'}")
 
 
 def compile_enabled(setting: bool | str, device: torch.device) -> bool:
@@ -424,9 +430,10 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     np.random.seed(recipe.seed)
     bundle = build_data(recipe.data, device, seed=recipe.seed)
     check_image_files(bundle)
-    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, html_report=report, init=init)
+    plan = build_plan(recipe, bundle, device, rank=rank, world_size=world_size, init=init)
+    recipe = plan.recipe     # resolved: stage 2 with the stage-1 checkpoint's model and loss sections
     if ckpt is not None:
-        changes = resume_changes(plan.checkpoint_meta["recipe"], ckpt, resume_from)  # names a changed key first
+        changes = resume_changes(recipe.to_dict(), ckpt, resume_from)  # names a changed key first
         check_resume_data(bundle, ckpt, resume_from)
         plan.checkpoint_meta["resumed"] = list(ckpt.get("resumed", [])) + [
             {"epoch": ckpt["epoch"], "changed": {k: list(v) for k, v in changes.items()}}]
@@ -440,15 +447,21 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
     # 2. the output directory: created and locked (one training run per folder) by rank 0
     lock = _lock_output_dir(out, resume, resume_from, expected, device)
     dist.barrier()
+    result: dict = {}
     try:
-        if recipe.train.log_tensorboard and rank == 0:
-            tensorboard = TensorBoardLogger(out, plan.checkpoint_meta["recipe"])
+        tensorboard = TensorBoardLogger(out, recipe.to_dict()) if recipe.train.log_tensorboard and rank == 0 else None
+        if tensorboard is not None:
             plan.on_epoch.append(tensorboard.log_epoch)
-            plan.finish.append(tensorboard.close)
-        report = train_model(plan, out, resume=ckpt, show_progress=show_progress)
+        # 3. the epochs (every rank): metrics.jsonl, last.pt, with validation best.pt
+        model = train_model(plan, out, resume=ckpt, show_progress=show_progress)
+        if rank == 0:
+            # 4. the final evaluation: the balanced test set, with what the run report draws
+            result = evaluate_model(model, bundle, recipe, device, analysis=True)
+            # 5. the results: eval.json (with the test curve), the printed report, report.html
+            write_results(result, out, recipe, html_report=report, tensorboard=tensorboard)
         dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group
     finally:
         if lock is not None:
             lock.release()
     dist.shutdown()
-    return report
+    return result

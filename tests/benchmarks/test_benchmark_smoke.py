@@ -515,7 +515,7 @@ def test_library_epoch_takes_the_official_sgd_steps_on_the_same_draws(backbone, 
     np.random.seed(0)
     criterion = build_criterion(recipe, counts)
     opt = build_optimizer(recipe.optim, fast.param_groups(recipe.optim.lr, recipe.optim.weight_decay))
-    stats = trainer.train_one_epoch(fast, batches, criterion, opt, 10, 0.8, 1, 0, False)
+    stats = trainer.train_one_epoch(fast, batches, criterion, opt, epoch=0, seed=1, num_classes=10, mixup_alpha=0.8)
     # the official step: the same lambdas (numpy reseeded) and permutations (torch's global RNG seeded 5)
     np.random.seed(0)
     torch.manual_seed(5)

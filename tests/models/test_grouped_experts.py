@@ -163,7 +163,8 @@ def test_training_steps_with_batched_experts_equal_the_looped_steps_in_float64()
     stats = []
     for model in (looped, batched):
         opt = build_optimizer(recipe.optim, model.param_groups(recipe.optim.lr, recipe.optim.weight_decay))
-        stats.append(train_one_epoch(model, batches, BalPoELoss(counts, [0.0, 1.0, 2.0]), opt, 10, 0.4, 4, 0, False))
+        stats.append(train_one_epoch(model, batches, BalPoELoss(counts, [0.0, 1.0, 2.0]), opt, epoch=0, seed=4,
+                                     num_classes=10, mixup_alpha=0.4))
     assert stats[0]["loss"] == pytest.approx(stats[1]["loss"], rel=1e-6)   # the epoch loss is summed in float32
     a, b = looped.state_dict(), batched.state_dict()
     assert list(a) == list(b)

@@ -110,8 +110,8 @@ def test_fp16_autocast_with_a_grad_scaler_trains(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
-    stats = train_one_epoch(model, loader, BalPoELoss(torch.bincount(labels), [0.5, 1.5]), opt, 4, 0.0, 0, 0,
-                            torch.float16, scaler=scaler)
+    stats = train_one_epoch(model, loader, BalPoELoss(torch.bincount(labels), [0.5, 1.5]), opt, epoch=0, seed=0,
+                            num_classes=4, amp=torch.float16, scaler=scaler)
     assert math.isfinite(stats["loss"]) and stats["images"] == 40
     assert scaler.get_scale() > 0
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())

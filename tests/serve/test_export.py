@@ -14,12 +14,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from serve_images import class_images, write_images
 
+from balpoe import recipe_from_dict
 from balpoe.cli import main
 from balpoe.evaluate.build import load_model
+from balpoe.losses.build import expert_taus
 from balpoe.runtime.checkpoint import load_checkpoint
-from balpoe.serve.export import TOLERANCE, export, read_metadata
+from balpoe.serve.build import load_served
+from balpoe.serve.export import TOLERANCE, export, export_metadata, read_metadata
 from balpoe.serve.predict import predict
 from balpoe.shift.targets import parse_prior
 
@@ -67,6 +71,26 @@ def test_safetensors_weights_give_exactly_the_checkpoints_logits(ckpt, capsys):
     assert w["input_size"] == [3, 32, 32] and w["class_names"] == c["class_names"] and w["mean"] == c["mean"]
     imgs = write_images(ckpt.parent / "imgs", [0, 3, 8])
     assert predict(path, imgs, quiet=True)["rows"] == predict(ckpt, imgs, quiet=True)["rows"]
+
+
+def test_checkpoints_and_weights_with_the_old_taus_copy_load_and_give_the_same_taus(ckpt, tmp_path):
+    """The taus live in the recipe only (``expert_taus``); files written before that also carried a
+    ``taus`` copy (a checkpoint key, a weights-file metadata key): they load, the copy is dropped,
+    and the readers (the export metadata here) derive the same taus from the recipe."""
+    new = torch.load(ckpt, weights_only=True)
+    assert "taus" not in new
+    old = {**new, "taus": [0.5, 1.5]}                         # as checkpoints were written before
+    torch.save(old, tmp_path / "old.pt")
+    weights = tmp_path / "old.safetensors"
+    meta = {k: json.dumps(new.get(k)) for k in ("recipe", "epoch", "num_classes", "in_chans", "class_counts", "mean",
+                                                 "std", "class_names", "input_size", "image_files")}
+    save_file({k: v.contiguous() for k, v in new["model"].items()}, str(weights),
+              metadata={"format": "balpoe-weights", **meta, "taus": "[0.5, 1.5]"})
+    for path in (tmp_path / "old.pt", weights):
+        loaded = load_checkpoint(path)
+        assert "taus" not in loaded and loaded["recipe"] == new["recipe"]
+        assert expert_taus(recipe_from_dict(loaded["recipe"])) == [0.5, 1.5]
+        assert json.loads(export_metadata(load_served(path), None, None)["checkpoint"])["taus"] == [0.5, 1.5]
 
 
 def test_torchscript_module_matches_and_carries_its_metadata(ckpt, capsys):

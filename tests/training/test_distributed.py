@@ -107,7 +107,8 @@ def _train(bn_mode: str, rank: int, world: int):
     for epoch in range(EPOCHS):
         loader.set_epoch(epoch)
         _set_mode(model, bn_mode)
-        losses.append(train_one_epoch(model, loader, criterion, optimizer, 10, 0.0, SEED, epoch, False)["loss"])
+        losses.append(train_one_epoch(model, loader, criterion, optimizer, epoch=epoch, seed=SEED,
+                                      num_classes=10)["loss"])
     return {k: v.detach().clone() for k, v in dist.unwrap(model).state_dict().items()}, losses
 
 

@@ -21,7 +21,7 @@ from balpoe.errors import BalpoeError
 from balpoe.losses.las import LabelAwareSmoothingLoss
 from balpoe.models.lws import LWSDeltaHead
 from balpoe.evaluate.build import load_model
-from balpoe.losses.build import build_stage2_criterion, model_prior_exponent
+from balpoe.losses.build import build_stage2_criterion, expert_taus, model_prior_exponent
 from balpoe.losses.priors import stage2_expert_offsets
 from balpoe.training.build import build_plan, load_init_checkpoint
 from balpoe.training.stage2 import adopt_stage1_sections
@@ -95,7 +95,7 @@ def test_mislas_stage1_to_stage2_api_eval_and_what_stage2_changes(mislas_stage1,
 
     # The stage-2 checkpoint is self-contained: model/loss sections from stage 1, taus [0].
     assert s2["recipe"]["stage"] == 2 and s2["recipe"]["model"] == s1["recipe"]["model"]
-    assert s2["recipe"]["loss"] == s1["recipe"]["loss"] and s2["taus"] == [0.0]
+    assert s2["recipe"]["loss"] == s1["recipe"]["loss"] and expert_taus(recipe_from_dict(s2["recipe"])) == [0.0]
     assert load_recipe(tmp_path / "s2" / "recipe.yaml").model.num_experts == 1
 
     # Shifted BN: running statistics re-estimated in every BN layer; everything else of stage 1
@@ -143,7 +143,7 @@ def test_official_mislas_stage2_and_checkpoints_from_before_the_keys(mislas_stag
     raw["data"].update(sampler="class_aware", images_per_class_visit=4)
     recipe = recipe_from_dict(raw)
     bundle = build_data(recipe.data, "cpu")
-    plan = build_plan(recipe, bundle, torch.device("cpu"), html_report=False)
+    plan = build_plan(recipe, bundle, torch.device("cpu"))
     n = int(bundle.class_counts.sum())
     assert len(plan.loader) == math.ceil(n / 32) + 1 and plan.loader.num_samples == 32 * len(plan.loader)
     assert plan.criterion.target == "official" and plan.criterion.spread == 10
@@ -248,7 +248,7 @@ def test_balpoe_three_experts_stage2(balpoe_stage1, fm_root, tmp_path):
     recipe = recipe_from_dict(_stage2(fm_root, s1_path, dataset="fashion_mnist", eps_1=0.3, eps_k=0.1))
     report = train(recipe, tmp_path / "s2", show_progress=False)
     s1, s2 = load_checkpoint(s1_path), load_checkpoint(tmp_path / "s2" / "last.pt")
-    assert s2["taus"] == [0.0, 1.0, 2.0] and len(report["expert_acc"]) == 3
+    assert expert_taus(recipe_from_dict(s2["recipe"])) == [0.0, 1.0, 2.0] and len(report["expert_acc"]) == 3
     assert s2["recipe"]["model"]["num_experts"] == 3
     # Per-expert LWS + dW on every head; shifted BN in the shared trunk and in each expert's branch.
     stats, frozen = _split_state(s1["model"], s2["model"])
