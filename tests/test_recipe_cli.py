@@ -194,14 +194,17 @@ def test_unreadable_recipe_files_are_one_line_errors(tmp_path, monkeypatch):
     ok.write_text("name: x\n")
     if os.geteuid() != 0:  # a real refusal (root reads anything)
         ok.chmod(0)
-        assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (permission denied)"
+        assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (Permission denied)"
         ok.chmod(0o644)
     # Permission denied, simulated (the tests may run as root).
+    real_open = os.open
 
-    def refuse(self, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "read_text", refuse)
-    assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (permission denied)"
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(ok):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
+    assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (Permission denied)"
 
 
 def test_yaml_syntax_errors_say_where(tmp_path):
