@@ -159,7 +159,7 @@ class MeanLogitCE(nn.Module):
 @pytest.fixture
 def toy_entries():
     register_dataset("toy_quadrants", DatasetSpec(_toy_reader, mean=(0.3,), std=(0.3,)))
-    register_loss("toy_mean_ce", lambda recipe, counts, taus: MeanLogitCE())
+    register_loss("toy_mean_ce", lambda loss, counts, taus: MeanLogitCE())
 
     @register_adapt_mode("toy_double", "toy: logits times two (argmax unchanged)")
     def _double(selector, logits, labels, **_):

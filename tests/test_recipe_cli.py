@@ -65,7 +65,7 @@ def test_overrides_and_defaults(tmp_path):
     p.write_text("name: x\nmodel: {num_experts: 4}\nloss: {tau_min: -1, tau_max: 3}\n")
     r = load_recipe(p, ["optim.lr=0.05", "train.mixup_alpha=0", "data.augment.rotation=0"])
     assert r.optim.lr == 0.05 and r.train.mixup_alpha == 0.0 and r.data.augment.rotation == 0.0
-    assert expert_taus(r) == pytest.approx([-1.0, 1 / 3, 5 / 3, 3.0])
+    assert expert_taus(r.loss, r.model.num_experts) == pytest.approx([-1.0, 1 / 3, 5 / 3, 3.0])
     with pytest.raises(BalpoeError, match="unknown recipe key 'optim.nope'"):
         load_recipe(p, ["optim.nope=1"])
     with pytest.raises(BalpoeError, match="recipe file '.*missing.yaml' not found"):

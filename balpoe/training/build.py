@@ -24,10 +24,10 @@ from balpoe.data.bundle import DataBundle
 from balpoe.data.decode import open_image
 from balpoe.data.lt import empty_group_hint
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists, UnfinishedRun, short_path, shown
-from balpoe.evaluate.build import evaluate_model, validation_metrics, write_run_report
+from balpoe.evaluate.build import ensemble_prior, evaluate_model, validation_metrics, write_run_report
 from balpoe.evaluate.report import print_report
 from balpoe.data.registry import get_dataset
-from balpoe.losses.build import LOSSES, build_criterion, expert_taus
+from balpoe.losses.build import build_criterion, expert_taus, get_loss
 from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
 from balpoe.models.build import check_backbone
@@ -118,7 +118,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                           channels_last=tc.channels_last)
     if recipe.stage == 1:
         model = build_model(recipe.model, bundle.num_classes, bundle.in_chans)
-        taus = expert_taus(recipe)
+        taus = expert_taus(recipe.loss, recipe.model.num_experts)
         if rank == 0 and (recipe.model.num_experts > 1 or taus != [0.0]):
             warn_unbalanced_tau(taus)
         delta_lr_factor = 1.0
@@ -135,13 +135,14 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
             raise BalpoeError(f"recipe key 'stage2.init_checkpoint': the weights in '{recipe.stage2.init_checkpoint}' "
                               f"do not fit its own model section ({first})") from None
         prepare_stage2(model, recipe.stage2.classifier, recipe.stage2.weight_decay_target)
-        taus = expert_taus(recipe)
+        taus = expert_taus(recipe.loss, recipe.model.num_experts)
         shifted_bn = recipe.stage2.shifted_bn
 
         def set_train_mode(m: nn.Module) -> None:
             set_stage2_mode(m, shifted_bn)
         delta_lr_factor = recipe.stage2.delta_lr_factor
-    criterion = build_criterion(recipe, bundle.class_counts)
+    criterion = build_criterion(recipe.loss, recipe.model.num_experts, bundle.class_counts,
+                                stage2=recipe.stage2 if recipe.stage == 2 else None)
     model, criterion = model.to(device), criterion.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -156,9 +157,11 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                if bundle.pipeline is not None else {})}
     resolved = recipe
     amp = amp_dtype(device, tc.amp, warn=rank == 0)
+    ensemble_taus, lam_model = ensemble_prior(resolved)
 
     def evaluate(m: nn.Module, analysis: bool = False) -> dict:
-        return evaluate_model(m, bundle, resolved, device, analysis=analysis)
+        return evaluate_model(m, bundle, resolved.data, device, batch_size=tc.eval_batch_size, amp=tc.amp,
+                              taus=ensemble_taus, lam_model=lam_model, analysis=analysis)
 
     validate = None
     if tc.val_every:
@@ -167,7 +170,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                               "data.val_list (list datasets) or data.holdout_fraction (a slice of the training split)")
 
         def validate(m: nn.Module) -> dict:
-            return validation_metrics(m, bundle, resolved, device)
+            return validation_metrics(m, bundle, resolved.data, device, batch_size=tc.eval_batch_size, amp=tc.amp)
 
     def show(out: Path, report: dict) -> None:
         print_report(report, title=f"{resolved.name}: balanced test set")
@@ -383,8 +386,7 @@ def check_names(recipe: Recipe) -> None:
     get_dataset(recipe.data.dataset)
     if recipe.data.augment.policy == "randaugment":
         parse_randaugment(recipe.data.augment.randaugment)
-    if recipe.loss.name not in LOSSES:
-        raise BalpoeError(f"recipe key 'loss.name' is unknown: {recipe.loss.name!r} (known: {', '.join(LOSSES)})")
+    get_loss(recipe.loss.name)
     check_backbone(recipe.model.backbone)
 
 
