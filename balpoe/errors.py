@@ -10,7 +10,7 @@ from __future__ import annotations
 import reprlib
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 EXIT_USAGE = 2
 
@@ -48,6 +48,15 @@ def quoted(text: Any, limit: int = SHOWN_CHARS) -> str:
     if isinstance(text, str) and len(text) <= limit and text.isprintable():
         return f"'{text}'"
     return shown(text, limit)
+
+
+def check_choice(what: str, value: Any, choices: Iterable[str]) -> str:
+    """``value`` when it is one of ``choices`` (names, or a mapping keyed by them), else a one-line
+    :class:`BalpoeError`: ``<what> must be one of a, b, c; got 'x'``."""
+    names = list(choices)
+    if not isinstance(value, str) or value not in names:
+        raise BalpoeError(f"{what} must be one of {', '.join(names)}; got {shown(value)}")
+    return value
 
 
 def short_path(path: str | Path, limit: int = 120) -> str:

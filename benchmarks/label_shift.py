@@ -70,11 +70,10 @@ import torch
 
 from balpoe.runtime.device import cpu_name
 from balpoe.data.build import build_loader
-from balpoe.evaluate.build import load_for_eval
+from balpoe.evaluate.build import ensemble_prior, load_for_eval
 from balpoe.evaluate.calibration import apply_calibration
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy, expected_calibration_error, negative_log_likelihood
-from balpoe.losses.build import model_prior_exponent
 from balpoe.losses.priors import log_prior
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import load_recipe
@@ -206,7 +205,7 @@ def run_row(row: Row, sel: TauSelector, z: torch.Tensor, y: torch.Tensor, v: tor
 def bench_model(key: str, ckpt: Path, check_forwards: bool) -> dict:
     model, recipe, _, bundle, dev = load_for_eval(ckpt, "cpu")
     counts = bundle.class_counts
-    lam_m = model_prior_exponent(recipe)
+    lam_m = ensemble_prior(recipe)[1]
     assert lam_m == 0.0, "both benchmark models have balanced ensemble logits"
     v = log_prior(counts, torch.float64).float()
 

@@ -213,7 +213,7 @@ def train_reference(recipe, bundle, device: torch.device, workers: int, full_tra
         model = reference_model(recipe, bundle.num_classes, bundle.in_chans, device)
         optimizer = reference_optimizer(model, recipe)
         scheduler = reference_scheduler(optimizer, recipe)
-        taus = expert_taus(recipe)
+        taus = expert_taus(recipe.loss, recipe.model.num_experts)
         rows = []
         for epoch in range(recipe.optim.epochs):
             lr = optimizer.param_groups[0]["lr"]

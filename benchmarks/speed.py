@@ -278,7 +278,8 @@ def run_fast(bundle, recipe, device, args, settings: FastSettings, trace: str | 
     model = build_model(recipe.model, bundle.num_classes, bundle.in_chans).to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    criterion = build_criterion(recipe, bundle.class_counts).to(device)   # as the trainer (build_plan)
+    criterion = build_criterion(recipe.loss, recipe.model.num_experts, bundle.class_counts,   # as the trainer
+                                stage2=recipe.stage2 if recipe.stage == 2 else None).to(device)
     optimizer = build_optimizer(recipe.optim, model.param_groups(recipe.optim.lr, recipe.optim.weight_decay))
     if settings.foreach != "default":
         for group in optimizer.param_groups:
@@ -321,7 +322,7 @@ def run_fast(bundle, recipe, device, args, settings: FastSettings, trace: str | 
 
 
 def run_reference(bundle, recipe, device, args) -> dict:
-    taus = expert_taus(recipe)
+    taus = expert_taus(recipe.loss, recipe.model.num_experts)
     reset_peak_memory(device)
     torch.manual_seed(recipe.seed)
     np.random.seed(recipe.seed)

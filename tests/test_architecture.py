@@ -89,6 +89,16 @@ def test_only_build_modules_and_the_cli_import_the_recipe():
     assert readers and all(Path(r).name in allowed for r in readers), sorted(readers)
 
 
+def test_the_recipe_parser_never_imports_the_schema():
+    """``balpoe/recipe/_parse.py`` reads any schema dataclass generically; the schema
+    (``balpoe/recipe/__init__.py``) imports the parser, never the reverse."""
+    tree = ast.parse((PACKAGE / "recipe" / "_parse.py").read_text())
+    relative = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level]
+    schema = [m for _, m in _imports(tree) if m == "balpoe.recipe" or m.startswith("balpoe.recipe.")]
+    assert not relative and not schema, (relative, schema)
+    assert "balpoe.recipe._parse" in {m for _, m in _imports(ast.parse((PACKAGE / "recipe" / "__init__.py").read_text()))}
+
+
 FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9]*(?:-[a-z0-9]+)*\b")
 
 
@@ -146,6 +156,10 @@ def toy_architecture_net(pretrained: bool = False, **kwargs) -> ToyNet:
     return ToyNet(**kwargs)
 
 
+#: what the toy loss's builder was called with: (the recipe's loss section, class counts, taus)
+BUILT: list = []
+
+
 class MeanLogitCE(nn.Module):
     """A toy loss: cross-entropy of the mean expert logits; counts its calls."""
     calls = 0
@@ -159,7 +173,8 @@ class MeanLogitCE(nn.Module):
 @pytest.fixture
 def toy_entries():
     register_dataset("toy_quadrants", DatasetSpec(_toy_reader, mean=(0.3,), std=(0.3,)))
-    register_loss("toy_mean_ce", lambda recipe, counts, taus: MeanLogitCE())
+    BUILT.clear()
+    register_loss("toy_mean_ce", lambda loss, counts, taus: BUILT.append((loss, counts, taus)) or MeanLogitCE())
 
     @register_adapt_mode("toy_double", "toy: logits times two (argmax unchanged)")
     def _double(selector, logits, labels, **_):
@@ -182,6 +197,8 @@ def test_a_toy_dataset_backbone_loss_and_adaptation_mode_train_and_evaluate(toy_
     assert ckpt["class_names"] == [f"quadrant{c}" for c in range(4)] and ckpt["in_chans"] == 1
     assert ckpt["class_counts"] == [40, 25, 15, 10]          # the LT split of the toy reader: 40 * (1/4)^(i/3)
     assert MeanLogitCE.calls == 5 * 6                         # 90 images, batch 16: 6 steps per epoch
+    (loss, counts, taus), = BUILT                             # the builder gets the recipe's loss section
+    assert loss == recipe.loss and counts.tolist() == [40, 25, 15, 10] and taus == [0.5, 1.5]
     assert report["n"] == 40 and report["acc"] > 40           # learnable: chance is 25
     assert timm.is_model("toy_architecture_net")
     shift = evaluate_shift(tmp_path / "run" / "last.pt", test_dists="forward2,uniform", adapt="toy_double",

@@ -65,7 +65,7 @@ def test_overrides_and_defaults(tmp_path):
     p.write_text("name: x\nmodel: {num_experts: 4}\nloss: {tau_min: -1, tau_max: 3}\n")
     r = load_recipe(p, ["optim.lr=0.05", "train.mixup_alpha=0", "data.augment.rotation=0"])
     assert r.optim.lr == 0.05 and r.train.mixup_alpha == 0.0 and r.data.augment.rotation == 0.0
-    assert expert_taus(r) == pytest.approx([-1.0, 1 / 3, 5 / 3, 3.0])
+    assert expert_taus(r.loss, r.model.num_experts) == pytest.approx([-1.0, 1 / 3, 5 / 3, 3.0])
     with pytest.raises(BalpoeError, match="unknown recipe key 'optim.nope'"):
         load_recipe(p, ["optim.nope=1"])
     with pytest.raises(BalpoeError, match="recipe file '.*missing.yaml' not found"):
@@ -194,14 +194,17 @@ def test_unreadable_recipe_files_are_one_line_errors(tmp_path, monkeypatch):
     ok.write_text("name: x\n")
     if os.geteuid() != 0:  # a real refusal (root reads anything)
         ok.chmod(0)
-        assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (permission denied)"
+        assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (Permission denied)"
         ok.chmod(0o644)
     # Permission denied, simulated (the tests may run as root).
+    real_open = os.open
 
-    def refuse(self, *args, **kwargs):
-        raise PermissionError(13, "Permission denied", str(self))
-    monkeypatch.setattr(Path, "read_text", refuse)
-    assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (permission denied)"
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(ok):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(os, "open", refuse)
+    assert _error(load_recipe, ok) == f"recipe file '{ok}' cannot be read (Permission denied)"
 
 
 def test_yaml_syntax_errors_say_where(tmp_path):

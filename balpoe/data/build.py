@@ -24,9 +24,10 @@ from balpoe.data.pipeline import (Pipeline, array_pipeline, channel_stats, decod
                                   pipeline_transform, resolve_pipeline)
 from balpoe.data.registry import FILE_KEYS, check_dataset_keys, get_dataset
 from balpoe.errors import BalpoeError, quoted
+from balpoe.recipe import AugmentConfig, DataConfig
 
 
-def folder_transforms(name: str, train: bool, image_size: int = 224, augment=None):
+def folder_transforms(name: str, train: bool, image_size: int = 224, augment: AugmentConfig | None = None):
     """The train / test transform of the image-file dataset ``name``
     (:func:`~balpoe.data.augment.folder_transform`): its registry entry's statistics; colour jitter
     as ``augment.color_jitter`` says (null: the dataset's default, always with RandAugment, as the
@@ -97,7 +98,7 @@ def check_split_labels(split, num_classes: int, what: str, train_source: str) ->
                           f"{num_classes - 1}); every class needs training images")
 
 
-def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBundle:
+def build_data(cfg: DataConfig, device: torch.device | str = "cpu", seed: int = 0) -> DataBundle:
     """The long-tailed training split, the test split and the calibration holdout for the recipe's
     ``data`` section ``cfg``.
 
@@ -190,7 +191,7 @@ def build_data(cfg, device: torch.device | str = "cpu", seed: int = 0) -> DataBu
                       holdout_note=holdout_note, pipeline=pipe)
 
 
-def _file_bundle(cfg, pipe: Pipeline, train: FileSplit, keep, hold, test, test_idx, val, counts, class_names,
+def _file_bundle(cfg: DataConfig, pipe: Pipeline, train: FileSplit, keep, hold, test, test_idx, val, counts, class_names,
                  holdout_note) -> DataBundle:
     """The bundle of image files read per epoch through a DataLoader (:func:`build_data`)."""
     if pipe.mean is None:
@@ -212,13 +213,13 @@ def _file_bundle(cfg, pipe: Pipeline, train: FileSplit, keep, hold, test, test_i
 LOCATION_KEYS = ("root", *FILE_KEYS, "test_lists")
 
 
-def stored_location_keys(cfg, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
+def stored_location_keys(cfg: DataConfig, given: set[str] | frozenset[str] = frozenset()) -> list[str]:
     """The location keys (``data.root`` always, the others when set) of recipe section ``cfg`` that
     the user did not give (``given``: keys such as ``data.root`` set on the command line)."""
     return [f"data.{k}" for k in LOCATION_KEYS if (k == "root" or getattr(cfg, k, None)) and f"data.{k}" not in given]
 
 
-def data_location(cfg, given: set[str] | frozenset[str] = frozenset(), stored_in: str = "") -> str:
+def data_location(cfg: DataConfig, given: set[str] | frozenset[str] = frozenset(), stored_in: str = "") -> str:
     """One line saying where the data of recipe section ``cfg`` are read from: ``data.root`` (null:
     the dataset's default place, ``./data`` for CIFAR) and every other location key that is set,
     each marked with where its value came from: ``given`` holds the keys the user set (``data.root``,
@@ -246,7 +247,7 @@ def stored_origin(stored: list[str], stored_in: str) -> str:
     return f"{', '.join(stored)} as stored in the recipe of {stored_in}, not given here"
 
 
-def input_size(bundle: DataBundle, cfg) -> list[int]:
+def input_size(bundle: DataBundle, cfg: DataConfig) -> list[int]:
     """``[C, H, W]`` of the images the model sees at test time: the in-memory images' size, or the
     image-file datasets' crop ``data.image_size``."""
     if bundle.in_memory:
@@ -255,14 +256,14 @@ def input_size(bundle: DataBundle, cfg) -> list[int]:
     return [bundle.in_chans, size, size]
 
 
-def uses_device_loader(cfg, bundle: DataBundle) -> bool:
+def uses_device_loader(cfg: DataConfig, bundle: DataBundle) -> bool:
     """Whether ``bundle`` is served from the device (in-memory data, unless ``data.loader: dataloader``)."""
     if cfg.loader == "device" and not bundle.in_memory:
         raise BalpoeError(f"recipe key 'data.loader' is 'device' but {bundle.name} is an image-file dataset")
     return bundle.in_memory and cfg.loader != "dataloader"
 
 
-def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg, *, train: bool, seed: int = 0,
+def build_loader(bundle: DataBundle, split: str, batch_size: int, cfg: DataConfig, *, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1, channels_last: bool = False, sampler: str | None = None):
     """A loader for ``split`` in {'train', 'test', 'holdout'}; iterating yields ``(x, y)`` batches.
 

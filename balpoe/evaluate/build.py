@@ -24,7 +24,7 @@ import balpoe
 from balpoe.data.build import build_data, build_loader, data_location, stored_location_keys, stored_origin
 from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import stratified_holdout
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, check_choice
 from balpoe.evaluate.calibration import apply_calibration, fit_post_hoc
 from balpoe.evaluate.html_report import write_html_report
 from balpoe.evaluate.logits import collect_logits
@@ -33,7 +33,7 @@ from balpoe.losses.build import expert_taus, model_prior_exponent
 from balpoe.losses.priors import balance_logits
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.recipe import Recipe, apply_overrides, recipe_from_dict
+from balpoe.recipe import DataConfig, Recipe, apply_overrides, recipe_from_dict
 from balpoe.runtime.checkpoint import load_checkpoint, write_json
 from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
@@ -153,55 +153,71 @@ def environment(device: torch.device, amp: bool) -> dict:
             "dtype": f"{str(dtype).replace('torch.', '')} autocast" if dtype is not None else "float32"}
 
 
-def group_ranges(recipe: Recipe) -> tuple[int, int] | None:
+def ensemble_prior(recipe: Recipe) -> tuple[list[float], float]:
+    """The per-expert taus of the recipe's network (:func:`~balpoe.losses.build.expert_taus`) and
+    ``lambda_m``, the power of ``pi_train`` its ensemble logits keep
+    (:func:`~balpoe.losses.build.model_prior_exponent`)."""
+    taus = expert_taus(recipe.loss, recipe.model.num_experts)
+    return taus, model_prior_exponent(taus, recipe.data.sampler, recipe.stage2 if recipe.stage == 2 else None)
+
+
+def group_ranges(data: DataConfig) -> tuple[int, int] | None:
     """The class-index group boundaries of ``data.groups: ranges`` (None: groups by training count)."""
-    return tuple(recipe.data.group_ranges) if recipe.data.groups == "ranges" else None
+    return tuple(data.group_ranges) if data.groups == "ranges" else None
 
 
-def analysis_of(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
-                expert_logits: torch.Tensor, labels: torch.Tensor) -> dict:
+def analysis_of(model: torch.nn.Module, bundle: DataBundle, data: DataConfig, device: torch.device,
+                expert_logits: torch.Tensor, labels: torch.Tensor, *, batch_size: int, amp: bool = False,
+                taus: list[float] | None = None, lam_model: float = 0.0) -> dict:
     """The run report's analysis (:func:`~balpoe.evaluate.report.analysis_from_logits`) with
     reliability after TS and BCTS fitted on the recipe's held-out slice, or else on a slice of the
-    training split (said in ``calibration_note``; image-file datasets without a holdout: none)."""
-    lam = model_prior_exponent(recipe)
+    training split (said in ``calibration_note``; image-file datasets without a holdout: none).
+    ``taus``, ``lam_model``: the network's (:func:`ensemble_prior`)."""
     calibrated, note = {}, ("no post-hoc calibration: no labelled source data (set data.holdout_fraction, or give "
                             "a validation split)")
     if bundle.holdout is not None or bundle.in_memory:
-        src = source_logits(model, bundle, recipe, device, lam_model=lam, warn=False)
+        src = source_logits(model, bundle, data, device, batch_size=batch_size, amp=amp, lam_model=lam_model,
+                            warn=False)
         fits = fit_post_hoc(src.logits, src.labels, src.prior)
-        bal = balance_logits(MultiExpertNet.ensemble(expert_logits), bundle.class_counts, lam).double()
+        bal = balance_logits(MultiExpertNet.ensemble(expert_logits), bundle.class_counts, lam_model).double()
         calibrated = {name: (apply_calibration(bal, f["temperature"], f["bias"]), f["temperature"])
                       for name, f in fits.items()}
         note = f"TS and BCTS fitted by NLL on {len(src.labels)} images: {src.note}"
     out = analysis_from_logits(expert_logits, labels, bundle.class_counts, bundle.class_names,
-                               many_threshold=recipe.data.many_threshold, few_threshold=recipe.data.few_threshold,
-                               taus=expert_taus(recipe), calibrated=calibrated, group_ranges=group_ranges(recipe))
+                               many_threshold=data.many_threshold, few_threshold=data.few_threshold,
+                               taus=taus, calibrated=calibrated, group_ranges=group_ranges(data))
     out["calibration_note"] = note
-    out["environment"] = environment(device, recipe.train.amp)
+    out["environment"] = environment(device, amp)
     return out
 
 
-def evaluate_model(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
+def evaluate_model(model: torch.nn.Module, bundle: DataBundle, data: DataConfig, device: torch.device, *,
+                   batch_size: int, amp: bool = False, taus: list[float] | None = None, lam_model: float = 0.0,
                    split: str = "test", analysis: bool = False) -> dict:
-    """The report of ``split`` (:func:`~balpoe.evaluate.report.report_from_logits`); with
-    ``analysis`` also what the run report draws (:func:`analysis_of`)."""
-    loader = build_loader(bundle, split, recipe.train.eval_batch_size, recipe.data, train=False)
-    logits, labels = collect_logits(model, loader, device, recipe.train.amp)
-    report = report_from_logits(logits, labels, bundle.class_counts, recipe.data.many_threshold,
-                                recipe.data.few_threshold, group_ranges(recipe))
+    """The report of ``split`` (:func:`~balpoe.evaluate.report.report_from_logits`) of the data the
+    recipe's ``data`` section describes (its loader, many/medium/few groups), in batches of
+    ``batch_size`` (``train.eval_batch_size``) under ``amp`` (``train.amp``); with ``analysis`` also
+    what the run report draws (:func:`analysis_of`, given the network's ``taus`` and ``lam_model``,
+    :func:`ensemble_prior`)."""
+    loader = build_loader(bundle, split, batch_size, data, train=False)
+    logits, labels = collect_logits(model, loader, device, amp)
+    report = report_from_logits(logits, labels, bundle.class_counts, data.many_threshold, data.few_threshold,
+                                group_ranges(data))
     if analysis:
-        report["analysis"] = analysis_of(model, bundle, recipe, device, logits, labels)
+        report["analysis"] = analysis_of(model, bundle, data, device, logits, labels, batch_size=batch_size, amp=amp,
+                                         taus=taus, lam_model=lam_model)
     return report
 
 
-def validation_metrics(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device) -> dict:
+def validation_metrics(model: torch.nn.Module, bundle: DataBundle, data: DataConfig, device: torch.device, *,
+                       batch_size: int, amp: bool = False) -> dict:
     """Metrics of the validation split (``bundle.holdout``: ``data.val_root`` / ``data.val_list`` /
     the ``data.holdout_fraction`` slice) for model selection, of the ensemble logits the test
     report scores: ``val_balanced_acc`` (%, the mean over the classes present of each class's
     recall) and ``val_nll`` (the mean over the classes present of each class's mean NLL), so that
     a long-tailed validation split scores the model as the balanced test set does."""
-    loader = build_loader(bundle, "holdout", recipe.train.eval_batch_size, recipe.data, train=False)
-    expert, labels = collect_logits(model, loader, device, recipe.train.amp)
+    loader = build_loader(bundle, "holdout", batch_size, data, train=False)
+    expert, labels = collect_logits(model, loader, device, amp)
     logits = MultiExpertNet.ensemble(expert).double()
     num_classes = logits.shape[1]
     n = torch.bincount(labels, minlength=num_classes).double()
@@ -263,7 +279,9 @@ def evaluate_checkpoint(path: str | Path, device: str = "auto", batch_size: int 
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
     check_output_path(out_path, "evaluation output", **check)                 # created before the evaluation
     console.print(checkpoint_line(path, ckpt, recipe), highlight=False)
-    result = evaluate_model(model, bundle, recipe, dev, analysis=True)
+    taus, lam = ensemble_prior(recipe)
+    result = evaluate_model(model, bundle, recipe.data, dev, batch_size=recipe.train.eval_batch_size,
+                            amp=recipe.train.amp, taus=taus, lam_model=lam, analysis=True)
     result["checkpoint"] = str(path)
     result["epoch"] = ckpt["epoch"]
     if isinstance(ckpt.get("selection"), dict):
@@ -300,8 +318,7 @@ class SourceSet:
 def check_source(bundle: DataBundle, source: str) -> str:
     """Which source data ``source`` (:data:`SOURCES`) resolves to for this data bundle:
     ``holdout`` or ``train_slice``; a one-line error when there is none."""
-    if source not in SOURCES:
-        raise BalpoeError(f"calibration source must be one of {', '.join(SOURCES)}; got {source!r}")
+    check_choice("calibration source", source, SOURCES)
     if bundle.holdout is not None and source in ("auto", "holdout"):
         return "holdout"
     if source == "holdout":
@@ -316,9 +333,11 @@ def check_source(bundle: DataBundle, source: str) -> str:
     return "train_slice"
 
 
-def source_logits(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, device: torch.device,
-                  source: str = "auto", lam_model: float = 0.0, seed: int = 0, warn: bool = True) -> SourceSet:
-    """Balanced ensemble logits of the labelled source data: the dataset's validation split
+def source_logits(model: torch.nn.Module, bundle: DataBundle, data: DataConfig, device: torch.device, *,
+                  batch_size: int, amp: bool = False, source: str = "auto", lam_model: float = 0.0, seed: int = 0,
+                  warn: bool = True) -> SourceSet:
+    """Balanced ensemble logits (``lam_model``: :func:`ensemble_prior`) of the labelled source data,
+    in batches of ``batch_size`` under ``amp``: the dataset's validation split
     (``data.val_root`` / ``data.val_list`` / ``ImageNet_LT_val.txt``), else the recipe's held-out slice
     of the long-tailed training split (``data.holdout_fraction > 0``), or, without one, a stratified
     :data:`TRAIN_SLICE_FRACTION` slice of the training split the model *was trained on*, with a
@@ -329,7 +348,7 @@ def source_logits(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, de
         b = bundle
         note = (f"{bundle.holdout_note}, not trained on" if bundle.holdout_note else
                 f"held-out slice of the long-tailed training split (data.holdout_fraction = "
-                f"{recipe.data.holdout_fraction}), not trained on")
+                f"{data.holdout_fraction}), not trained on")
     else:
         _, idx = stratified_holdout(bundle.train.labels.cpu(), TRAIN_SLICE_FRACTION, seed=seed, min_per_class=1)
         b = dataclasses.replace(bundle, holdout=bundle.train.subset(idx))
@@ -338,9 +357,9 @@ def source_logits(model: torch.nn.Module, bundle: DataBundle, recipe: Recipe, de
         if warn:
             warnings.warn(f"calibration source data: {note}; retrain with data.holdout_fraction: 0.1 for an "
                           "honest held-out slice", UserWarning, stacklevel=2)
-    loader = build_loader(b, "holdout", recipe.train.eval_batch_size, recipe.data, train=False)
+    loader = build_loader(b, "holdout", batch_size, data, train=False)
     start = time.perf_counter()
-    expert, labels = collect_logits(model, loader, device, recipe.train.amp)
+    expert, labels = collect_logits(model, loader, device, amp)
     seconds = time.perf_counter() - start
     logits = balance_logits(MultiExpertNet.ensemble(expert), bundle.class_counts, lam_model)
     return SourceSet(logits, labels, kind, note, seconds)

@@ -25,6 +25,7 @@ from balpoe.models.heads import LinearHead, build_head, init_linear_head
 from balpoe.models.lws import convert_heads_to_lws
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.models.weights import WeightMatch, load_weights, read_weights
+from balpoe.recipe import ModelConfig
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.console import console
 
@@ -234,7 +235,7 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
     return MultiExpertNet(trunk, branches, heads, frozen=frozen)
 
 
-def build_model(cfg, num_classes: int, in_chans: int, *, stage2_classifier: str | None = None,
+def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, *, stage2_classifier: str | None = None,
                 pretrained: bool = True, stage2_weight_decay_target: str = "stage1") -> MultiExpertNet:
     """The multi-expert network of the recipe's ``model`` section ``cfg``.
 

@@ -363,31 +363,36 @@ MAX_DEPTH = 64
 MAX_YAML_VALUES = 100_000
 
 
-def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_RUN_FILE_BYTES, follow_links: bool = True) -> str:
+def read_text(path: str | Path, what: str, *, max_bytes: int = MAX_RUN_FILE_BYTES, follow_links: bool = True,
+              kind: str = "a file", limit: str | None = None) -> str:
     """The UTF-8 text of the regular file ``path``; one line naming ``what`` and the path when it is
-    missing, a directory, not a regular file, a link (``follow_links=False``), too large,
-    unreadable or not UTF-8."""
+    missing, a directory (``is a directory, not <kind>``), not a regular file, a link
+    (``follow_links=False``), larger than ``max_bytes`` (``limit``: what the message says of the
+    bound, default ``at most <max_bytes> are read``), unreadable or not UTF-8.  Special files are
+    opened without blocking (a FIFO without a writer is refused, not waited on)."""
     path = Path(path)
     name = f"{what} '{_p(path)}'"
     flags = os.O_RDONLY | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
     try:
         fd = os.open(path, flags | os.O_NONBLOCK)
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise BalpoeError(f"{name} not found") from None
     except OSError as e:
-        if e.errno == errno.ELOOP:
+        if e.errno == errno.ELOOP and not follow_links:
             raise BalpoeError(f"{name} is a symbolic link; run files are not read through links") from None
         if e.errno == errno.EISDIR:
-            raise BalpoeError(f"{name} is a directory, not a file") from None
-        raise BalpoeError(f"{name} cannot be read ({e.strerror or type(e).__name__})") from None
+            raise BalpoeError(f"{name} is a directory, not {kind}") from None
+        raise BalpoeError(f"{name} cannot be read ({clip(e.strerror or type(e).__name__, 80)})") from None
+    except ValueError as e:  # a NUL byte in the name
+        raise BalpoeError(f"{name} cannot be read ({clip(e, 80)})") from None
     try:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
-            raise BalpoeError(f"{name} is a directory, not a file")
+            raise BalpoeError(f"{name} is a directory, not {kind}")
         if not stat.S_ISREG(st.st_mode):
             raise BalpoeError(f"{name} is not a regular file")
         if st.st_size > max_bytes:
-            raise BalpoeError(f"{name} is {st.st_size} bytes; at most {max_bytes} are read")
+            raise BalpoeError(f"{name} is {st.st_size} bytes; {limit or f'at most {max_bytes} are read'}")
         with os.fdopen(fd, "rb", closefd=False) as f:
             data = f.read(min(st.st_size, max_bytes) + 1)   # the size the file has (a read allocates it)
     except OSError as e:

@@ -18,8 +18,7 @@ from balpoe.data.build import build_data, data_location, stored_location_keys, s
 from balpoe.data.image_list import LIST_FILES
 from balpoe.data.registry import get_dataset
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import SourceSet, check_source, load_model, source_logits
-from balpoe.losses.build import model_prior_exponent
+from balpoe.evaluate.build import SourceSet, check_source, ensemble_prior, load_model, source_logits
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.runtime.console import console
 from balpoe.serve.serving import Preprocess
@@ -98,7 +97,7 @@ def load_served(checkpoint: str | Path, device: torch.device | str = "cpu") -> S
         raise BalpoeError(f"{where} has {len(names)} class names for {num_classes} classes")
     counts = torch.as_tensor(ckpt["class_counts"], dtype=torch.int64)
     return Served(str(checkpoint), model.float().eval(), recipe, ckpt, checkpoint_preprocess(ckpt, recipe, where),
-                  model_prior_exponent(recipe), counts, [str(n) for n in names])
+                  ensemble_prior(recipe)[1], counts, [str(n) for n in names])
 
 
 def calibration_source(served: Served, device: torch.device, seed: int = 0,
@@ -125,4 +124,5 @@ def calibration_source(served: Served, device: torch.device, seed: int = 0,
         check_source(bundle, "auto")
     except BalpoeError as e:
         return None, str(e)
-    return source_logits(served.model, bundle, recipe, device, "auto", served.lam_model, seed), ""
+    return source_logits(served.model, bundle, recipe.data, device, batch_size=recipe.train.eval_batch_size,
+                         amp=recipe.train.amp, lam_model=served.lam_model, seed=seed), ""

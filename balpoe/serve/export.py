@@ -86,7 +86,7 @@ def export_metadata(served: Served, prior: torch.Tensor | None, spec) -> dict[st
                   "logit_prior_exponent": served.lam_model,
                   "class_counts": [int(n) for n in served.class_counts]},
         "recipe": served.ckpt["recipe"],
-        "checkpoint": {"path": served.path, "epoch": served.ckpt.get("epoch"), "taus": expert_taus(served.recipe)},
+        "checkpoint": {"path": served.path, "epoch": served.ckpt.get("epoch"), "taus": expert_taus(served.recipe.loss, served.recipe.model.num_experts)},
     }
     return {k: v if isinstance(v, str) else json_text(v, indent=None) for k, v in meta.items()}
 

@@ -24,7 +24,7 @@ import torch
 from rich.markup import escape
 from rich.table import Table
 
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, check_choice
 from balpoe.runtime.checkpoint import atomic_write_text, json_text
 from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
@@ -107,10 +107,8 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
     the logits were adjusted (``mode`` balanced / known / unlabelled) and, for the last two, the
     target prior (``probabilities``) and tau'."""
     _check_options(prior, adapt, topk, batch_size)
-    if estimator not in ESTIMATORS:
-        raise BalpoeError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
-    if calibration not in CALIBRATIONS:
-        raise BalpoeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
+    check_choice("estimator", estimator, ESTIMATORS)
+    check_choice("calibration", calibration, CALIBRATIONS)
     paths = collect_images(inputs)
     dev = resolve_device(device, what="device")
     served = load_served(checkpoint, dev)

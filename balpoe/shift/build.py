@@ -23,7 +23,7 @@ adapts the ensemble logits with one of the modes of :data:`~balpoe.shift.selecto
 
 The selector expects *balanced* ensemble logits.  A BalPoE ensemble with mean tau 1 (and a single
 logit-adjusted expert with tau 1) is balanced; any other model is balanced first by subtracting
-``lambda_m log pi_train`` (:func:`~balpoe.losses.build.model_prior_exponent`), e.g. ``lambda_m = 1``
+``lambda_m log pi_train`` (:func:`~balpoe.evaluate.build.ensemble_prior`), e.g. ``lambda_m = 1``
 for plain cross-entropy.  Without adaptation the model's own logits are scored, unchanged.
 """
 
@@ -36,11 +36,10 @@ from typing import Any, Sequence
 
 from balpoe.data.build import build_loader
 from balpoe.data.image_list import find_list_file
-from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import (SOURCES, check_run_report, check_source, group_ranges, load_for_eval,
-                                   print_data_location, source_logits, write_run_report)
+from balpoe.errors import BalpoeError, check_choice
+from balpoe.evaluate.build import (SOURCES, check_run_report, check_source, ensemble_prior, group_ranges,
+                                   load_for_eval, print_data_location, source_logits, write_run_report)
 from balpoe.evaluate.logits import collect_logits
-from balpoe.losses.build import expert_taus, model_prior_exponent
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.runtime.checkpoint import ensure_writable_dir
 from balpoe.runtime.files import check_output_path
@@ -55,12 +54,9 @@ from balpoe.shift.targets import list_target_sets, parse_prior, parse_test_dists
 def _check_options(adapt_mode: str, calibration: str, source: str, estimator: str, labels_per_class: float,
                    seed: int = 0) -> None:
     get_adapt_mode(adapt_mode)
-    if calibration not in CALIBRATIONS:
-        raise BalpoeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
-    if source not in SOURCES:
-        raise BalpoeError(f"calibration source must be one of {', '.join(SOURCES)}; got {source!r}")
-    if estimator not in ESTIMATORS:
-        raise BalpoeError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+    check_choice("calibration", calibration, CALIBRATIONS)
+    check_choice("calibration source", source, SOURCES)
+    check_choice("estimator", estimator, ESTIMATORS)
     if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, float)) or \
             not math.isfinite(labels_per_class) or labels_per_class <= 0:
         raise BalpoeError(f"labels per class must be a finite number > 0, got {labels_per_class!r}")
@@ -118,7 +114,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     need_source = adapt == "unlabelled" and calibration != "none"
     if need_source or source != "auto":
         check_source(bundle, source)  # fail before any forward pass
-    lam_model = model_prior_exponent(recipe)
+    taus, lam_model = ensemble_prior(recipe)
     out_dir = check_outputs(create=True)
 
     # 1. the balanced test set, once
@@ -132,9 +128,10 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     # 2. source data: post-hoc calibration (TS, BCTS) and the unlabelled selector's calibrator
     src = None
     if need_source or source != "auto" or bundle.holdout is not None:
-        src = source_logits(model, bundle, recipe, dev, source, lam_model, seed)
+        src = source_logits(model, bundle, recipe.data, dev, batch_size=recipe.train.eval_batch_size,
+                            amp=recipe.train.amp, source=source, lam_model=lam_model, seed=seed)
     ens = MultiExpertNet.ensemble(expert_logits)
-    calib = calibration_section(src, ens, labels, counts, lam_model, many, few, group_ranges(recipe))
+    calib = calibration_section(src, ens, labels, counts, lam_model, many, few, group_ranges(recipe.data))
 
     # 3. every distribution by indexing
     selector = TauSelector(counts, calibration=calibration if adapt == "unlabelled" else "none",
@@ -146,7 +143,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     rows = evaluate_targets(expert_logits, labels, counts, targets, adapt_mode=adapt, selector=selector,
                             lam_model=lam_model, labels_per_class=labels_per_class, seed=seed,
                             many_threshold=many, few_threshold=few, keep=adapted,
-                            group_ranges=group_ranges(recipe))
+                            group_ranges=group_ranges(recipe.data))
     derive_s = time.perf_counter() - start
 
     # 4. accuracy across the protocol distributions for every mode that can run here (the report's plot)
@@ -161,7 +158,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
 
     report: dict[str, Any] = {
         "checkpoint": str(path), "epoch": ckpt["epoch"], "recipe": recipe.name,
-        "num_experts": int(expert_logits.shape[0]), "taus": expert_taus(recipe),
+        "num_experts": int(expert_logits.shape[0]), "taus": taus,
         "logit_prior_exponent": lam_model, "adapt": adapt,
         "calibration": calibration if adapt == "unlabelled" else None,
         "estimator": estimator if adapt == "unlabelled" else None,

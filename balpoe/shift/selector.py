@@ -29,7 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from balpoe.errors import BalpoeError
+from balpoe.errors import BalpoeError, check_choice
 from balpoe.evaluate.calibration import apply_calibration, fit_bcts, fit_temperature
 from balpoe.evaluate.metrics import check_logits_labels
 from balpoe.losses.priors import log_prior
@@ -83,8 +83,7 @@ class TauSelector:
 
     def __init__(self, class_counts: Sequence[int] | torch.Tensor, calibration: str = "ts",
                  min_samples_per_class: float = 20.0):
-        if calibration not in CALIBRATIONS:
-            raise BalpoeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
+        check_choice("calibration", calibration, CALIBRATIONS)
         self.v = log_prior(class_counts, torch.float64)
         self.num_classes = self.v.numel()
         self.calibration = calibration

@@ -25,10 +25,10 @@ from balpoe.data.bundle import DataBundle
 from balpoe.data.decode import open_image
 from balpoe.data.lt import empty_group_hint
 from balpoe.errors import BalpoeError, NoRunToResume, RunExists, UnfinishedRun, short_path, shown
-from balpoe.evaluate.build import evaluate_model, validation_metrics, write_run_report
+from balpoe.evaluate.build import ensemble_prior, evaluate_model, validation_metrics, write_run_report
 from balpoe.evaluate.report import print_report
 from balpoe.data.registry import get_dataset
-from balpoe.losses.build import LOSSES, build_criterion, expert_taus
+from balpoe.losses.build import build_criterion, expert_taus, get_loss
 from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
 from balpoe.models.build import check_backbone
@@ -119,7 +119,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                           channels_last=tc.channels_last)
     if recipe.stage == 1:
         model = build_model(recipe.model, bundle.num_classes, bundle.in_chans)
-        taus = expert_taus(recipe)
+        taus = expert_taus(recipe.loss, recipe.model.num_experts)
         if rank == 0 and (recipe.model.num_experts > 1 or taus != [0.0]):
             warn_unbalanced_tau(taus)
         delta_lr_factor = 1.0
@@ -141,7 +141,8 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
         def set_train_mode(m: nn.Module) -> None:
             set_stage2_mode(m, shifted_bn)
         delta_lr_factor = recipe.stage2.delta_lr_factor
-    criterion = build_criterion(recipe, bundle.class_counts)
+    criterion = build_criterion(recipe.loss, recipe.model.num_experts, bundle.class_counts,
+                                stage2=recipe.stage2 if recipe.stage == 2 else None)
     model, criterion = model.to(device), criterion.to(device)
     if tc.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -155,9 +156,11 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
             **({"pipeline": bundle.pipeline.as_dict(), "test_resize": bundle.pipeline.test_resize}
                if bundle.pipeline is not None else {})}
     amp = amp_dtype(device, tc.amp, warn=rank == 0)
+    ensemble_taus, lam_model = ensemble_prior(recipe)
 
-    def evaluate(m: nn.Module) -> dict:
-        return evaluate_model(m, bundle, recipe, device)
+    def evaluate(m: nn.Module, analysis: bool = False) -> dict:
+        return evaluate_model(m, bundle, recipe.data, device, batch_size=tc.eval_batch_size, amp=tc.amp,
+                              taus=ensemble_taus, lam_model=lam_model, analysis=analysis)
 
     validate = None
     if tc.val_every:
@@ -166,7 +169,7 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
                               "data.val_list (list datasets) or data.holdout_fraction (a slice of the training split)")
 
         def validate(m: nn.Module) -> dict:
-            return validation_metrics(m, bundle, recipe, device)
+            return validation_metrics(m, bundle, recipe.data, device, batch_size=tc.eval_batch_size, amp=tc.amp)
 
     return Plan(model=model, criterion=criterion, optimizer=optimizer, scheduler=scheduler, loader=loader,
                 device=device, recipe=recipe, num_classes=bundle.num_classes, set_train_mode=set_train_mode,
@@ -395,8 +398,7 @@ def check_names(recipe: Recipe) -> None:
     get_dataset(recipe.data.dataset)
     if recipe.data.augment.policy == "randaugment":
         parse_randaugment(recipe.data.augment.randaugment)
-    if recipe.loss.name not in LOSSES:
-        raise BalpoeError(f"recipe key 'loss.name' is unknown: {recipe.loss.name!r} (known: {', '.join(LOSSES)})")
+    get_loss(recipe.loss.name)
     check_backbone(recipe.model.backbone)
 
 
@@ -456,7 +458,7 @@ def train(recipe: Recipe, out_dir: str | Path, resume: bool | str = False, show_
         model = train_model(plan, out, resume=ckpt, show_progress=show_progress)
         if rank == 0:
             # 4. the final evaluation: the balanced test set, with what the run report draws
-            result = evaluate_model(model, bundle, recipe, device, analysis=True)
+            result = plan.evaluate(model, analysis=True)
             # 5. the results: eval.json (with the test curve), the printed report, report.html
             write_results(result, out, recipe, html_report=report, tensorboard=tensorboard)
         dist.barrier()      # rank 0 evaluates while the others wait, then every rank leaves the group

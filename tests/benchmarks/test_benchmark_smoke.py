@@ -357,7 +357,7 @@ def test_fidelity_sides_start_alike_and_share_the_loss(tmp_path, cifar_root, loa
     assert params and all(torch.allclose(fast[k], v.detach(), rtol=0, atol=1e-20) for k, v in params.items())
 
     counts = bundle.class_counts
-    criterion = build_criterion(recipe, counts)
+    criterion = build_criterion(recipe.loss, recipe.model.num_experts, counts)
     gen = torch.Generator().manual_seed(0)
     logits = torch.randn(3, 16, 10, generator=gen) * 5
     y_a, y_b, lam = torch.randint(0, 10, (16,), generator=gen), torch.randint(0, 10, (16,), generator=gen), 0.3
@@ -513,7 +513,7 @@ def test_library_epoch_takes_the_official_sgd_steps_on_the_same_draws(backbone, 
     monkeypatch.setattr(trainer, "numpy_stream", lambda *a, **k: np.random.mtrand._rand)
     monkeypatch.setattr(trainer, "torch_stream", lambda *a, **k: torch.Generator().manual_seed(5))
     np.random.seed(0)
-    criterion = build_criterion(recipe, counts)
+    criterion = build_criterion(recipe.loss, recipe.model.num_experts, counts)
     opt = build_optimizer(recipe.optim, fast.param_groups(recipe.optim.lr, recipe.optim.weight_decay))
     stats = trainer.train_one_epoch(fast, batches, criterion, opt, epoch=0, seed=1, num_classes=10, mixup_alpha=0.8)
     # the official step: the same lambdas (numpy reseeded) and permutations (torch's global RNG seeded 5)

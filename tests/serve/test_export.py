@@ -19,8 +19,7 @@ from serve_images import class_images, write_images
 
 from balpoe import recipe_from_dict
 from balpoe.cli import main
-from balpoe.evaluate.build import load_model
-from balpoe.losses.build import expert_taus
+from balpoe.evaluate.build import ensemble_prior, load_model
 from balpoe.runtime.checkpoint import load_checkpoint
 from balpoe.serve.build import load_served
 from balpoe.serve.export import TOLERANCE, export, export_metadata, read_metadata
@@ -89,7 +88,7 @@ def test_checkpoints_and_weights_with_the_old_taus_copy_load_and_give_the_same_t
     for path in (tmp_path / "old.pt", weights):
         loaded = load_checkpoint(path)
         assert "taus" not in loaded and loaded["recipe"] == new["recipe"]
-        assert expert_taus(recipe_from_dict(loaded["recipe"])) == [0.5, 1.5]
+        assert ensemble_prior(recipe_from_dict(loaded["recipe"]))[0] == [0.5, 1.5]
         assert json.loads(export_metadata(load_served(path), None, None)["checkpoint"])["taus"] == [0.5, 1.5]
 
 

@@ -13,8 +13,11 @@ import torch
 
 from balpoe.data.lt import lt_class_counts
 from balpoe.errors import BalpoeError
+from balpoe.evaluate.build import check_source
 from balpoe.losses.priors import log_prior
 from balpoe.shift.estimators import best_lambda, em_prior, fit_beta_lambda, mle_lambda, prior_family, shrink_class_offsets
+from balpoe.serve.predict import predict
+from balpoe.shift.build import evaluate_shift
 from balpoe.shift.selector import ADAPT_MODES, SelectorResult, TauSelector, get_adapt_mode
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_counts, distribution_prior
 
@@ -106,6 +109,29 @@ def test_best_lambda_minimises_kl():
 
     assert kl(lam) <= min(kl(lam - 1e-3), kl(lam + 1e-3))
     assert best_lambda(q, torch.zeros(K)) == 0.0  # balanced training set: nothing to fit
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"calibration": "platt"}, "calibration must be one of bcts, ts, none; got 'platt'"),
+    ({"source": "val"}, "calibration source must be one of auto, holdout, train; got 'val'"),
+    ({"estimator": "2d"}, "estimator must be one of 1d, em, auto; got '2d'"),
+    ({"estimator": ["1d"]}, "estimator must be one of 1d, em, auto; got ['1d']"),
+])
+def test_option_names_are_one_check_for_every_entry_point(kwargs, message, tmp_path):
+    """The calibration, calibration-source and estimator names: the same one-line message from
+    evaluate_shift, predict, check_source and TauSelector, before any file is read."""
+    missing = tmp_path / "missing.pt"
+    calls = [lambda: evaluate_shift(missing, **kwargs)]
+    if "source" in kwargs:
+        calls.append(lambda: check_source(None, kwargs["source"]))
+    else:
+        calls.append(lambda: predict(missing, [tmp_path], **kwargs))
+    if "calibration" in kwargs:
+        calls.append(lambda: TauSelector(COUNTS, **kwargs))
+    for call in calls:
+        with pytest.raises(BalpoeError) as e:
+            call()
+        assert str(e.value) == message
 
 
 def test_bad_inputs_raise_one_line_errors(model):

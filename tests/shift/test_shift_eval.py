@@ -17,10 +17,9 @@ from balpoe import recipe_from_dict, train
 from balpoe.cli import main
 from balpoe.data.build import build_loader
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.build import check_source, evaluate_checkpoint, evaluate_model, load_for_eval
+from balpoe.evaluate.build import check_source, ensemble_prior, evaluate_checkpoint, evaluate_model, load_for_eval
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import classification_report
-from balpoe.losses.build import model_prior_exponent as logit_prior_exponent
 from balpoe.losses.priors import balance_logits
 from balpoe.shift.build import evaluate_shift
 from balpoe.shift.distributions import empirical_prior
@@ -102,7 +101,8 @@ def test_logits_once_equal_a_forward_pass_per_subset_exactly(balpoe_ckpt, batch_
                                                                     train=False), dev)
         assert torch.equal(sub_labels, labels[t.indices])
         assert torch.equal(sub_logits, once[:, t.indices]), name
-        separate = evaluate_model(model, sub, recipe, dev)
+        separate = evaluate_model(model, sub, recipe.data, dev, batch_size=recipe.train.eval_batch_size,
+                                  amp=recipe.train.amp)
         _same(rows[name], separate, ["n", "acc", "many", "medium", "few", "ece", "mce", "nll", "brier", "expert_acc"])
         sizes.add(len(t.indices))
     assert len(sizes) >= 2  # subsets of different sizes (batch boundaries fall differently)
@@ -294,11 +294,11 @@ def test_labelled_split_draws_k_per_class_on_average_at_random():
 def test_logit_prior_exponent_and_balancing():
     base = {"data": {"dataset": "fashion_mnist"}, "model": {"backbone": "small_cnn", "num_experts": 1}}
     r = recipe_from_dict({**base, "model": {"backbone": "small_cnn", "num_experts": 3}, "loss": {"tau": [0, 1, 2]}})
-    assert logit_prior_exponent(r) == 0.0
-    assert logit_prior_exponent(recipe_from_dict({**base, "loss": {"tau": [0]}})) == 1.0  # plain CE
+    assert ensemble_prior(r)[1] == 0.0
+    assert ensemble_prior(recipe_from_dict({**base, "loss": {"tau": [0]}}))[1] == 1.0  # plain CE
     r = recipe_from_dict({**base, "loss": {"tau": [0]}, "data": {"dataset": "fashion_mnist",
                                                                   "sampler": "class_balanced"}})
-    assert logit_prior_exponent(r) == 0.0  # class-balanced sampling removes the prior
+    assert ensemble_prior(r)[1] == 0.0  # class-balanced sampling removes the prior
     counts = torch.tensor([100, 10, 1])
     z = torch.zeros(2, 3)
     assert torch.equal(balance_logits(z, counts, 0.0), z)

@@ -10,7 +10,7 @@ from formats import write_fashion_mnist
 
 from balpoe import evaluate_checkpoint, load_recipe, recipe_from_dict, train
 from balpoe.cli import main
-from balpoe.losses.build import expert_taus
+from balpoe.evaluate.build import ensemble_prior
 from balpoe.runtime.checkpoint import load_checkpoint
 from balpoe.errors import BalpoeError
 
@@ -84,7 +84,7 @@ def test_cli_trains_fashion_mnist_idx_and_evaluates(tmp_path, capsys):
     assert res.returncode == 0, res.stderr
     assert "balanced test set" in res.stderr and "img/s" in res.stderr
     ckpt = load_checkpoint(out / "last.pt")
-    assert expert_taus(recipe_from_dict(ckpt["recipe"])) == [0.0, 1.0, 2.0] and ckpt["in_chans"] == 1
+    assert ensemble_prior(recipe_from_dict(ckpt["recipe"]))[0] == [0.0, 1.0, 2.0] and ckpt["in_chans"] == 1
     assert "taus" not in ckpt   # the recipe is the one source of the taus
     assert load_recipe(out / "recipe.yaml").loss.tau == [0.0, 1.0, 2.0]
     res = subprocess.run(cmd + ["eval", str(out / "last.pt"), "--device", "cpu"], capture_output=True, text=True)

@@ -245,7 +245,7 @@ def test_a_non_finite_loss_stops_early_and_keeps_the_last_good_checkpoint(cifar_
             loss = super().forward(logits, target)
             return loss * float("nan") if calls[0] > steps + 2 else loss   # NaN from epoch 2's third step
 
-    register_loss("nan_after", lambda recipe, counts, taus: NanAfter(counts, taus))
+    register_loss("nan_after", lambda loss, counts, taus: NanAfter(counts, taus))
     try:
         raw = _recipe(cifar_root, epochs=3)
         raw["loss"] = {**raw["loss"], "name": "nan_after"}

@@ -20,8 +20,8 @@ from balpoe.runtime.checkpoint import atomic_save, load_checkpoint
 from balpoe.errors import BalpoeError
 from balpoe.losses.las import LabelAwareSmoothingLoss
 from balpoe.models.lws import LWSDeltaHead
-from balpoe.evaluate.build import load_model
-from balpoe.losses.build import build_stage2_criterion, expert_taus, model_prior_exponent
+from balpoe.evaluate.build import ensemble_prior, load_model
+from balpoe.losses.build import build_stage2_criterion
 from balpoe.losses.priors import stage2_expert_offsets
 from balpoe.training.build import build_plan, load_init_checkpoint
 from balpoe.training.stage2 import adopt_stage1_sections
@@ -95,7 +95,7 @@ def test_mislas_stage1_to_stage2_api_eval_and_what_stage2_changes(mislas_stage1,
 
     # The stage-2 checkpoint is self-contained: model/loss sections from stage 1, taus [0].
     assert s2["recipe"]["stage"] == 2 and s2["recipe"]["model"] == s1["recipe"]["model"]
-    assert s2["recipe"]["loss"] == s1["recipe"]["loss"] and expert_taus(recipe_from_dict(s2["recipe"])) == [0.0]
+    assert s2["recipe"]["loss"] == s1["recipe"]["loss"] and ensemble_prior(recipe_from_dict(s2["recipe"]))[0] == [0.0]
     assert load_recipe(tmp_path / "s2" / "recipe.yaml").model.num_experts == 1
 
     # Shifted BN: running statistics re-estimated in every BN layer; everything else of stage 1
@@ -147,7 +147,7 @@ def test_official_mislas_stage2_and_checkpoints_from_before_the_keys(mislas_stag
     n = int(bundle.class_counts.sum())
     assert len(plan.loader) == math.ceil(n / 32) + 1 and plan.loader.num_samples == 32 * len(plan.loader)
     assert plan.criterion.target == "official" and plan.criterion.spread == 10
-    assert model_prior_exponent(recipe) == model_prior_exponent(recipe_from_dict(_stage2(cifar_root, "x.pt"))) == 0.0
+    assert ensemble_prior(recipe)[1] == ensemble_prior(recipe_from_dict(_stage2(cifar_root, "x.pt")))[1] == 0.0
     report = train(recipe, tmp_path / "s2", show_progress=False)
     saved = load_recipe(tmp_path / "s2" / "recipe.yaml")
     assert saved.data.sampler == "class_aware" and saved.stage2.las_target == "official"
@@ -248,7 +248,7 @@ def test_balpoe_three_experts_stage2(balpoe_stage1, fm_root, tmp_path):
     recipe = recipe_from_dict(_stage2(fm_root, s1_path, dataset="fashion_mnist", eps_1=0.3, eps_k=0.1))
     report = train(recipe, tmp_path / "s2", show_progress=False)
     s1, s2 = load_checkpoint(s1_path), load_checkpoint(tmp_path / "s2" / "last.pt")
-    assert expert_taus(recipe_from_dict(s2["recipe"])) == [0.0, 1.0, 2.0] and len(report["expert_acc"]) == 3
+    assert ensemble_prior(recipe_from_dict(s2["recipe"]))[0] == [0.0, 1.0, 2.0] and len(report["expert_acc"]) == 3
     assert s2["recipe"]["model"]["num_experts"] == 3
     # Per-expert LWS + dW on every head; shifted BN in the shared trunk and in each expert's branch.
     stats, frozen = _split_state(s1["model"], s2["model"])
@@ -264,7 +264,7 @@ def test_balpoe_three_experts_stage2(balpoe_stage1, fm_root, tmp_path):
     model, _, _ = load_model(tmp_path / "s2" / "last.pt")
     assert sum(isinstance(m, LWSDeltaHead) for m in model.modules()) == 3
     # Each expert keeps its stage-1 target: offsets tau_k - mean tau.
-    loss = build_stage2_criterion(recipe, s2["class_counts"])
+    loss = build_stage2_criterion(recipe.stage2, recipe.loss, recipe.model.num_experts, s2["class_counts"])
     assert loss.expert_offsets.tolist() == [-1.0, 0.0, 1.0]
 
 
@@ -277,20 +277,20 @@ def test_stage2_loss_is_las_for_one_expert_and_adjusts_experts():
     las = LabelAwareSmoothingLoss(counts, 0.4, 0.1)
     for mode in ("relative", "absolute", "none"):
         r.stage2.expert_adjust = mode
-        assert torch.equal(build_stage2_criterion(r, counts)(logits, y), las(logits[0], y))
+        assert torch.equal(build_stage2_criterion(r.stage2, r.loss, r.model.num_experts, counts)(logits, y), las(logits[0], y))
     # One expert with tau 1 (logit-adjusted stage 1): 'relative' is still exactly LAS.
     r.loss.tau, r.stage2.expert_adjust = [1.0], "relative"
-    assert torch.equal(build_stage2_criterion(r, counts)(logits, y), las(logits[0], y))
+    assert torch.equal(build_stage2_criterion(r.stage2, r.loss, r.model.num_experts, counts)(logits, y), las(logits[0], y))
     # stage2.las_target picks the target distribution (paper Eq. 1 by default, or official methods.py)
     r.stage2.las_target = "official"
     official = LabelAwareSmoothingLoss(counts, 0.4, 0.1, target="official")
-    assert torch.equal(build_stage2_criterion(r, counts)(logits, y), official(logits[0], y))
+    assert torch.equal(build_stage2_criterion(r.stage2, r.loss, r.model.num_experts, counts)(logits, y), official(logits[0], y))
     assert not torch.equal(official(logits[0], y), las(logits[0], y))
     # eps 0: cross-entropy.  Three experts: LAS of f_k + delta_k log pi, delta = tau_k - mean tau.
     r = recipe_from_dict({"model": {"num_experts": 3}, "loss": {"tau": [0, 1, 2]}})
     logits3 = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(1))
     log_pi = torch.log(counts.double() / counts.sum() + 1e-9).float()
     want = torch.stack([F.cross_entropy(logits3[k] + (k - 1) * log_pi, y) for k in range(3)]).mean()
-    assert torch.allclose(build_stage2_criterion(r, counts)(logits3, y), want, atol=1e-6)
+    assert torch.allclose(build_stage2_criterion(r.stage2, r.loss, r.model.num_experts, counts)(logits3, y), want, atol=1e-6)
     assert stage2_expert_offsets([0, 1, 2], "absolute") == [0.0, 1.0, 2.0]
     assert stage2_expert_offsets([0.5, 1.5], "none") == [0.0, 0.0]
