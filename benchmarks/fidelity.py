@@ -136,7 +136,7 @@ from balpoe.data.fashion_mnist import CLASS_NAMES as FMNIST_CLASS_NAMES
 from balpoe.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist
 from balpoe.data.registry import get_dataset
 from balpoe.errors import BalpoeError, run_reporting_errors
-from balpoe.evaluate.build import evaluate_model, load_model
+from balpoe.evaluate.build import load_model
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy
 from balpoe.evaluate.report import report_from_logits
@@ -466,7 +466,7 @@ def train_library(recipe, out: Path, limit: int) -> None:
         bundle = limit_bundle(build_data(recipe.data, device, seed=recipe.seed), limit)
         plan = build_plan(recipe, bundle, device)
         model = train_model(plan, out, show_progress=False)
-        write_results(evaluate_model(model, bundle, plan.recipe, device, analysis=True), out, plan.recipe,
+        write_results(plan.evaluate(model, analysis=True), out, plan.recipe,
                       html_report=False)
     finally:
         balpoe_console.quiet = quiet
