@@ -141,7 +141,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
                            min_samples_per_class=ESTIMATORS[estimator])
     if adapt == "unlabelled" and calibration != "none":
         selector.fit_source(src.logits, src.labels, source_prior=src.prior)
-    adapted = {n: None for n in plot_targets(targets)} if adapt != "none" and plots else None
+    adapted = {n: None for n in plot_targets(targets)} if get_adapt_mode(adapt).adapts and plots else None
     start = time.perf_counter()
     rows = evaluate_targets(expert_logits, labels, counts, targets, adapt_mode=adapt, selector=selector,
                             lam_model=lam_model, labels_per_class=labels_per_class, seed=seed,

@@ -243,19 +243,22 @@ class TauSelector:
 class AdaptMode:
     """An adaptation mode: ``run(selector, logits, labels, *, prior, labels_per_class, seed)``
     returns ``(SelectorResult, rest)``; ``needs_source``: it needs a calibrated selector
-    (:meth:`TauSelector.fit_source`)."""
+    (:meth:`TauSelector.fit_source`); ``adapts``: it adapts balanced logits (False: it scores the
+    model's own ensemble logits as they are, so the label-shift evaluation passes those, not
+    balanced, and reports no before / after columns)."""
     run: Callable[..., tuple[SelectorResult, torch.LongTensor | None]]
     help: str
     needs_source: bool = False
+    adapts: bool = True
 
 
 ADAPT_MODES: dict[str, AdaptMode] = {}
 
 
-def register_adapt_mode(name: str, help: str, needs_source: bool = False):  # noqa: A002
-    """Decorator: add ``run`` to :data:`ADAPT_MODES` under ``name``."""
+def register_adapt_mode(name: str, help: str, needs_source: bool = False, adapts: bool = True):  # noqa: A002
+    """Decorator: add ``run`` to :data:`ADAPT_MODES` under ``name`` (:class:`AdaptMode`)."""
     def deco(run):
-        ADAPT_MODES[name] = AdaptMode(run, help, needs_source)
+        ADAPT_MODES[name] = AdaptMode(run, help, needs_source, adapts)
         return run
     return deco
 
@@ -289,9 +292,10 @@ def labelled_split(labels: torch.Tensor, per_class: float, seed: int = 0,
     return torch.from_numpy(fit.astype(np.int64)), torch.from_numpy(rest.astype(np.int64))
 
 
-@register_adapt_mode("none", "no adaptation: the model's own (balanced) ensemble logits")
+@register_adapt_mode("none", "no adaptation: the model's own (balanced) ensemble logits", adapts=False)
 def _adapt_none(selector: TauSelector, logits, labels, **_):
-    selector._check(logits)
+    # the logits are scored as they are (non-finite values included), only their shape is checked
+    check_logits_labels(logits, num_classes=selector.num_classes)
     uniform = torch.full((selector.num_classes,), 1.0 / selector.num_classes, dtype=torch.float64)
     return SelectorResult(logits, "none", 1.0, uniform, 1.0, {}), None
 

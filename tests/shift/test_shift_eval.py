@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from formats import write_fashion_mnist
 
 from balpoe import recipe_from_dict, train
@@ -25,7 +26,7 @@ from balpoe.losses.priors import balance_logits
 from balpoe.shift.build import evaluate_shift
 from balpoe.shift.distributions import empirical_prior
 from balpoe.shift.scoring import evaluate_targets
-from balpoe.shift.selector import TauSelector, labelled_split
+from balpoe.shift.selector import ADAPT_MODES, TauSelector, labelled_split
 from balpoe.shift.targets import parse_prior, parse_test_dists, prior_names, target_sets
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_prior
 
@@ -238,6 +239,26 @@ def test_known_mode_is_logits_plus_log_class_frequencies(balpoe_ckpt):
         assert rows[name]["acc"] == pytest.approx(expected["acc"], abs=1e-9)
         assert rows[name]["nll"] == pytest.approx(expected["nll"], rel=1e-5)
         assert rows[name]["acc_before"] == classification_report(logits.mean(0)[t.indices], y, counts)["acc"]
+
+
+def test_no_adaptation_scores_the_models_own_logits_through_the_registry():
+    """``none`` is a registered mode that does not adapt: an unbalanced model (lambda_m != 0) is scored
+    as it is, not balanced, and its rows carry the experts' accuracies instead of before / after."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([50, 20, 8, 4])
+    labels = torch.arange(4).repeat(30)
+    logits = torch.randn(2, len(labels), 4, generator=g) + 2 * F.one_hot(labels, 4) + torch.log(counts / 82.0)
+    targets = target_sets(labels, counts, ["forward10", "uniform"])
+    assert not ADAPT_MODES["none"].adapts and ADAPT_MODES["known"].adapts
+    rows = evaluate_targets(logits, labels, counts, targets, adapt_mode="none", lam_model=0.5, many_threshold=30,
+                            few_threshold=10)
+    for name, t in targets.items():
+        y = labels[t.indices]
+        assert rows[name] == {**classification_report(logits.mean(0)[t.indices], y, counts, 30, 10),
+                              "expert_acc": [float((e[t.indices].argmax(-1) == y).double().mean() * 100)
+                                             for e in logits],
+                              "tau": 0.5, "tau_star": TauSelector(counts, "none").best_tau(empirical_prior(y, 4)),
+                              "class_frequencies": [float(p) for p in empirical_prior(y, 4)]}
 
 
 def test_parse_test_dists():
