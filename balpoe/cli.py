@@ -104,7 +104,7 @@ def _eval_arguments(e: argparse.ArgumentParser) -> None:
                    help="calibrator of --adapt unlabelled (default bcts)")
     s.add_argument("--estimator", default="1d", choices=list(ESTIMATORS),
                    help="prior estimator of --adapt unlabelled: 1d (default: MLE of the exponent of pi_train^lambda) "
-                   "| em (smoothed EM shrunk toward it) | auto (em when N/K >= 20)")
+                   f"| em (smoothed EM shrunk toward it) | auto (em when N/K >= {ESTIMATORS['auto'].em_from:g})")
     s.add_argument("--source", default="auto", choices=SOURCES,
                    help="labelled source data for calibration: auto (default: the recipe's held-out slice, else a "
                    "slice of the seen training split, with a warning) | holdout | train")

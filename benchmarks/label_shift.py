@@ -105,7 +105,7 @@ SHORT = {"forward50": "F50", "forward25": "F25", "forward10": "F10", "forward5":
 class Row:
     """One printed row: an adaptation mode of the library (``ADAPT_MODES``) or a reference row of
     this benchmark (:data:`REFERENCE_ROWS`), run by ``TauSelector(counts, calibration,
-    min_samples_per_class=ESTIMATORS[estimator])``."""
+    estimator=estimator)``."""
     key: str
     label: str
     mode: str
@@ -242,7 +242,7 @@ def bench_model(key: str, ckpt: Path, check_forwards: bool) -> dict:
         times = []
         for _ in range(TIMING_REPEATS):
             start = time.perf_counter()
-            sel = TauSelector(counts, calibration=cal, min_samples_per_class=ESTIMATORS[est])
+            sel = TauSelector(counts, calibration=cal, estimator=est)
             if cal != "none":  # uncalibrated: no source data, p0 uniform (classic EM on raw posteriors)
                 sel.fit_source(src, src_labels, source_prior=p_s)
             times.append(time.perf_counter() - start)

@@ -48,7 +48,7 @@ from balpoe.runtime.console import console
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.render import SHIFT_FILES, plot_targets, print_shift_report, write_reports
 from balpoe.shift.scoring import accuracy_curves, calibration_section, evaluate_targets
-from balpoe.shift.selector import CALIBRATIONS, ESTIMATORS, TauSelector, get_adapt_mode
+from balpoe.shift.selector import CALIBRATIONS, TauSelector, get_adapt_mode, get_estimator
 from balpoe.shift.targets import list_target_sets, parse_prior, parse_test_dists, prior_names, target_sets
 
 
@@ -59,8 +59,7 @@ def _check_options(adapt_mode: str, calibration: str, source: str, estimator: st
         raise BalpoeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
     if source not in SOURCES:
         raise BalpoeError(f"calibration source must be one of {', '.join(SOURCES)}; got {source!r}")
-    if estimator not in ESTIMATORS:
-        raise BalpoeError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {estimator!r}")
+    get_estimator(estimator)
     if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, float)) or \
             not math.isfinite(labels_per_class) or labels_per_class <= 0:
         raise BalpoeError(f"labels per class must be a finite number > 0, got {labels_per_class!r}")
@@ -138,7 +137,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
 
     # 3. every distribution by indexing
     selector = TauSelector(counts, calibration=calibration if adapt == "unlabelled" else "none",
-                           min_samples_per_class=ESTIMATORS[estimator])
+                           estimator=estimator)
     if adapt == "unlabelled" and calibration != "none":
         selector.fit_source(src.logits, src.labels, source_prior=src.prior)
     adapted = {n: None for n in plot_targets(targets)} if get_adapt_mode(adapt).adapts and plots else None
@@ -154,7 +153,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
                        "labelled": TauSelector(counts, calibration="none")}
     if src is not None:
         cal = calibration if adapt == "unlabelled" and calibration != "none" else "bcts"
-        curve_selectors["unlabelled"] = TauSelector(counts, calibration=cal, min_samples_per_class=ESTIMATORS[estimator]
+        curve_selectors["unlabelled"] = TauSelector(counts, calibration=cal, estimator=estimator
                                                     ).fit_source(src.logits, src.labels, source_prior=src.prior)
     curves = accuracy_curves(expert_logits, labels, counts, targets, curve_selectors, lam_model=lam_model,
                              labels_per_class=labels_per_class, seed=seed) if dists else None

@@ -40,9 +40,36 @@ from balpoe.shift.estimators import (best_lambda, eb_shrink_residual, em_prior, 
 PRIOR_FLOOR = 1e-8
 #: post-hoc calibrators of the unlabelled mode
 CALIBRATIONS = ("bcts", "ts", "none")
-#: unlabelled prior estimators -> TauSelector(min_samples_per_class=...): the 1-D MLE over lambda
-#: only; smoothed EM shrunk toward it; or EM when N/K >= 20, else the 1-D MLE
-ESTIMATORS = {"1d": float("inf"), "em": 0.0, "auto": 20.0}
+
+
+@dataclass(frozen=True)
+class PriorEstimator:
+    """How the unlabelled mode estimates the target prior of N images of K classes: smoothed EM
+    (Saerens et al. 2002) shrunk toward the 1-D MLE over lambda when the set has at least ``em_from``
+    images per class (N/K), else the 1-D MLE alone (``em_from``: infinite = never EM, 0 = always)."""
+    em_from: float
+    description: str
+
+    def uses_em(self, images_per_class: float) -> bool:
+        return images_per_class >= self.em_from
+
+
+#: images per class (N/K) from which the ``auto`` estimator runs EM
+AUTO_EM_FROM = 20.0
+#: the unlabelled prior estimators, by name (``TauSelector(estimator=...)``)
+ESTIMATORS = {
+    "1d": PriorEstimator(float("inf"), "1-D MLE of the prior exponent"),
+    "em": PriorEstimator(0.0, "EM shrunk toward the 1-D MLE"),
+    "auto": PriorEstimator(AUTO_EM_FROM, f"EM shrunk toward the 1-D MLE when N/K >= {AUTO_EM_FROM:g}, else the 1-D MLE"),
+}
+
+
+def get_estimator(name: str) -> PriorEstimator:
+    if name not in ESTIMATORS:
+        raise BalpoeError(f"estimator must be one of {', '.join(ESTIMATORS)}; got {name!r}")
+    return ESTIMATORS[name]
+
+
 #: EM's Dirichlet-MAP pseudo-count per class, a in (Sum r + a) / (N + K a)
 EM_PSEUDO_COUNT = 1.0
 #: search interval of the 1-D MLE of lambda
@@ -77,18 +104,18 @@ class TauSelector:
         class_counts: training images per class ``[C]`` (pi_train = counts / sum).
         calibration: ``"bcts"`` (T and per-class biases), ``"ts"`` or ``"none"``; fitted on
             labelled source data by :meth:`fit_source` (needed by the unlabelled mode).
-        min_samples_per_class: below this N/K the unlabelled mode uses the 1-D fit alone,
-            otherwise EM shrunk toward it (:data:`ESTIMATORS`).
+        estimator: how the unlabelled mode estimates the prior, a name of :data:`ESTIMATORS`
+            (:class:`PriorEstimator`): ``"1d"``, ``"em"`` or ``"auto"``.
     """
 
     def __init__(self, class_counts: Sequence[int] | torch.Tensor, calibration: str = "ts",
-                 min_samples_per_class: float = 20.0):
+                 estimator: str = "auto"):
         if calibration not in CALIBRATIONS:
             raise BalpoeError(f"calibration must be one of {', '.join(CALIBRATIONS)}; got {calibration!r}")
         self.v = log_prior(class_counts, torch.float64)
         self.num_classes = self.v.numel()
         self.calibration = calibration
-        self.min_samples_per_class = float(min_samples_per_class)
+        self.estimator = get_estimator(estimator)
         self.source_info: dict[str, Any] = {}
         # Filled by fit_source.
         self.temperature = 1.0
@@ -171,8 +198,8 @@ class TauSelector:
         return SelectorResult(out, "known", 1.0 - lam, q, 1.0, {"lambda": lam, "kl_to_family": kl})
 
     def unlabelled(self, logits: torch.Tensor) -> SelectorResult:
-        """Unlabelled target logits: calibrate, fit the 1-D MLE lambda, then if N/K >=
-        ``min_samples_per_class`` smoothed EM (Saerens et al. 2002) shrunk toward the 1-D fit by
+        """Unlabelled target logits: calibrate, fit the 1-D MLE lambda, then if the estimator runs EM
+        at N/K images per class (:meth:`PriorEstimator.uses_em`) smoothed EM (Saerens et al. 2002) shrunk toward the 1-D fit by
         empirical Bayes; returns ``f̄/T + b + log q_hat - log p0``.
 
         ``tau`` = 1 - lambda_hat of the 1-D fit (the target prior's exponent);
@@ -196,7 +223,7 @@ class TauSelector:
         per_class = n / k
         info: dict[str, Any] = {"lambda_1d": lam, "samples_per_class": per_class, "p0": p0,
                                 "prior_1d": q1d.cpu(), "calibration": self.calibration}
-        if per_class < self.min_samples_per_class:
+        if not self.estimator.uses_em(per_class):
             q, info["estimator"] = q1d, "1d"
         else:
             pseudo = torch.full_like(q1d, EM_PSEUDO_COUNT)

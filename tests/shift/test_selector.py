@@ -15,7 +15,7 @@ from balpoe.data.lt import lt_class_counts
 from balpoe.errors import BalpoeError
 from balpoe.losses.priors import log_prior
 from balpoe.shift.estimators import best_lambda, em_prior, fit_beta_lambda, mle_lambda, prior_family, shrink_class_offsets
-from balpoe.shift.selector import ADAPT_MODES, SelectorResult, TauSelector, get_adapt_mode
+from balpoe.shift.selector import ADAPT_MODES, ESTIMATORS, SelectorResult, TauSelector, get_adapt_mode
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_counts, distribution_prior
 
 K = 100
@@ -191,6 +191,16 @@ def test_unlabelled_small_target_uses_the_1d_fit(model, selector):
     assert res.tau == pytest.approx(0.5, abs=0.1)
     assert torch.allclose(res.prior, prior_family(V, 1 - res.tau))
     assert acc(res.logits, labels) > acc(logits, labels) + 1.0
+
+
+def test_each_estimator_runs_em_from_its_own_number_of_images_per_class(model):
+    logits, _ = model.sample_prior(prior_family(V, 0.5), 20 * K, seed=9)        # N/K = 20: auto's boundary
+    chosen = {name: TauSelector(COUNTS, calibration="none", estimator=name).unlabelled(logits).info["estimator"]
+              for name in ESTIMATORS}
+    assert chosen == {"1d": "1d", "em": "em", "auto": "em"}
+    assert TauSelector(COUNTS, calibration="none").unlabelled(logits[:-1]).info["estimator"] == "1d"   # default auto
+    with pytest.raises(BalpoeError, match=r"^estimator must be one of 1d, em, auto; got 'mle'$"):
+        TauSelector(COUNTS, estimator="mle")
 
 
 def test_unlabelled_recovers_a_dirichlet_prior(model, selector):
