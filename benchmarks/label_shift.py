@@ -75,12 +75,12 @@ from balpoe.evaluate.calibration import apply_calibration
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy, expected_calibration_error, negative_log_likelihood
 from balpoe.losses.build import model_prior_exponent
-from balpoe.losses.priors import log_prior
+from balpoe.losses.priors import empirical_prior, log_prior
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import load_recipe
 from balpoe.runtime.checkpoint import load_checkpoint
 from balpoe.runtime.console import console
-from balpoe.shift.distributions import TEST_DISTRIBUTIONS, empirical_prior
+from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.estimators import trend_slope
 from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS, TauSelector
 from balpoe.shift.targets import parse_prior, target_sets

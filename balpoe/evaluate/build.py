@@ -30,7 +30,7 @@ from balpoe.evaluate.html_report import write_html_report
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.report import analysis_from_logits, print_report, report_from_logits
 from balpoe.losses.build import expert_taus, model_prior_exponent
-from balpoe.losses.priors import balance_logits
+from balpoe.losses.priors import balance_logits, empirical_prior
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.models.weights import load_state
@@ -290,8 +290,7 @@ class SourceSet:
     @property
     def prior(self) -> torch.Tensor:
         """The source label distribution (class frequencies, float64 [C]): long-tailed for both kinds."""
-        counts = torch.bincount(self.labels.cpu(), minlength=self.logits.shape[1]).double()
-        return counts / counts.sum()
+        return empirical_prior(self.labels, self.logits.shape[1])
 
 
 def check_source(bundle: DataBundle, source: str) -> str:

@@ -15,9 +15,8 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.calibration import apply_calibration, fit_post_hoc
 from balpoe.evaluate.build import SourceSet
 from balpoe.evaluate.metrics import classification_report
-from balpoe.losses.priors import balance_logits
+from balpoe.losses.priors import balance_logits, empirical_prior
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.shift.distributions import empirical_prior
 from balpoe.shift.selector import TauSelector, get_adapt_mode
 from balpoe.shift.targets import TargetSet
 

@@ -32,12 +32,11 @@ import torch
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.calibration import apply_calibration, fit_bcts, fit_temperature
 from balpoe.evaluate.metrics import check_logits_labels
-from balpoe.losses.priors import log_prior
-from balpoe.shift.distributions import check_prior, empirical_prior
+from balpoe.losses.priors import empirical_prior, log_prior
+from balpoe.shift.distributions import PRIOR_FLOOR, floored_log, normalize_prior, uniform_prior
 from balpoe.shift.estimators import (best_lambda, eb_shrink_residual, em_prior, fit_beta_lambda, log_mean_variance,
                                      mle_lambda, prior_family, shrink_class_offsets, trend_slope)
 
-PRIOR_FLOOR = 1e-8
 #: post-hoc calibrators of the unlabelled mode
 CALIBRATIONS = ("bcts", "ts", "none")
 
@@ -90,11 +89,6 @@ class SelectorResult:
     prior: torch.Tensor
     temperature: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
-
-
-def normalize_prior(prior: Any, num_classes: int, what: str = "prior") -> torch.Tensor:
-    """Class weights -> float64 probability vector [C] (validated by :func:`check_prior`)."""
-    return torch.from_numpy(check_prior(prior, num_classes, what))
 
 
 class TauSelector:
@@ -153,7 +147,7 @@ class TauSelector:
                 raise BalpoeError(f"source_prior must be None, 'train' or class weights, got {source_prior!r}")
             log_ps = self.v
         else:
-            log_ps = torch.log(normalize_prior(source_prior, self.num_classes, "source_prior").clamp_min(PRIOR_FLOOR))
+            log_ps = floored_log(normalize_prior(source_prior, self.num_classes, "source_prior"))
         offset = None if log_ps is None else log_ps.to(logits.device)
         info: dict[str, Any] = {"n_source": int(labels.numel()), "calibration": self.calibration}
         if self.calibration == "bcts":
@@ -194,7 +188,7 @@ class TauSelector:
         q = normalize_prior(prior, self.num_classes)
         lam = best_lambda(q, self.v)
         kl = float((q * (torch.log(q.clamp_min(1e-300)) - torch.log(prior_family(self.v, lam)))).sum())
-        out = logits + torch.log(q.clamp_min(PRIOR_FLOOR)).to(logits)
+        out = logits + floored_log(q).to(logits)
         return SelectorResult(out, "known", 1.0 - lam, q, 1.0, {"lambda": lam, "kl_to_family": kl})
 
     def unlabelled(self, logits: torch.Tensor) -> SelectorResult:
@@ -210,7 +204,7 @@ class TauSelector:
             if self.calibration != "none":
                 raise BalpoeError("the unlabelled mode needs labelled source data: call fit_source first "
                                   "(or use calibration='none')")
-            p0 = torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+            p0 = uniform_prior(self.num_classes)
         else:
             p0 = self.p0
         cal = self._calibrate(logits)
@@ -241,7 +235,7 @@ class TauSelector:
             d, info["em_signal_var"] = eb_shrink_residual(d, var, k - 1)
             q = torch.softmax(torch.log(q1d) + d, 0)
             info["lambda_em"] = best_lambda(q.cpu(), self.v)
-        bias = torch.log(q.clamp_min(PRIOR_FLOOR)) - log_p0
+        bias = floored_log(q) - log_p0
         applied = bias.cpu() + (self.bias if self.bias is not None else 0.0)
         info["tau_effective"] = 1.0 - trend_slope(applied, self.v)
         out = (cal + bias).to(logits.dtype)
@@ -323,8 +317,7 @@ def labelled_split(labels: torch.Tensor, per_class: float, seed: int = 0,
 def _adapt_none(selector: TauSelector, logits, labels, **_):
     # the logits are scored as they are (non-finite values included), only their shape is checked
     check_logits_labels(logits, num_classes=selector.num_classes)
-    uniform = torch.full((selector.num_classes,), 1.0 / selector.num_classes, dtype=torch.float64)
-    return SelectorResult(logits, "none", 1.0, uniform, 1.0, {}), None
+    return SelectorResult(logits, "none", 1.0, uniform_prior(selector.num_classes), 1.0, {}), None
 
 
 @register_adapt_mode("known", "known prior: the target set's class frequencies, f̄ + log q (an oracle)")

@@ -20,7 +20,7 @@ import torch
 
 from balpoe.data.image_list import match_image_list
 from balpoe.errors import BalpoeError
-from balpoe.shift.distributions import (TEST_DISTRIBUTIONS, check_prior, dirichlet_prior, distribution_prior,
+from balpoe.shift.distributions import (TEST_DISTRIBUTIONS, normalize_prior, dirichlet_prior, distribution_prior,
                                         parse_distribution, prior_subset_indices, test_subset_indices)
 
 
@@ -74,7 +74,7 @@ def parse_prior(spec: str, class_counts: Sequence[int] | torch.Tensor) -> torch.
     except ValueError:
         raise BalpoeError(f"prior {spec!r}: expected comma-separated class weights or "
                           "dirichlet:<profile>:<concentration>:<seed>") from None
-    return torch.from_numpy(check_prior(weights, num_classes, what=f"prior {spec!r}"))
+    return normalize_prior(weights, num_classes, what=f"prior {spec!r}")
 
 
 def prior_names(specs: Sequence[str]) -> list[str]:

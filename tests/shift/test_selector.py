@@ -13,7 +13,7 @@ import torch
 
 from balpoe.data.lt import lt_class_counts
 from balpoe.errors import BalpoeError
-from balpoe.losses.priors import log_prior
+from balpoe.losses.priors import empirical_prior, log_prior
 from balpoe.shift.estimators import best_lambda, em_prior, fit_beta_lambda, mle_lambda, prior_family, shrink_class_offsets
 from balpoe.shift.selector import ADAPT_MODES, ESTIMATORS, SelectorResult, TauSelector, get_adapt_mode
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_counts, distribution_prior
@@ -56,11 +56,6 @@ def selector(model) -> TauSelector:
 
 def acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).double().mean().item() * 100
-
-
-def empirical_prior(labels: torch.Tensor) -> torch.Tensor:
-    q = torch.bincount(labels, minlength=K).double()
-    return q / q.sum()
 
 
 def tv(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -178,8 +173,8 @@ def test_unlabelled_recovers_a_forward10_like_prior(model, selector):
     res = selector.unlabelled(logits)
     assert res.mode == "unlabelled" and res.info["estimator"] == "em"
     assert res.tau == pytest.approx(0.5, abs=0.05)
-    assert tv(res.prior, empirical_prior(labels)) < 0.06  # TV(uniform, q) = 0.27
-    oracle = acc(logits.double() + torch.log(empirical_prior(labels)), labels)
+    assert tv(res.prior, empirical_prior(labels, K)) < 0.06  # TV(uniform, q) = 0.27
+    oracle = acc(logits.double() + torch.log(empirical_prior(labels, K)), labels)
     assert acc(res.logits, labels) > acc(logits, labels) + 0.8 * (oracle - acc(logits, labels))
 
 
@@ -207,7 +202,7 @@ def test_unlabelled_recovers_a_dirichlet_prior(model, selector):
     q = dirichlet_prior(prior_family(V, 0.5), 10.0 * K, seed=2)  # off the pi^lambda family
     logits, labels = model.sample_prior(q, 100 * K, seed=8)
     res = selector.unlabelled(logits)
-    q_emp = empirical_prior(labels)
+    q_emp = empirical_prior(labels, K)
     assert res.info["estimator"] == "em"
     assert tv(res.prior, q_emp) < 0.08
     assert tv(res.prior, q_emp) < 0.6 * tv(res.info["prior_1d"], q_emp)  # EM beats the 1-D family
@@ -236,7 +231,7 @@ def test_unlabelled_with_a_long_tailed_source(model, calibration):
     res = sel.unlabelled(tgt * 2.0)
     assert res.temperature == sel.temperature
     assert res.tau == pytest.approx(CLOSED_FORM_TAU["backward25"], abs=0.1)
-    oracle = acc(tgt.double() + torch.log(empirical_prior(y)), y)
+    oracle = acc(tgt.double() + torch.log(empirical_prior(y, K)), y)
     assert acc(res.logits, y) > acc(tgt, y) + 0.8 * (oracle - acc(tgt, y))
 
 

@@ -22,9 +22,8 @@ from balpoe.evaluate.build import check_source, evaluate_checkpoint, evaluate_mo
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import classification_report
 from balpoe.losses.build import model_prior_exponent as logit_prior_exponent
-from balpoe.losses.priors import balance_logits
+from balpoe.losses.priors import balance_logits, empirical_prior
 from balpoe.shift.build import evaluate_shift
-from balpoe.shift.distributions import empirical_prior
 from balpoe.shift.scoring import evaluate_targets
 from balpoe.shift.selector import ADAPT_MODES, TauSelector, labelled_split
 from balpoe.shift.targets import parse_prior, parse_test_dists, prior_names, target_sets
