@@ -35,7 +35,7 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import evaluate_checkpoint
 from balpoe.losses.build import LOSSES, register_loss
 from balpoe.losses.logit_adjusted import BalPoELoss
-from balpoe.shift.build import evaluate_shift
+from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.runtime.checkpoint import (FORMAT, atomic_write_text, load_checkpoint, remove_stale_temporaries,
                                        save_safetensors)
 
@@ -410,7 +410,7 @@ def test_unwritable_output_and_missing_cuda_are_one_line_before_any_work(uninter
 
 
 def test_label_shift_json_is_strict(uninterrupted, tmp_path):
-    evaluate_shift(uninterrupted / "last.pt", test_dists="all", adapt="known", device="cpu", out=tmp_path,
-                   plots=False, quiet=True)
+    evaluate_shift(uninterrupted / "last.pt", ShiftOptions(test_dists="all", adapt="known"), device="cpu",
+                   out=tmp_path, plots=False, quiet=True)
     report = _strict((tmp_path / "shift_eval.json").read_text())
     assert report["curves"]["distributions"][0] == "forward50"
