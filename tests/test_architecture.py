@@ -184,8 +184,8 @@ def test_a_toy_dataset_backbone_loss_and_adaptation_mode_train_and_evaluate(toy_
     assert MeanLogitCE.calls == 5 * 6                         # 90 images, batch 16: 6 steps per epoch
     assert report["n"] == 40 and report["acc"] > 40           # learnable: chance is 25
     assert timm.is_model("toy_architecture_net")
-    shift = evaluate_shift(tmp_path / "run" / "last.pt", ShiftOptions(test_dists="forward2,uniform", adapt="toy_double"),
-                           device="cpu", plots=False, quiet=True)
+    options = ShiftOptions(test_dists="forward2,uniform", adapt="toy_double")
+    shift = evaluate_shift(tmp_path / "run" / "last.pt", options, device="cpu", plots=False, quiet=True)
     for row in shift["distributions"].values():
         assert row["acc"] == row["acc_before"] and row["temperature"] == 0.5
     assert shift["adapt"] == "toy_double"

@@ -83,7 +83,8 @@ def distribution_prior(name: str, class_counts: ArrayLike, n_max: int = 100) -> 
     return torch.from_numpy(q / q.sum())
 
 
-def test_subset_indices(labels: ArrayLike, class_counts: ArrayLike, name: str, seed: int = 0) -> torch.LongTensor:
+def protocol_subset_indices(labels: ArrayLike, class_counts: ArrayLike, name: str,
+                            seed: int = 0) -> torch.LongTensor:
     """Indices (int64, class by class in rank order) of the test subset for ``name`` (SADE protocol).
 
     ``labels`` are the balanced test labels; ``n_max`` is the smallest class size of the test set
@@ -198,7 +199,3 @@ def dirichlet_prior(base_prior: ArrayLike, concentration: float, seed: int = 0) 
     else:  # pragma: no cover - only for absurdly small concentrations
         raise BalpoeError(f"Dirichlet concentration {concentration} is too small to sample")
     return torch.from_numpy(g / g.sum())
-
-
-# These public helpers start with ``test_``; keep pytest from collecting them when imported in tests.
-test_subset_indices.__test__ = False  # type: ignore[attr-defined]

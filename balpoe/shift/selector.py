@@ -59,7 +59,8 @@ AUTO_EM_FROM = 20.0
 ESTIMATORS = {
     "1d": PriorEstimator(float("inf"), "1-D MLE of the prior exponent"),
     "em": PriorEstimator(0.0, "EM shrunk toward the 1-D MLE"),
-    "auto": PriorEstimator(AUTO_EM_FROM, f"EM shrunk toward the 1-D MLE when N/K >= {AUTO_EM_FROM:g}, else the 1-D MLE"),
+    "auto": PriorEstimator(AUTO_EM_FROM,
+                           f"EM shrunk toward the 1-D MLE when N/K >= {AUTO_EM_FROM:g}, else the 1-D MLE"),
 }
 
 
@@ -193,8 +194,8 @@ class TauSelector:
 
     def unlabelled(self, logits: torch.Tensor) -> SelectorResult:
         """Unlabelled target logits: calibrate, fit the 1-D MLE lambda, then if the estimator runs EM
-        at N/K images per class (:meth:`PriorEstimator.uses_em`) smoothed EM (Saerens et al. 2002) shrunk toward the 1-D fit by
-        empirical Bayes; returns ``f̄/T + b + log q_hat - log p0``.
+        at N/K images per class (:meth:`PriorEstimator.uses_em`) smoothed EM (Saerens et al. 2002)
+        shrunk toward the 1-D fit by empirical Bayes; returns ``f̄/T + b + log q_hat - log p0``.
 
         ``tau`` = 1 - lambda_hat of the 1-D fit (the target prior's exponent);
         ``info["tau_effective"]`` = 1 - the slope on v of the bias actually added to f̄/T

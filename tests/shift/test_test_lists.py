@@ -16,7 +16,7 @@ from balpoe.data.bundle import ImageArrays
 from balpoe.errors import BalpoeError
 from balpoe.shift import build as shift_build
 from balpoe.shift.build import ShiftOptions, evaluate_shift
-from balpoe.shift.distributions import test_subset_indices
+from balpoe.shift.distributions import protocol_subset_indices
 from balpoe.shift.targets import list_target_sets
 
 METRICS = ("n", "acc", "many", "medium", "few", "ece", "mce", "nll", "brier")
@@ -47,7 +47,7 @@ def _write(path, lines):
 def test_list_of_a_protocol_subset_scores_exactly_as_the_generated_subset(run, monkeypatch):
     tmp, ckpt, lines = run
     labels = torch.tensor([int(x.rsplit(" ", 1)[1]) for x in lines])
-    idx = test_subset_indices(labels, [12, 8, 5, 3], "backward5")
+    idx = protocol_subset_indices(labels, [12, 8, 5, 3], "backward5")
     official = _write(tmp / "ImageNet_LT_backward5.txt", [lines[i] for i in idx.tolist()])
     shuffled = [lines[i] for i in idx.tolist()]
     random.Random(0).shuffle(shuffled)
