@@ -219,7 +219,7 @@ def _eval(args) -> None:
                    overrides=args.overrides, out=args.out, plots=not args.no_plots, html_report=not args.no_report)
 
 
-def _report_cmd(args) -> None:
+def _report(args) -> None:
     from balpoe.evaluate.html_report import report_inputs, screenshot, write_html_report
     from balpoe.runtime.console import console
     from balpoe.runtime.files import check_output_path
@@ -252,10 +252,10 @@ def _export(args) -> None:
     export(args.checkpoint, args.format, prior=args.prior, out=args.out, overwrite=args.force)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "report": _report_cmd, "predict": _predict, "export": _export}
+COMMANDS = {"train": _train, "eval": _eval, "report": _report, "predict": _predict, "export": _export}
 
 
-def _report(message: str) -> None:
+def _print_error(message: str) -> None:
     """One ``error: ...`` line on stderr; under torchrun from rank 0 only (every rank exits non-zero)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
@@ -267,34 +267,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     except _UsageError as e:
-        _report(str(e))
+        _print_error(str(e))
         return EXIT_USAGE
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
     except OutputExists as e:
-        _report(f"{e.what} '{e.path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
+        _print_error(f"{e.what} '{e.path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
         return EXIT_USAGE
     except UnfinishedRun as e:
-        _report(f"output directory '{e.out}' holds a run that stopped before its first checkpoint "
-                f"({', '.join(e.files)}); pass --resume auto to start it again or --out to choose another directory")
+        _print_error(f"output directory '{e.out}' holds a run that stopped before its first checkpoint "
+                     f"({', '.join(e.files)}); pass --resume auto to start it again or --out to choose another "
+                     "directory")
         return EXIT_USAGE
     except RunExists as e:
-        _report(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to choose "
-                "another directory")
+        _print_error(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to "
+                     "choose another directory")
         return EXIT_USAGE
     except NoRunToResume as e:
-        _report(f"--resume: {e} (--resume auto starts a new run when there is none)")
+        _print_error(f"--resume: {e} (--resume auto starts a new run when there is none)")
         return EXIT_USAGE
     except BalpoeError as e:
-        _report(str(e))
+        _print_error(str(e))
         return EXIT_USAGE
     except OSError as e:  # a file-system failure the code did not name (no space left, a name too long, ...)
         where = f" '{short_path(e.filename)}'" if getattr(e, "filename", None) else ""
-        _report(f"file system error{where}: {e.strerror or type(e).__name__}")
+        _print_error(f"file system error{where}: {e.strerror or type(e).__name__}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _report("interrupted; the last checkpoint written is intact")
+        _print_error("interrupted; the last checkpoint written is intact")
         return 130
     return 0
 
