@@ -4,11 +4,11 @@ BalPoE (Sanchez Aimar et al., CVPR 2023) trains E experts on a shared backbone w
 losses CE(f_k + tau_k log pi_train, y) and averages their logits; MiSLAS (Zhong et al., CVPR 2021)
 is the one-expert, two-stage special case.  Python API::
 
-    from balpoe import load_recipe, train, evaluate_checkpoint, evaluate_shift
+    from balpoe import load_recipe, train, evaluate_checkpoint, evaluate_shift, ShiftOptions
     recipe = load_recipe("recipes/balpoe/fashion_mnist_lt_ir100_cpu_demo.yaml", ["optim.epochs=5"])
     report = train(recipe, "runs/demo")            # trains, checkpoints, evaluates
     report = evaluate_checkpoint("runs/demo/last.pt")
-    shift = evaluate_shift("runs/demo/last.pt", test_dists="all", adapt="unlabelled")
+    shift = evaluate_shift("runs/demo/last.pt", ShiftOptions(test_dists="all", adapt="unlabelled"))
 """
 
 import importlib
@@ -28,7 +28,7 @@ _LAZY = {
     "balpoe.evaluate.report": ("report_from_logits",),
     "balpoe.data.build": ("build_data", "build_loader"),
     "balpoe.models": ("build_multi_expert", "MultiExpertNet"),
-    "balpoe.shift.build": ("evaluate_shift",),
+    "balpoe.shift.build": ("evaluate_shift", "ShiftOptions"),
     "balpoe.shift.scoring": ("evaluate_targets",),
     "balpoe.shift.targets": ("target_sets",),
     "balpoe.shift.selector": ("TauSelector",),

@@ -76,7 +76,9 @@ def _train_arguments(t: argparse.ArgumentParser) -> None:
 
 def _eval_arguments(e: argparse.ArgumentParser) -> None:
     from balpoe.evaluate.build import SOURCES
+    from balpoe.shift.build import ShiftOptions
     from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS
+    default = ShiftOptions()
     e.add_argument("checkpoint", help="checkpoint to evaluate: a run's last.pt, its best.pt (the best epoch on the "
                    "validation split, with train.val_every), or a .safetensors weights file")
     e.add_argument("--device", default="auto", help="auto (default: CUDA when available), cpu, cuda, cuda:N")
@@ -100,18 +102,18 @@ def _eval_arguments(e: argparse.ArgumentParser) -> None:
                    "repeatable (adds to the recipe's data.test_lists)")
     s.add_argument("--adapt", metavar="MODE", choices=list(ADAPT_MODES),
                    help="test-time tau selector: " + "; ".join(f"{k}: {m.help}" for k, m in ADAPT_MODES.items()))
-    s.add_argument("--calibration", default="bcts", choices=CALIBRATIONS,
-                   help="calibrator of --adapt unlabelled (default bcts)")
-    s.add_argument("--estimator", default="1d", choices=list(ESTIMATORS),
+    s.add_argument("--calibration", default=default.calibration, choices=CALIBRATIONS,
+                   help=f"calibrator of --adapt unlabelled (default {default.calibration})")
+    s.add_argument("--estimator", default=default.estimator, choices=list(ESTIMATORS),
                    help="prior estimator of --adapt unlabelled: 1d (default: MLE of the exponent of pi_train^lambda) "
-                   "| em (smoothed EM shrunk toward it) | auto (em when N/K >= 20)")
-    s.add_argument("--source", default="auto", choices=SOURCES,
+                   f"| em (smoothed EM shrunk toward it) | auto (em when N/K >= {ESTIMATORS['auto'].em_from:g})")
+    s.add_argument("--source", default=default.source, choices=SOURCES,
                    help="labelled source data for calibration: auto (default: the recipe's held-out slice, else a "
                    "slice of the seen training split, with a warning) | holdout | train")
-    s.add_argument("--labels-per-class", type=_positive_number, default=5, metavar="K",
+    s.add_argument("--labels-per-class", type=_positive_number, default=default.labels_per_class, metavar="K",
                    help="--adapt labelled: K*C labelled images drawn at random from each target set, i.e. K per "
-                   "class on average (default 5)")
-    s.add_argument("--seed", type=_seed, default=0, help="seed of user-prior subsets and labelled draws")
+                   f"class on average (default {default.labels_per_class:g})")
+    s.add_argument("--seed", type=_seed, default=default.seed, help="seed of user-prior subsets and labelled draws")
     s.add_argument("--no-plots", action="store_true", help="no reliability diagrams")
     e.add_argument("--no-report", action="store_true",
                    help="do not rewrite report.html in the checkpoint's run directory")
@@ -204,20 +206,20 @@ def _train(args) -> None:
 
 def _eval(args) -> None:
     from balpoe.evaluate.build import evaluate_checkpoint
-    from balpoe.shift.build import evaluate_shift
+    from balpoe.shift.build import ShiftOptions, evaluate_shift
     if args.test_dists is None and args.prior is None and args.test_list is None and args.adapt is None:
         evaluate_checkpoint(args.checkpoint, device=args.device, batch_size=args.batch_size,
                             overrides=args.overrides, out=args.out, report=not args.no_report)
         return
-    evaluate_shift(args.checkpoint, device=args.device, batch_size=args.batch_size, overrides=args.overrides,
-                   out=args.out, test_dists=args.test_dists, priors=args.prior, test_lists=args.test_list,
-                   adapt=args.adapt or "none",
-                   calibration=args.calibration, estimator=args.estimator, source=args.source,
-                   labels_per_class=args.labels_per_class, seed=args.seed, plots=not args.no_plots,
-                   html_report=not args.no_report)
+    options = ShiftOptions(test_dists=args.test_dists, priors=args.prior, test_lists=args.test_list,
+                           adapt=args.adapt or ShiftOptions.adapt, calibration=args.calibration,
+                           estimator=args.estimator, source=args.source, labels_per_class=args.labels_per_class,
+                           seed=args.seed)
+    evaluate_shift(args.checkpoint, options, device=args.device, batch_size=args.batch_size,
+                   overrides=args.overrides, out=args.out, plots=not args.no_plots, html_report=not args.no_report)
 
 
-def _report_cmd(args) -> None:
+def _report(args) -> None:
     from balpoe.evaluate.html_report import report_inputs, screenshot, write_html_report
     from balpoe.runtime.console import console
     from balpoe.runtime.files import check_output_path
@@ -250,10 +252,10 @@ def _export(args) -> None:
     export(args.checkpoint, args.format, prior=args.prior, out=args.out, overwrite=args.force)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "report": _report_cmd, "predict": _predict, "export": _export}
+COMMANDS = {"train": _train, "eval": _eval, "report": _report, "predict": _predict, "export": _export}
 
 
-def _report(message: str) -> None:
+def _print_error(message: str) -> None:
     """One ``error: ...`` line on stderr; under torchrun from rank 0 only (every rank exits non-zero)."""
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {message}", file=sys.stderr)
@@ -265,34 +267,35 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = _parser(command if command in SUBCOMMANDS else None).parse_args(argv)
     except _UsageError as e:
-        _report(str(e))
+        _print_error(str(e))
         return EXIT_USAGE
     warnings.filterwarnings("default", category=UserWarning, module="balpoe")
     try:
         COMMANDS[args.command](args)
     except OutputExists as e:
-        _report(f"{e.what} '{e.path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
+        _print_error(f"{e.what} '{e.path}' already exists; pass --force to overwrite it, or --out to write elsewhere")
         return EXIT_USAGE
     except UnfinishedRun as e:
-        _report(f"output directory '{e.out}' holds a run that stopped before its first checkpoint "
-                f"({', '.join(e.files)}); pass --resume auto to start it again or --out to choose another directory")
+        _print_error(f"output directory '{e.out}' holds a run that stopped before its first checkpoint "
+                     f"({', '.join(e.files)}); pass --resume auto to start it again or --out to choose another "
+                     "directory")
         return EXIT_USAGE
     except RunExists as e:
-        _report(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to choose "
-                "another directory")
+        _print_error(f"output directory '{e.out}' already holds a run; pass --resume to continue it or --out to "
+                     "choose another directory")
         return EXIT_USAGE
     except NoRunToResume as e:
-        _report(f"--resume: {e} (--resume auto starts a new run when there is none)")
+        _print_error(f"--resume: {e} (--resume auto starts a new run when there is none)")
         return EXIT_USAGE
     except BalpoeError as e:
-        _report(str(e))
+        _print_error(str(e))
         return EXIT_USAGE
     except OSError as e:  # a file-system failure the code did not name (no space left, a name too long, ...)
         where = f" '{short_path(e.filename)}'" if getattr(e, "filename", None) else ""
-        _report(f"file system error{where}: {e.strerror or type(e).__name__}")
+        _print_error(f"file system error{where}: {e.strerror or type(e).__name__}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        _report("interrupted; the last checkpoint written is intact")
+        _print_error("interrupted; the last checkpoint written is intact")
         return 130
     return 0
 

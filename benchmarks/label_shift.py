@@ -74,12 +74,12 @@ from balpoe.evaluate.build import ensemble_prior, load_for_eval
 from balpoe.evaluate.calibration import apply_calibration
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import accuracy, expected_calibration_error, negative_log_likelihood
-from balpoe.losses.priors import log_prior
+from balpoe.losses.priors import empirical_prior, log_prior
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.recipe import load_recipe
 from balpoe.runtime.checkpoint import load_checkpoint
 from balpoe.runtime.console import console
-from balpoe.shift.distributions import TEST_DISTRIBUTIONS, empirical_prior
+from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.estimators import trend_slope
 from balpoe.shift.selector import ADAPT_MODES, CALIBRATIONS, ESTIMATORS, TauSelector
 from balpoe.shift.targets import parse_prior, target_sets
@@ -104,7 +104,7 @@ SHORT = {"forward50": "F50", "forward25": "F25", "forward10": "F10", "forward5":
 class Row:
     """One printed row: an adaptation mode of the library (``ADAPT_MODES``) or a reference row of
     this benchmark (:data:`REFERENCE_ROWS`), run by ``TauSelector(counts, calibration,
-    min_samples_per_class=ESTIMATORS[estimator])``."""
+    estimator=estimator)``."""
     key: str
     label: str
     mode: str
@@ -241,7 +241,7 @@ def bench_model(key: str, ckpt: Path, check_forwards: bool) -> dict:
         times = []
         for _ in range(TIMING_REPEATS):
             start = time.perf_counter()
-            sel = TauSelector(counts, calibration=cal, min_samples_per_class=ESTIMATORS[est])
+            sel = TauSelector(counts, calibration=cal, estimator=est)
             if cal != "none":  # uncalibrated: no source data, p0 uniform (classic EM on raw posteriors)
                 sel.fit_source(src, src_labels, source_prior=p_s)
             times.append(time.perf_counter() - start)

@@ -30,7 +30,7 @@ from balpoe.data.bundle import ArraySplit
 from balpoe.data.registry import DATASETS, DatasetSpec, register_dataset
 from balpoe.losses.build import LOSSES, register_loss
 from balpoe.runtime.checkpoint import load_checkpoint
-from balpoe.shift.build import evaluate_shift
+from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.shift.selector import ADAPT_MODES, SelectorResult, register_adapt_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -201,8 +201,8 @@ def test_a_toy_dataset_backbone_loss_and_adaptation_mode_train_and_evaluate(toy_
     assert loss == recipe.loss and counts.tolist() == [40, 25, 15, 10] and taus == [0.5, 1.5]
     assert report["n"] == 40 and report["acc"] > 40           # learnable: chance is 25
     assert timm.is_model("toy_architecture_net")
-    shift = evaluate_shift(tmp_path / "run" / "last.pt", test_dists="forward2,uniform", adapt="toy_double",
-                           device="cpu", plots=False, quiet=True)
+    options = ShiftOptions(test_dists="forward2,uniform", adapt="toy_double")
+    shift = evaluate_shift(tmp_path / "run" / "last.pt", options, device="cpu", plots=False, quiet=True)
     for row in shift["distributions"].values():
         assert row["acc"] == row["acc_before"] and row["temperature"] == 0.5
     assert shift["adapt"] == "toy_double"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from balpoe.data.augment import folder_transform
 from balpoe.data.bundle import ArraySplit, DataBundle, FileSplit, ImageArrays
 from balpoe.data.device_loader import DeviceLoader
 from balpoe.data.folder_loader import ArrayImageDataset, FolderLoader, array_transforms
@@ -24,24 +23,7 @@ from balpoe.data.pipeline import (Pipeline, array_pipeline, channel_stats, decod
                                   pipeline_transform, resolve_pipeline)
 from balpoe.data.registry import FILE_KEYS, check_dataset_keys, get_dataset
 from balpoe.errors import BalpoeError, quoted
-from balpoe.recipe import AugmentConfig, DataConfig
-
-
-def folder_transforms(name: str, train: bool, image_size: int = 224, augment: AugmentConfig | None = None):
-    """The train / test transform of the image-file dataset ``name``
-    (:func:`~balpoe.data.augment.folder_transform`): its registry entry's statistics; colour jitter
-    as ``augment.color_jitter`` says (null: the dataset's default, always with RandAugment, as the
-    official long regime); the strong policy and Cutout of the recipe's ``data.augment`` section."""
-    spec = get_dataset(name)
-    if augment is None:
-        return folder_transform(train, spec.mean, spec.std, image_size, color_jitter=spec.color_jitter)
-    jitter = augment.color_jitter
-    if jitter is None:
-        jitter = spec.color_jitter or augment.policy == "randaugment"
-    return folder_transform(train, spec.mean, spec.std, image_size, color_jitter=jitter, policy=augment.policy,
-                            randaugment=augment.randaugment, cutout_length=augment.cutout,
-                            interpolation=augment.interpolation, flip=augment.flip,
-                            policy_fill=None if augment.fill is None else tuple(augment.fill))
+from balpoe.recipe import DataConfig
 
 
 def largest_imb_factor(n_max: int, num_classes: int, profile: str) -> int:

@@ -30,9 +30,10 @@ from balpoe.evaluate.html_report import write_html_report
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.report import analysis_from_logits, print_report, report_from_logits
 from balpoe.losses.build import expert_taus, model_prior_exponent
-from balpoe.losses.priors import balance_logits
+from balpoe.losses.priors import balance_logits, empirical_prior
 from balpoe.models.build import build_model
 from balpoe.models.multi_expert import MultiExpertNet
+from balpoe.models.weights import load_state
 from balpoe.recipe import DataConfig, Recipe, apply_overrides, recipe_from_dict
 from balpoe.runtime.checkpoint import load_checkpoint, write_json
 from balpoe.runtime.files import check_output_path
@@ -57,11 +58,7 @@ def load_model(checkpoint: str | Path | dict, device: torch.device | str = "cpu"
     model = build_model(recipe.model, ckpt["num_classes"], ckpt["in_chans"], pretrained=False,
                         stage2_classifier=recipe.stage2.classifier if recipe.stage == 2 else None,
                         stage2_weight_decay_target=recipe.stage2.weight_decay_target)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise BalpoeError(f"the weights in {where} do not fit its recipe's model section ({first})") from None
+    load_state(model, ckpt["model"], f"the weights in {where} do not fit its recipe's model section")
     return model.to(device).eval(), recipe, ckpt
 
 
@@ -311,8 +308,7 @@ class SourceSet:
     @property
     def prior(self) -> torch.Tensor:
         """The source label distribution (class frequencies, float64 [C]): long-tailed for both kinds."""
-        counts = torch.bincount(self.labels.cpu(), minlength=self.logits.shape[1]).double()
-        return counts / counts.sum()
+        return empirical_prior(self.labels, self.logits.shape[1])
 
 
 def check_source(bundle: DataBundle, source: str) -> str:

@@ -1,5 +1,5 @@
 """The training prior and what the losses do with it: ``log pi_train``, the experts' taus, the
-stage-2 logit offsets, and the prior a model's logits keep.
+stage-2 logit offsets, and the prior a model's logits keep; the class frequencies of a labelled set.
 
 Notation (BalPoE, Sanchez Aimar et al. CVPR 2023, Sec. 3): ``pi_y = n_y / N`` is the training
 label distribution; expert ``k`` is trained with ``CE(f_k + tau_k log pi, y)``.  Fitting
@@ -31,6 +31,13 @@ def log_prior(class_counts: torch.Tensor | Sequence[float], dtype: torch.dtype =
     if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()) or float(counts.sum()) <= 0:
         raise BalpoeError("class_counts must be finite, non-negative and not all zero")
     return torch.log(counts / counts.sum() + PRIOR_EPS).to(dtype)
+
+
+def empirical_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Class frequencies (float64 [C]) of a label vector: the label distribution of a labelled set
+    (a target set's oracle prior, a calibration source's prior)."""
+    counts = torch.bincount(torch.as_tensor(labels).cpu().long(), minlength=num_classes).double()
+    return counts / counts.sum()
 
 
 def make_tau_list(num_experts: int, tau_min: float = 0.0, tau_max: float = 2.0, spacing: str = "limits") -> list[float]:

@@ -1,7 +1,9 @@
-"""Pretrained weights for a backbone: read a weights file without running code, match its tensors
-to the backbone by name and shape, load what matches and say what did not.
+"""Weights: a model's own weights loaded with one-line errors (:func:`load_state`), and pretrained
+weights for a backbone: read a weights file without running code, match its tensors to the backbone
+by name and shape, load what matches and say what did not.
 
-Used by :func:`balpoe.models.build.build_multi_expert` for ``model.pretrained_file``.
+Used by :func:`balpoe.models.build.build_multi_expert` for ``model.pretrained_file``; by evaluation,
+stage 2 and resuming for a checkpoint's weights (:func:`load_state`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,16 @@ from balpoe.errors import BalpoeError, clip
 CLASSIFIER_NAMES = ("fc", "head", "classifier", "last_linear")
 #: how many key names a message shows
 SHOWN_KEYS = 3
+
+
+def load_state(model: nn.Module, state: dict[str, torch.Tensor], mismatch: str) -> None:
+    """``model.load_state_dict(state)`` (every key, every shape); weights that do not fit ``model``
+    are one line: ``mismatch`` (what did not fit what) and the first line of torch's report."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise BalpoeError(f"{mismatch} ({clip(first, 200)})") from None
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:

@@ -119,7 +119,7 @@ def ensure_writable_dir(folder: str | Path, what: str = "output directory", crea
                 raise BalpoeError(f"{what} '{_p(folder)}' is not writable (Permission denied)")
             return folder
         folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".write-test-", dir=folder)
+        fd, probe = _temporary(folder, "write-test")
         os.close(fd)
         os.unlink(probe)
     except (NotADirectoryError, FileExistsError):
@@ -152,6 +152,14 @@ def ensure_writable_file(path: str | Path, what: str = "output file", create: bo
 _TMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)(?:-[A-Za-z0-9_]{8})?(?:\.[A-Za-z0-9]{1,16})?$")
 
 
+def _temporary(folder: Path, name: str, suffix: str = "") -> tuple[int, Path]:
+    """A fresh temporary file for ``name`` in ``folder``: ``.NAME.tmp-PID-XXXXXXXX[suffix]``, created
+    exclusively with an unpredictable name (``tempfile.mkstemp``); the only temporary name the
+    project creates, so that :func:`remove_stale_temporaries` knows every one."""
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.tmp-{os.getpid()}-", suffix=suffix, dir=folder)
+    return fd, Path(tmp_name)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -163,8 +171,9 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(folder: str | Path, name: str | None = None) -> list[Path]:
-    """Delete the temporary files (:func:`atomic_write`'s ``.NAME.tmp-PID-...``) that dead processes
-    left in ``folder`` (all of them, or those of the destination ``name``); returns the removed paths."""
+    """Delete the temporary files (:func:`atomic_write`'s ``.NAME.tmp-PID-...``, and the
+    ``.write-test.tmp-PID-...`` probes of :func:`ensure_writable_dir`) that dead processes left in
+    ``folder`` (all of them, or those of the destination ``name``); returns the removed paths."""
     folder = Path(folder)
     removed: list[Path] = []
     try:
@@ -211,11 +220,9 @@ def atomic_write(path: str | Path, write: Callable[[Any], Any], *, check: Callab
         raise _write_error(path, e) from None
     remove_stale_temporaries(folder, path.name)
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", suffix=path.suffix[:17],
-                                        dir=folder)
+        fd, tmp = _temporary(folder, path.name, path.suffix[:17])
     except OSError as e:
         raise _write_error(path, e) from None
-    tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)

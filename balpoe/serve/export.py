@@ -92,15 +92,11 @@ def export_metadata(served: Served, prior: torch.Tensor | None, spec) -> dict[st
 
 
 def _write_checked(path: Path, write, check) -> float:
-    """``write(tmp)`` to a temporary file beside ``path`` (:func:`~balpoe.runtime.files.atomic_write`),
+    """``write(f)`` to a temporary file beside ``path`` (:func:`~balpoe.runtime.files.atomic_write`),
     ``check(tmp)`` it, then rename it to ``path``: a failed or interrupted export never leaves a file
     under the final name, and the temporary file of a killed export is removed by the next one."""
     diff: list[float] = []
-
-    def to_file(f) -> None:
-        write(f)
-
-    atomic_write(path, to_file, check=lambda tmp: diff.append(check(str(tmp))))
+    atomic_write(path, write, check=lambda tmp: diff.append(check(str(tmp))))
     return diff[0]
 
 
@@ -171,7 +167,7 @@ def _export_pt2(module: ServingModule, meta: dict[str, str], path: Path, served:
         with torch.no_grad():
             return _check("pt2", torch.export.load(tmp).module()(xb), module(xb))
 
-    return _write_checked(path, lambda tmp: torch.export.save(program, tmp, extra_files=meta), check)
+    return _write_checked(path, lambda f: torch.export.save(program, f, extra_files=meta), check)
 
 
 def _onnx_modules():

@@ -31,7 +31,7 @@ from balpoe.runtime.console import console
 from balpoe.runtime.device import resolve_device
 from balpoe.serve.build import calibration_source, load_served
 from balpoe.serve.serving import ServingModule, collect_images, load_image, prior_offset, resolve_prior
-from balpoe.shift.selector import CALIBRATIONS, ESTIMATORS, TauSelector
+from balpoe.shift.selector import CALIBRATIONS, TauSelector, get_estimator
 
 #: adaptation modes of :func:`predict` (besides None)
 ADAPT = ("unlabelled",)
@@ -107,7 +107,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
     the logits were adjusted (``mode`` balanced / known / unlabelled) and, for the last two, the
     target prior (``probabilities``) and tau'."""
     _check_options(prior, adapt, topk, batch_size)
-    check_choice("estimator", estimator, ESTIMATORS)
+    get_estimator(estimator)
     check_choice("calibration", calibration, CALIBRATIONS)
     paths = collect_images(inputs)
     dev = resolve_device(device, what="device")
@@ -138,7 +138,7 @@ def predict(checkpoint: str | Path, inputs: str | Path | Sequence[str | Path], *
             warnings.warn(f"no labelled source data to calibrate the prior estimate on ({reason}); estimating it "
                           "from uncalibrated logits", UserWarning, stacklevel=2)
         selector = TauSelector(counts, calibration=calibration if src is not None else "none",
-                               min_samples_per_class=ESTIMATORS[estimator])
+                               estimator=estimator)
         if src is not None:
             selector.fit_source(src.logits.cpu(), src.labels.cpu(), source_prior=src.prior)
         res = selector.unlabelled(logits)

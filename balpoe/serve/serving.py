@@ -30,8 +30,7 @@ from balpoe.data.decode import load_pil
 from balpoe.errors import BalpoeError
 from balpoe.losses.priors import log_prior
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.shift.distributions import check_prior
-from balpoe.shift.selector import PRIOR_FLOOR
+from balpoe.shift.distributions import floored_log, normalize_prior
 from balpoe.shift.targets import parse_prior
 
 #: file suffixes taken from a folder (a file named explicitly is read whatever its suffix)
@@ -133,7 +132,7 @@ def prior_offset(class_counts, lam_model: float, prior: torch.Tensor | None = No
     prior q (Bayes rule, as :meth:`~balpoe.shift.selector.TauSelector.known`); float64 ``[K]``."""
     offset = -lam_model * log_prior(class_counts, torch.float64)
     if prior is not None:
-        offset = offset + torch.log(prior.to(torch.float64).clamp_min(PRIOR_FLOOR))
+        offset = offset + floored_log(prior.to(torch.float64))
     return offset
 
 
@@ -232,7 +231,7 @@ def read_prior_file(path: str | Path, class_names: Sequence[str]) -> torch.Tenso
             raise BalpoeError(f"{what}: {bad[:40]!r} is not a number (expected one weight per class)") from None
     if not weights:
         raise BalpoeError(f"{what} holds no weights (expected one per class)")
-    return torch.from_numpy(check_prior(weights, len(class_names), what))
+    return normalize_prior(weights, len(class_names), what)
 
 
 def resolve_prior(spec: str | Sequence[float] | torch.Tensor | None, class_counts,
@@ -245,8 +244,7 @@ def resolve_prior(spec: str | Sequence[float] | torch.Tensor | None, class_count
     if spec is None:
         return None
     if not isinstance(spec, str):
-        return torch.from_numpy(check_prior(torch.as_tensor(spec, dtype=torch.float64).reshape(-1).numpy(),
-                                            len(class_names), "prior"))
+        return normalize_prior(torch.as_tensor(spec, dtype=torch.float64).reshape(-1), len(class_names), "prior")
     text = spec.strip()
     if text == "uniform":
         return None

@@ -29,6 +29,7 @@ for plain cross-entropy.  Without adaptation the model's own logits are scored, 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -47,59 +48,75 @@ from balpoe.runtime.console import console
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.render import SHIFT_FILES, plot_targets, print_shift_report, write_reports
 from balpoe.shift.scoring import accuracy_curves, calibration_section, evaluate_targets
-from balpoe.shift.selector import CALIBRATIONS, ESTIMATORS, TauSelector, get_adapt_mode
+from balpoe.shift.selector import CALIBRATIONS, TauSelector, get_adapt_mode, get_estimator
 from balpoe.shift.targets import list_target_sets, parse_prior, parse_test_dists, prior_names, target_sets
 
 
-def _check_options(adapt_mode: str, calibration: str, source: str, estimator: str, labels_per_class: float,
-                   seed: int = 0) -> None:
-    get_adapt_mode(adapt_mode)
-    check_choice("calibration", calibration, CALIBRATIONS)
-    check_choice("calibration source", source, SOURCES)
-    check_choice("estimator", estimator, ESTIMATORS)
-    if isinstance(labels_per_class, bool) or not isinstance(labels_per_class, (int, float)) or \
-            not math.isfinite(labels_per_class) or labels_per_class <= 0:
-        raise BalpoeError(f"labels per class must be a finite number > 0, got {labels_per_class!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2 ** 32:
-        raise BalpoeError(f"seed must be an integer in [0, 2**32), got {seed!r}")
+@dataclasses.dataclass(frozen=True)
+class ShiftOptions:
+    """What a label-shift evaluation evaluates and how it adapts (the defaults are those of
+    ``balpoe eval``); checked when made, one line naming the bad value.
+
+    ``test_dists``: protocol distributions (``"all"``, ``"forward50,uniform"`` or a list of names);
+    ``priors``: user target priors (specs of :func:`~balpoe.shift.targets.parse_prior`);
+    ``test_lists``: test-distribution list files (:func:`~balpoe.shift.targets.list_target_sets`);
+    with none of the three, the recipe's ``data.test_lists`` or else all 11 protocol distributions.
+    ``adapt``: a mode of :data:`~balpoe.shift.selector.ADAPT_MODES`; ``calibration`` and ``estimator``
+    (:data:`~balpoe.shift.selector.ESTIMATORS`) of the unlabelled mode; ``source`` of the calibration
+    data (:data:`~balpoe.evaluate.build.SOURCES`); ``labels_per_class`` of the labelled mode;
+    ``seed`` of user-prior subsets and labelled draws."""
+    test_dists: str | Sequence[str] | None = None
+    priors: str | Sequence[str] | None = None
+    test_lists: str | Path | Sequence[str | Path] | None = None
+    adapt: str = "none"
+    calibration: str = "bcts"
+    estimator: str = "1d"
+    source: str = "auto"
+    labels_per_class: float = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        get_adapt_mode(self.adapt)
+        check_choice("calibration", self.calibration, CALIBRATIONS)
+        check_choice("calibration source", self.source, SOURCES)
+        get_estimator(self.estimator)
+        k = self.labels_per_class
+        if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
+            raise BalpoeError(f"labels per class must be a finite number > 0, got {k!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
+            raise BalpoeError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
 
 
-def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None = None,
-                   priors: Sequence[str] | None = None, test_lists: Sequence[str | Path] | None = None,
-                   adapt: str = "none", calibration: str = "bcts",
-                   estimator: str = "1d", source: str = "auto", labels_per_class: float = 5, seed: int = 0,
-                   device: str = "auto", batch_size: int | None = None, overrides: list[str] | None = None,
-                   out: str | Path | None = None, plots: bool = True, quiet: bool = False,
-                   html_report: bool = True) -> dict[str, Any]:
+def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, device: str = "auto",
+                   batch_size: int | None = None, overrides: list[str] | None = None, out: str | Path | None = None,
+                   plots: bool = True, quiet: bool = False, html_report: bool = True) -> dict[str, Any]:
     """``balpoe eval CKPT --test-dists ... [--prior ...] [--adapt ...]``.
 
-    Collects the test logits once, evaluates every requested distribution with the requested
-    adaptation (default, when none of ``test_dists``, ``priors``, ``test_lists`` is given: the
-    recipe's ``data.test_lists``, or else all 11 protocol distributions), fits TS / BCTS on
-    source data when there is a held-out slice (or when the unlabelled mode needs it), prints a
-    table and writes ``shift_eval.json``, ``shift_eval.md`` and reliability diagrams into ``out``
-    (default: the checkpoint's directory; there, with ``html_report``, ``report.html`` is rewritten to
-    include the label-shift plot).  ``priors`` are specs of :func:`~balpoe.shift.targets.parse_prior`;
-    ``test_lists`` (added to the recipe's ``data.test_lists``) are test-distribution list files of
-    ``path label`` lines whose images are a subset of the test split, each named by its file stem
-    (:func:`~balpoe.shift.targets.list_target_sets`).  Returns the report dict."""
-    _check_options(adapt, calibration, source, estimator, labels_per_class, seed)
+    Collects the test logits once, evaluates every target set of ``options`` (:class:`ShiftOptions`;
+    default: ``ShiftOptions()``) with its adaptation, fits TS / BCTS on source data when there is a
+    held-out slice (or when the unlabelled mode needs it), prints a table and writes
+    ``shift_eval.json``, ``shift_eval.md`` and reliability diagrams into ``out`` (default: the
+    checkpoint's directory; there, with ``html_report``, ``report.html`` is rewritten to include the
+    label-shift plot).  The test lists are added to the recipe's ``data.test_lists``; their images are
+    a subset of the test split, each list named by its file stem.  Returns the report dict."""
+    opt = ShiftOptions() if options is None else options
     out_dir = Path(out) if out else Path(path).parent
+    given_lists = [str(opt.test_lists)] if isinstance(opt.test_lists, (str, Path)) else \
+        [str(f) for f in opt.test_lists or []]
 
     def check_outputs(create: bool) -> Path:
         folder = ensure_writable_dir(out_dir, "label-shift output directory", create=create)
         for name in SHIFT_FILES:  # never another run's results, never a file this command reads
             check_output_path(out_dir / name, "label-shift output", own_run=Path(path).parent, writes=SHIFT_FILES,
-                              inputs=[path, *([test_lists] if isinstance(test_lists, (str, Path)) else test_lists or [])],
-                              create=create)
+                              inputs=[path, *given_lists], create=create)
         return folder
     check_outputs(create=False)  # before anything is read; created once every input has been checked
     rewrite_report = html_report and out_dir.resolve() == Path(path).resolve().parent
     if rewrite_report:
         check_run_report(out_dir)
-    dists = parse_test_dists(test_dists)
-    priors = [priors] if isinstance(priors, str) else list(priors or [])
-    lists = [str(test_lists)] if isinstance(test_lists, (str, Path)) else [str(f) for f in test_lists or []]
+    dists = parse_test_dists(opt.test_dists)
+    priors = [opt.priors] if isinstance(opt.priors, str) else list(opt.priors or [])
+    lists = list(given_lists)
 
     model, recipe, ckpt, bundle, dev = load_for_eval(path, device, batch_size, overrides)
     for given in recipe.data.test_lists:
@@ -111,9 +128,9 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     counts = bundle.class_counts
     prior_vecs = {n: parse_prior(s, counts) for n, s in zip(prior_names(priors), priors)}
     listed = list_target_sets(bundle.test, lists, taken=[*dists, *prior_vecs])  # before any forward pass
-    need_source = adapt == "unlabelled" and calibration != "none"
-    if need_source or source != "auto":
-        check_source(bundle, source)  # fail before any forward pass
+    need_source = opt.adapt == "unlabelled" and opt.calibration != "none"
+    if need_source or opt.source != "auto":
+        check_source(bundle, opt.source)  # fail before any forward pass
     taus, lam_model = ensemble_prior(recipe)
     out_dir = check_outputs(create=True)
 
@@ -122,26 +139,26 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     start = time.perf_counter()
     expert_logits, labels = collect_logits(model, loader, dev, recipe.train.amp)
     forward_s = time.perf_counter() - start
-    targets = {**target_sets(labels, counts, dists, prior_vecs, seed=seed), **listed}
+    targets = {**target_sets(labels, counts, dists, prior_vecs, seed=opt.seed), **listed}
     many, few = recipe.data.many_threshold, recipe.data.few_threshold
 
     # 2. source data: post-hoc calibration (TS, BCTS) and the unlabelled selector's calibrator
     src = None
-    if need_source or source != "auto" or bundle.holdout is not None:
+    if need_source or opt.source != "auto" or bundle.holdout is not None:
         src = source_logits(model, bundle, recipe.data, dev, batch_size=recipe.train.eval_batch_size,
-                            amp=recipe.train.amp, source=source, lam_model=lam_model, seed=seed)
+                            amp=recipe.train.amp, source=opt.source, lam_model=lam_model, seed=opt.seed)
     ens = MultiExpertNet.ensemble(expert_logits)
     calib = calibration_section(src, ens, labels, counts, lam_model, many, few, group_ranges(recipe.data))
 
     # 3. every distribution by indexing
-    selector = TauSelector(counts, calibration=calibration if adapt == "unlabelled" else "none",
-                           min_samples_per_class=ESTIMATORS[estimator])
-    if adapt == "unlabelled" and calibration != "none":
+    selector = TauSelector(counts, calibration=opt.calibration if opt.adapt == "unlabelled" else "none",
+                           estimator=opt.estimator)
+    if opt.adapt == "unlabelled" and opt.calibration != "none":
         selector.fit_source(src.logits, src.labels, source_prior=src.prior)
-    adapted = {n: None for n in plot_targets(targets)} if adapt != "none" and plots else None
+    adapted = {n: None for n in plot_targets(targets)} if get_adapt_mode(opt.adapt).adapts and plots else None
     start = time.perf_counter()
-    rows = evaluate_targets(expert_logits, labels, counts, targets, adapt_mode=adapt, selector=selector,
-                            lam_model=lam_model, labels_per_class=labels_per_class, seed=seed,
+    rows = evaluate_targets(expert_logits, labels, counts, targets, adapt_mode=opt.adapt, selector=selector,
+                            lam_model=lam_model, labels_per_class=opt.labels_per_class, seed=opt.seed,
                             many_threshold=many, few_threshold=few, keep=adapted,
                             group_ranges=group_ranges(recipe.data))
     derive_s = time.perf_counter() - start
@@ -150,19 +167,19 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
     curve_selectors = {"none": TauSelector(counts, calibration="none"), "known": TauSelector(counts, calibration="none"),
                        "labelled": TauSelector(counts, calibration="none")}
     if src is not None:
-        cal = calibration if adapt == "unlabelled" and calibration != "none" else "bcts"
-        curve_selectors["unlabelled"] = TauSelector(counts, calibration=cal, min_samples_per_class=ESTIMATORS[estimator]
+        cal = opt.calibration if opt.adapt == "unlabelled" and opt.calibration != "none" else "bcts"
+        curve_selectors["unlabelled"] = TauSelector(counts, calibration=cal, estimator=opt.estimator
                                                     ).fit_source(src.logits, src.labels, source_prior=src.prior)
     curves = accuracy_curves(expert_logits, labels, counts, targets, curve_selectors, lam_model=lam_model,
-                             labels_per_class=labels_per_class, seed=seed) if dists else None
+                             labels_per_class=opt.labels_per_class, seed=opt.seed) if dists else None
 
     report: dict[str, Any] = {
         "checkpoint": str(path), "epoch": ckpt["epoch"], "recipe": recipe.name,
         "num_experts": int(expert_logits.shape[0]), "taus": taus,
-        "logit_prior_exponent": lam_model, "adapt": adapt,
-        "calibration": calibration if adapt == "unlabelled" else None,
-        "estimator": estimator if adapt == "unlabelled" else None,
-        "labels_per_class": labels_per_class if adapt == "labelled" else None, "seed": seed,
+        "logit_prior_exponent": lam_model, "adapt": opt.adapt,
+        "calibration": opt.calibration if opt.adapt == "unlabelled" else None,
+        "estimator": opt.estimator if opt.adapt == "unlabelled" else None,
+        "labels_per_class": opt.labels_per_class if opt.adapt == "labelled" else None, "seed": opt.seed,
         "forward_seconds": forward_s, "derive_seconds": derive_s, "n_test": int(labels.numel()),
         "source": None if src is None else {"kind": src.kind, "n": int(src.labels.numel()), "note": src.note,
                                             "forward_seconds": src.seconds},
@@ -174,7 +191,7 @@ def evaluate_shift(path: str | Path, *, test_dists: str | Sequence[str] | None =
         "distributions": rows,
         "curves": curves,
     }
-    if adapt == "unlabelled":
+    if opt.adapt == "unlabelled":
         report["selector"] = {"temperature": selector.temperature,
                               "p0": [float(p) for p in selector.p0] if selector.p0 is not None else None}
     files = write_reports(report, out_dir, expert_logits, labels, targets, counts, lam_model, adapted, plots)

@@ -22,6 +22,9 @@ SHIFT_FACTORS = (50, 25, 10, 5, 2)
 TEST_DISTRIBUTIONS = (tuple(f"forward{k}" for k in SHIFT_FACTORS) + ("uniform",)
                       + tuple(f"backward{k}" for k in reversed(SHIFT_FACTORS)))
 
+#: the smallest prior probability whose log is taken (:func:`floored_log`)
+PRIOR_FLOOR = 1e-8
+
 _NAME = re.compile(r"^(forward|backward)(\d+(?:\.\d+)?)$")
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[int] | Sequence[float]
@@ -80,7 +83,8 @@ def distribution_prior(name: str, class_counts: ArrayLike, n_max: int = 100) -> 
     return torch.from_numpy(q / q.sum())
 
 
-def test_subset_indices(labels: ArrayLike, class_counts: ArrayLike, name: str, seed: int = 0) -> torch.LongTensor:
+def protocol_subset_indices(labels: ArrayLike, class_counts: ArrayLike, name: str,
+                            seed: int = 0) -> torch.LongTensor:
     """Indices (int64, class by class in rank order) of the test subset for ``name`` (SADE protocol).
 
     ``labels`` are the balanced test labels; ``n_max`` is the smallest class size of the test set
@@ -112,7 +116,7 @@ def test_subset_indices(labels: ArrayLike, class_counts: ArrayLike, name: str, s
     return torch.from_numpy(np.concatenate(kept).astype(np.int64))
 
 
-def check_prior(prior: ArrayLike, num_classes: int | None = None, what: str = "prior") -> np.ndarray:
+def normalize_prior(prior: ArrayLike, num_classes: int | None = None, what: str = "prior") -> torch.Tensor:
     """Class weights -> float64 probability vector ``[C]``; one-line BalpoeError naming ``what`` if
     the vector is not 1-D, has the wrong length, has negative/non-finite weights or sums to 0."""
     q = _as_numpy(prior, np.float64)
@@ -128,7 +132,18 @@ def check_prior(prior: ArrayLike, num_classes: int | None = None, what: str = "p
         raise BalpoeError(f"{what} weights overflow: their sum is not a finite number (scale them down)")
     if total <= 0:
         raise BalpoeError(f"{what} weights sum to 0")
-    return q / total
+    return torch.from_numpy(q / total)
+
+
+def uniform_prior(num_classes: int) -> torch.Tensor:
+    """The balanced prior ``1 / C`` (float64 ``[C]``)."""
+    return torch.full((num_classes,), 1.0 / num_classes, dtype=torch.float64)
+
+
+def floored_log(prior: torch.Tensor) -> torch.Tensor:
+    """``log max(q, PRIOR_FLOOR)``: the log of a prior whose empty classes stay finite (Bayes rule
+    ``f̄ + log q`` and the priors the selector adds or removes), in ``prior``'s dtype."""
+    return torch.log(prior.clamp_min(PRIOR_FLOOR))
 
 
 def prior_subset_indices(labels: ArrayLike, prior: ArrayLike, seed: int = 0,
@@ -143,7 +158,7 @@ def prior_subset_indices(labels: ArrayLike, prior: ArrayLike, seed: int = 0,
     labels = _as_numpy(labels)
     if labels.ndim != 1 or labels.size == 0:
         raise BalpoeError("labels must be a non-empty 1-D vector")
-    q = check_prior(prior)
+    q = normalize_prior(prior).numpy()
     num_classes = q.size
     if labels.min() < 0 or labels.max() >= num_classes:
         raise BalpoeError(f"labels must lie in [0, {num_classes}) to match a prior of length {num_classes}")
@@ -170,7 +185,7 @@ def dirichlet_prior(base_prior: ArrayLike, concentration: float, seed: int = 0) 
     """A Dirichlet perturbation of a prior profile (DirMixE protocol, Yang et al. ICML 2024):
     q ~ Dir(alpha) with alpha = base / sum(base) * concentration.  float64 [C], sums to 1.
     Classes with zero base weight get 0.  Own ``np.random.default_rng(seed)``."""
-    base = check_prior(base_prior, what="base_prior")
+    base = normalize_prior(base_prior, what="base_prior").numpy()
     if not np.isfinite(concentration) or concentration <= 0:
         raise BalpoeError(f"Dirichlet concentration must be > 0, got {concentration}")
     alpha = base * concentration
@@ -184,13 +199,3 @@ def dirichlet_prior(base_prior: ArrayLike, concentration: float, seed: int = 0) 
     else:  # pragma: no cover - only for absurdly small concentrations
         raise BalpoeError(f"Dirichlet concentration {concentration} is too small to sample")
     return torch.from_numpy(g / g.sum())
-
-
-# These public helpers start with ``test_``; keep pytest from collecting them when imported in tests.
-test_subset_indices.__test__ = False  # type: ignore[attr-defined]
-
-
-def empirical_prior(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """Class frequencies (float64 [C]) of a label vector: the oracle 'known' target prior."""
-    counts = torch.bincount(torch.as_tensor(labels).cpu().long(), minlength=num_classes).double()
-    return counts / counts.sum()

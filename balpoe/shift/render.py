@@ -16,7 +16,7 @@ from balpoe.evaluate.reliability import reliability_diagram
 from balpoe.losses.priors import balance_logits
 from balpoe.models.multi_expert import MultiExpertNet
 from balpoe.runtime.checkpoint import atomic_write_text, write_json
-from balpoe.shift.selector import ADAPT_MODES
+from balpoe.shift.selector import ADAPT_MODES, ESTIMATORS
 from balpoe.shift.targets import TargetSet, file_tag
 
 
@@ -60,8 +60,7 @@ def _adapt_line(report: dict) -> str:
         cal = report["calibration"]
         src = report["source"]
         where = f"calibration {cal} on {src['n']} source images ({src['note']})" if src else "uncalibrated"
-        est = {"1d": "1-D MLE of the prior exponent", "em": "EM shrunk toward the 1-D MLE",
-               "auto": "EM shrunk toward the 1-D MLE when N/K >= 20, else the 1-D MLE"}[report["estimator"]]
+        est = ESTIMATORS[report["estimator"]].description
         return f"unlabelled, transductive on each whole target set ({est}); {where}"
     if a == "labelled":
         return (f"labelled: {report['labels_per_class']:g} labels per class on average (k*C images drawn at random "

@@ -15,9 +15,8 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.calibration import apply_calibration, fit_post_hoc
 from balpoe.evaluate.build import SourceSet
 from balpoe.evaluate.metrics import classification_report
-from balpoe.losses.priors import balance_logits
+from balpoe.losses.priors import balance_logits, empirical_prior
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.shift.distributions import empirical_prior
 from balpoe.shift.selector import TauSelector, get_adapt_mode
 from balpoe.shift.targets import TargetSet
 
@@ -29,8 +28,9 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
                      group_ranges=None) -> dict[str, dict[str, Any]]:
     """Metrics of every target set, by indexing the cached logits ``[E, N, C]``.
 
-    Each row: n, acc, many/medium/few, ece, mce, nll, brier of the model's own ensemble logits
-    (``adapt_mode="none"``) or of the adapted logits (:data:`~balpoe.shift.selector.ADAPT_MODES`);
+    Each row: n, acc, many/medium/few, ece, mce, nll, brier of the logits of the adaptation mode
+    (:data:`~balpoe.shift.selector.ADAPT_MODES`): the model's own ensemble logits for a mode that does
+    not adapt (``"none"``, with ``expert_acc``) or the adapted logits of the balanced ones;
     with adaptation also ``acc_before`` / ``ece_before`` / ``nll_before`` (no adaptation, same
     images), ``tau`` (tau' chosen), ``tau_star`` (tau' of the KL projection of the subset's class
     frequencies on the family pi^lambda), ``temperature``, ``seconds`` (the adaptation's wall time).
@@ -48,21 +48,15 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
         row: dict[str, Any] = {}
         q_emp = empirical_prior(y, num_classes)
         tau_star = selector.best_tau(q_emp)
-        if adapt_mode == "none":
-            row.update(classification_report(z, y, counts, many_threshold, few_threshold, group_ranges=group_ranges))
-            row["expert_acc"] = [float((e[idx].argmax(-1) == y).double().mean() * 100) for e in expert_logits]
-            row.update({"tau": 1.0 - lam_model, "tau_star": tau_star})
-            if keep is not None and t.name in keep:
-                keep[t.name] = (z, y)
-        else:
-            start = time.perf_counter()
-            res, rest = mode.run(selector, balance_logits(z, counts, lam_model), y,
-                                 labels_per_class=labels_per_class, seed=seed)
-            seconds = time.perf_counter() - start
-            y_eval = y if rest is None else y[rest]
-            z_eval = z if rest is None else z[rest]
-            row.update(classification_report(res.logits, y_eval, counts, many_threshold, few_threshold,
-                                             group_ranges=group_ranges))
+        start = time.perf_counter()
+        res, rest = mode.run(selector, balance_logits(z, counts, lam_model) if mode.adapts else z, y,
+                             labels_per_class=labels_per_class, seed=seed)
+        seconds = time.perf_counter() - start
+        y_eval = y if rest is None else y[rest]
+        z_eval = z if rest is None else z[rest]
+        row.update(classification_report(res.logits, y_eval, counts, many_threshold, few_threshold,
+                                         group_ranges=group_ranges))
+        if mode.adapts:
             before = classification_report(z_eval, y_eval, counts, many_threshold, few_threshold,
                                            group_ranges=group_ranges)
             row.update({"acc_before": before["acc"], "ece_before": before["ece"], "nll_before": before["nll"],
@@ -72,8 +66,11 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
                 row["n_labelled"] = int(len(y) - len(rest))
             if "tau_effective" in res.info:
                 row["tau_effective"] = res.info["tau_effective"]
-            if keep is not None and t.name in keep:
-                keep[t.name] = (res.logits, y_eval)
+        else:
+            row["expert_acc"] = [float((e[idx].argmax(-1) == y).double().mean() * 100) for e in expert_logits]
+            row.update({"tau": 1.0 - lam_model, "tau_star": tau_star})
+        if keep is not None and t.name in keep:
+            keep[t.name] = (res.logits, y_eval)
         row["class_frequencies"] = [float(p) for p in q_emp]
         rows[t.name] = row
     return rows

@@ -32,17 +32,43 @@ import torch
 from balpoe.errors import BalpoeError, check_choice
 from balpoe.evaluate.calibration import apply_calibration, fit_bcts, fit_temperature
 from balpoe.evaluate.metrics import check_logits_labels
-from balpoe.losses.priors import log_prior
-from balpoe.shift.distributions import check_prior, empirical_prior
+from balpoe.losses.priors import empirical_prior, log_prior
+from balpoe.shift.distributions import PRIOR_FLOOR, floored_log, normalize_prior, uniform_prior
 from balpoe.shift.estimators import (best_lambda, eb_shrink_residual, em_prior, fit_beta_lambda, log_mean_variance,
                                      mle_lambda, prior_family, shrink_class_offsets, trend_slope)
 
-PRIOR_FLOOR = 1e-8
 #: post-hoc calibrators of the unlabelled mode
 CALIBRATIONS = ("bcts", "ts", "none")
-#: unlabelled prior estimators -> TauSelector(min_samples_per_class=...): the 1-D MLE over lambda
-#: only; smoothed EM shrunk toward it; or EM when N/K >= 20, else the 1-D MLE
-ESTIMATORS = {"1d": float("inf"), "em": 0.0, "auto": 20.0}
+
+
+@dataclass(frozen=True)
+class PriorEstimator:
+    """How the unlabelled mode estimates the target prior of N images of K classes: smoothed EM
+    (Saerens et al. 2002) shrunk toward the 1-D MLE over lambda when the set has at least ``em_from``
+    images per class (N/K), else the 1-D MLE alone (``em_from``: infinite = never EM, 0 = always)."""
+    em_from: float
+    description: str
+
+    def uses_em(self, images_per_class: float) -> bool:
+        return images_per_class >= self.em_from
+
+
+#: images per class (N/K) from which the ``auto`` estimator runs EM
+AUTO_EM_FROM = 20.0
+#: the unlabelled prior estimators, by name (``TauSelector(estimator=...)``)
+ESTIMATORS = {
+    "1d": PriorEstimator(float("inf"), "1-D MLE of the prior exponent"),
+    "em": PriorEstimator(0.0, "EM shrunk toward the 1-D MLE"),
+    "auto": PriorEstimator(AUTO_EM_FROM,
+                           f"EM shrunk toward the 1-D MLE when N/K >= {AUTO_EM_FROM:g}, else the 1-D MLE"),
+}
+
+
+def get_estimator(name: str) -> PriorEstimator:
+    """The :data:`ESTIMATORS` entry ``name``; another name is a one-line :class:`BalpoeError`."""
+    return ESTIMATORS[check_choice("estimator", name, ESTIMATORS)]
+
+
 #: EM's Dirichlet-MAP pseudo-count per class, a in (Sum r + a) / (N + K a)
 EM_PSEUDO_COUNT = 1.0
 #: search interval of the 1-D MLE of lambda
@@ -65,11 +91,6 @@ class SelectorResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def normalize_prior(prior: Any, num_classes: int, what: str = "prior") -> torch.Tensor:
-    """Class weights -> float64 probability vector [C] (validated by :func:`check_prior`)."""
-    return torch.from_numpy(check_prior(prior, num_classes, what))
-
-
 class TauSelector:
     """Adapt balanced ensemble logits to a test label distribution.
 
@@ -77,17 +98,17 @@ class TauSelector:
         class_counts: training images per class ``[C]`` (pi_train = counts / sum).
         calibration: ``"bcts"`` (T and per-class biases), ``"ts"`` or ``"none"``; fitted on
             labelled source data by :meth:`fit_source` (needed by the unlabelled mode).
-        min_samples_per_class: below this N/K the unlabelled mode uses the 1-D fit alone,
-            otherwise EM shrunk toward it (:data:`ESTIMATORS`).
+        estimator: how the unlabelled mode estimates the prior, a name of :data:`ESTIMATORS`
+            (:class:`PriorEstimator`): ``"1d"``, ``"em"`` or ``"auto"``.
     """
 
     def __init__(self, class_counts: Sequence[int] | torch.Tensor, calibration: str = "ts",
-                 min_samples_per_class: float = 20.0):
+                 estimator: str = "auto"):
         check_choice("calibration", calibration, CALIBRATIONS)
         self.v = log_prior(class_counts, torch.float64)
         self.num_classes = self.v.numel()
         self.calibration = calibration
-        self.min_samples_per_class = float(min_samples_per_class)
+        self.estimator = get_estimator(estimator)
         self.source_info: dict[str, Any] = {}
         # Filled by fit_source.
         self.temperature = 1.0
@@ -125,7 +146,7 @@ class TauSelector:
                 raise BalpoeError(f"source_prior must be None, 'train' or class weights, got {source_prior!r}")
             log_ps = self.v
         else:
-            log_ps = torch.log(normalize_prior(source_prior, self.num_classes, "source_prior").clamp_min(PRIOR_FLOOR))
+            log_ps = floored_log(normalize_prior(source_prior, self.num_classes, "source_prior"))
         offset = None if log_ps is None else log_ps.to(logits.device)
         info: dict[str, Any] = {"n_source": int(labels.numel()), "calibration": self.calibration}
         if self.calibration == "bcts":
@@ -166,13 +187,13 @@ class TauSelector:
         q = normalize_prior(prior, self.num_classes)
         lam = best_lambda(q, self.v)
         kl = float((q * (torch.log(q.clamp_min(1e-300)) - torch.log(prior_family(self.v, lam)))).sum())
-        out = logits + torch.log(q.clamp_min(PRIOR_FLOOR)).to(logits)
+        out = logits + floored_log(q).to(logits)
         return SelectorResult(out, "known", 1.0 - lam, q, 1.0, {"lambda": lam, "kl_to_family": kl})
 
     def unlabelled(self, logits: torch.Tensor) -> SelectorResult:
-        """Unlabelled target logits: calibrate, fit the 1-D MLE lambda, then if N/K >=
-        ``min_samples_per_class`` smoothed EM (Saerens et al. 2002) shrunk toward the 1-D fit by
-        empirical Bayes; returns ``f̄/T + b + log q_hat - log p0``.
+        """Unlabelled target logits: calibrate, fit the 1-D MLE lambda, then if the estimator runs EM
+        at N/K images per class (:meth:`PriorEstimator.uses_em`) smoothed EM (Saerens et al. 2002)
+        shrunk toward the 1-D fit by empirical Bayes; returns ``f̄/T + b + log q_hat - log p0``.
 
         ``tau`` = 1 - lambda_hat of the 1-D fit (the target prior's exponent);
         ``info["tau_effective"]`` = 1 - the slope on v of the bias actually added to f̄/T
@@ -182,7 +203,7 @@ class TauSelector:
             if self.calibration != "none":
                 raise BalpoeError("the unlabelled mode needs labelled source data: call fit_source first "
                                   "(or use calibration='none')")
-            p0 = torch.full((self.num_classes,), 1.0 / self.num_classes, dtype=torch.float64)
+            p0 = uniform_prior(self.num_classes)
         else:
             p0 = self.p0
         cal = self._calibrate(logits)
@@ -195,7 +216,7 @@ class TauSelector:
         per_class = n / k
         info: dict[str, Any] = {"lambda_1d": lam, "samples_per_class": per_class, "p0": p0,
                                 "prior_1d": q1d.cpu(), "calibration": self.calibration}
-        if per_class < self.min_samples_per_class:
+        if not self.estimator.uses_em(per_class):
             q, info["estimator"] = q1d, "1d"
         else:
             pseudo = torch.full_like(q1d, EM_PSEUDO_COUNT)
@@ -213,7 +234,7 @@ class TauSelector:
             d, info["em_signal_var"] = eb_shrink_residual(d, var, k - 1)
             q = torch.softmax(torch.log(q1d) + d, 0)
             info["lambda_em"] = best_lambda(q.cpu(), self.v)
-        bias = torch.log(q.clamp_min(PRIOR_FLOOR)) - log_p0
+        bias = floored_log(q) - log_p0
         applied = bias.cpu() + (self.bias if self.bias is not None else 0.0)
         info["tau_effective"] = 1.0 - trend_slope(applied, self.v)
         out = (cal + bias).to(logits.dtype)
@@ -242,19 +263,22 @@ class TauSelector:
 class AdaptMode:
     """An adaptation mode: ``run(selector, logits, labels, *, prior, labels_per_class, seed)``
     returns ``(SelectorResult, rest)``; ``needs_source``: it needs a calibrated selector
-    (:meth:`TauSelector.fit_source`)."""
+    (:meth:`TauSelector.fit_source`); ``adapts``: it adapts balanced logits (False: it scores the
+    model's own ensemble logits as they are, so the label-shift evaluation passes those, not
+    balanced, and reports no before / after columns)."""
     run: Callable[..., tuple[SelectorResult, torch.LongTensor | None]]
     help: str
     needs_source: bool = False
+    adapts: bool = True
 
 
 ADAPT_MODES: dict[str, AdaptMode] = {}
 
 
-def register_adapt_mode(name: str, help: str, needs_source: bool = False):  # noqa: A002
-    """Decorator: add ``run`` to :data:`ADAPT_MODES` under ``name``."""
+def register_adapt_mode(name: str, help: str, needs_source: bool = False, adapts: bool = True):  # noqa: A002
+    """Decorator: add ``run`` to :data:`ADAPT_MODES` under ``name`` (:class:`AdaptMode`)."""
     def deco(run):
-        ADAPT_MODES[name] = AdaptMode(run, help, needs_source)
+        ADAPT_MODES[name] = AdaptMode(run, help, needs_source, adapts)
         return run
     return deco
 
@@ -288,11 +312,11 @@ def labelled_split(labels: torch.Tensor, per_class: float, seed: int = 0,
     return torch.from_numpy(fit.astype(np.int64)), torch.from_numpy(rest.astype(np.int64))
 
 
-@register_adapt_mode("none", "no adaptation: the model's own (balanced) ensemble logits")
+@register_adapt_mode("none", "no adaptation: the model's own (balanced) ensemble logits", adapts=False)
 def _adapt_none(selector: TauSelector, logits, labels, **_):
-    selector._check(logits)
-    uniform = torch.full((selector.num_classes,), 1.0 / selector.num_classes, dtype=torch.float64)
-    return SelectorResult(logits, "none", 1.0, uniform, 1.0, {}), None
+    # the logits are scored as they are (non-finite values included), only their shape is checked
+    check_logits_labels(logits, num_classes=selector.num_classes)
+    return SelectorResult(logits, "none", 1.0, uniform_prior(selector.num_classes), 1.0, {}), None
 
 
 @register_adapt_mode("known", "known prior: the target set's class frequencies, f̄ + log q (an oracle)")

@@ -1,7 +1,7 @@
 """Target label distributions as index sets into the balanced test set.
 
 Protocol distributions (forward50 .. uniform .. backward50, SADE, Zhang et al. NeurIPS 2022) are
-picked exactly as the reference code (:func:`~balpoe.shift.distributions.test_subset_indices`);
+picked exactly as the reference code (:func:`~balpoe.shift.distributions.protocol_subset_indices`);
 a user prior q gets the largest subset whose class counts follow q
 (:func:`~balpoe.shift.distributions.prior_subset_indices`); a published test-distribution list
 file (``path label`` lines, e.g. the ImageNet-LT / iNaturalist forward and backward test lists)
@@ -20,8 +20,8 @@ import torch
 
 from balpoe.data.image_list import match_image_list
 from balpoe.errors import BalpoeError
-from balpoe.shift.distributions import (TEST_DISTRIBUTIONS, check_prior, dirichlet_prior, distribution_prior,
-                                        parse_distribution, prior_subset_indices, test_subset_indices)
+from balpoe.shift.distributions import (TEST_DISTRIBUTIONS, normalize_prior, dirichlet_prior, distribution_prior,
+                                        parse_distribution, prior_subset_indices, protocol_subset_indices)
 
 
 def parse_test_dists(spec: str | Iterable[str] | None) -> list[str]:
@@ -74,7 +74,7 @@ def parse_prior(spec: str, class_counts: Sequence[int] | torch.Tensor) -> torch.
     except ValueError:
         raise BalpoeError(f"prior {spec!r}: expected comma-separated class weights or "
                           "dirichlet:<profile>:<concentration>:<seed>") from None
-    return torch.from_numpy(check_prior(weights, num_classes, what=f"prior {spec!r}"))
+    return normalize_prior(weights, num_classes, what=f"prior {spec!r}")
 
 
 def prior_names(specs: Sequence[str]) -> list[str]:
@@ -110,7 +110,7 @@ def target_sets(labels: torch.Tensor, class_counts: Sequence[int] | torch.Tensor
     """Index sets of the named protocol distributions (numpy legacy seed 0, as the reference) and of
     user priors (:func:`~balpoe.shift.distributions.prior_subset_indices` with ``seed``: the largest
     subset that follows q)."""
-    out = {n: TargetSet(n, test_subset_indices(labels, class_counts, n), "protocol") for n in dists}
+    out = {n: TargetSet(n, protocol_subset_indices(labels, class_counts, n), "protocol") for n in dists}
     for name, q in (priors or {}).items():
         out[name] = TargetSet(name, prior_subset_indices(labels, q, seed=seed), "prior", q)
     return out

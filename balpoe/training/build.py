@@ -32,7 +32,7 @@ from balpoe.losses.build import build_criterion, expert_taus, get_loss
 from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
 from balpoe.models.build import check_backbone
-from balpoe.models.weights import read_weights
+from balpoe.models.weights import load_state, read_weights
 from balpoe.recipe import Recipe, recipe_from_dict
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries, write_json
@@ -129,12 +129,8 @@ def build_plan(recipe: Recipe, bundle: DataBundle, device: torch.device, *, rank
     else:
         recipe, init = resolve_stage2(recipe, bundle, init)
         model = build_model(recipe.model, init["num_classes"], init["in_chans"], pretrained=False)
-        try:
-            model.load_state_dict(init["model"])
-        except RuntimeError as e:
-            first = str(e).strip().splitlines()[0]
-            raise BalpoeError(f"recipe key 'stage2.init_checkpoint': the weights in '{recipe.stage2.init_checkpoint}' "
-                              f"do not fit its own model section ({first})") from None
+        load_state(model, init["model"], f"recipe key 'stage2.init_checkpoint': the weights in "
+                   f"'{recipe.stage2.init_checkpoint}' do not fit its own model section")
         prepare_stage2(model, recipe.stage2.classifier, recipe.stage2.weight_decay_target)
         shifted_bn = recipe.stage2.shifted_bn
 

@@ -32,6 +32,7 @@ import torch.nn as nn
 from balpoe.data.mixup import mixup_batch, mixup_targets
 from balpoe.errors import BalpoeError, clip
 from balpoe.evaluate.curve import summarize_test_curve
+from balpoe.models.weights import load_state
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import FORMAT, atomic_save, atomic_write_text, json_text, rng_state, set_rng_state
 from balpoe.runtime.files import append_text, parse_json, read_text
@@ -144,11 +145,7 @@ def _restore(plan: Plan, resume: dict) -> int:
     plan's, fast-forwarded to that epoch (a resumed run with an unchanged recipe is bit-identical to an
     uninterrupted one; a changed schedule takes effect from the restored epoch).  A state that does
     not fit the plan (a damaged or foreign checkpoint) is one line, before anything is written."""
-    try:
-        plan.model.load_state_dict(resume["model"])
-    except RuntimeError as e:
-        raise BalpoeError(f"the checkpoint's weights do not fit the model ({clip(str(e).strip().splitlines()[0], 160)})"
-                          ) from None
+    load_state(plan.model, resume["model"], "the checkpoint's weights do not fit the model")
     fresh = [{k: v for k, v in g.items() if k != "params"} for g in plan.optimizer.param_groups]
     try:
         plan.optimizer.load_state_dict(resume["optimizer"])

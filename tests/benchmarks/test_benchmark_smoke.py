@@ -395,8 +395,7 @@ def test_label_shift_rows_run_on_the_library_selector(load_script):
     y = torch.arange(10).repeat_interleave(torch.arange(30, 0, -3))
     z = torch.randn(len(y), 10, generator=gen) + 3.0 * torch.nn.functional.one_hot(y, 10)
     for row in mod.ROWS:
-        sel = mod.TauSelector(counts, calibration=row.calibration,
-                              min_samples_per_class=mod.ESTIMATORS[row.estimator])
+        sel = mod.TauSelector(counts, calibration=row.calibration, estimator=row.estimator)
         if row.calibration != "none":
             sel.fit_source(src, src_y, source_prior=mod.empirical_prior(src_y, 10))
         zt, yt, tau = mod.run_row(row, sel, z, y, v, draw=0)

@@ -17,9 +17,11 @@ from torchvision import transforms as T
 import balpoe.data.fashion_mnist as fm
 from balpoe.data.cifar import load_cifar
 from balpoe.data.fashion_mnist import find_fashion_mnist, load_fashion_mnist, read_idx
-from balpoe.data.build import folder_transforms
+from balpoe.data.pipeline import pipeline_transform, resolve_pipeline
+from balpoe.data.registry import get_dataset
 from balpoe.data.image_list import ImageListDataset, default_list_files, list_split, read_image_list
 from balpoe.errors import BalpoeError
+from balpoe.recipe import recipe_from_dict
 from formats import (CIFAR10_NAMES, write_cifar, write_cifar_arrays, write_fashion_mnist,
                      write_fashion_mnist_arrays, write_idx, write_image_list)
 
@@ -366,7 +368,16 @@ def test_default_list_files(tmp_path):
     (tmp_path / "Places_LT_test.txt").unlink()
     assert str(tmp_path / "Places_LT_test.txt") in one_line_error(default_list_files, "places_lt", tmp_path)
     assert "'cifar'" in one_line_error(default_list_files, "cifar", tmp_path)
-    assert "'cifar'" in one_line_error(folder_transforms, "cifar", True)
+
+
+def official_transform(name: str, train: bool, image_size: int = 224):
+    """The train / test transform that data loading gives the official list dataset ``name`` (its
+    pipeline resolved from a recipe with defaults, as ``build_data`` does)."""
+    spec = get_dataset(name)
+    cfg = recipe_from_dict({"data": {"dataset": name, "image_size": image_size}}).data
+    pipe = resolve_pipeline(cfg, name, None, official=True, spec_mean=spec.mean, spec_std=spec.std,
+                            spec_jitter=spec.color_jitter, n_images=0)
+    return pipeline_transform(pipe, train, cfg.augment)
 
 
 def _ops(tf):
@@ -374,21 +385,21 @@ def _ops(tf):
 
 
 def test_build_transforms_follow_balpoe():
-    tr = folder_transforms("imagenet_lt", train=True)
+    tr = official_transform("imagenet_lt", train=True)
     assert _ops(tr) == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ColorJitter, T.ToTensor, T.Normalize]
     assert tr.transforms[0].size == (224, 224)
     cj = tr.transforms[2]
     assert cj.brightness == cj.contrast == cj.saturation == pytest.approx((0.6, 1.4)) and cj.hue is None
     assert list(tr.transforms[-1].mean) == [0.485, 0.456, 0.406]
     assert list(tr.transforms[-1].std) == [0.229, 0.224, 0.225]
-    assert _ops(folder_transforms("places_lt", train=True)) == _ops(tr)
-    inat = folder_transforms("inat", train=True)
+    assert _ops(official_transform("places_lt", train=True)) == _ops(tr)
+    inat = official_transform("inat", train=True)
     assert _ops(inat) == [T.RandomResizedCrop, T.RandomHorizontalFlip, T.ToTensor, T.Normalize]
     for kind in ("imagenet_lt", "places_lt", "inat"):
-        te = folder_transforms(kind, train=False)
+        te = official_transform(kind, train=False)
         assert _ops(te) == [T.Resize, T.CenterCrop, T.ToTensor, T.Normalize]
         assert te.transforms[0].size == 256 and te.transforms[1].size == (224, 224)
-    small = folder_transforms("imagenet_lt", train=False, image_size=112)
+    small = official_transform("imagenet_lt", train=False, image_size=112)
     assert small.transforms[0].size == 128 and small.transforms[1].size == (112, 112)
 
 
@@ -396,7 +407,7 @@ def test_dataloader_batches(tmp_path):
     root = write_image_list(tmp_path, "places_lt", 2, 3, 1, size=40)
     train_list, test_list = default_list_files("places_lt", root)
     for lst, train in ((train_list, True), (test_list, False)):
-        ds = ImageListDataset(list_split(root, lst), folder_transforms("places_lt", train, image_size=32))
+        ds = ImageListDataset(list_split(root, lst), official_transform("places_lt", train, image_size=32))
         x, y = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, shuffle=False)))
         assert x.shape == (min(4, len(ds)), 3, 32, 32) and x.dtype == torch.float32
         assert y.dtype == torch.int64

@@ -14,6 +14,7 @@ from balpoe.models.build import build_model
 from balpoe.models.heads import HEAD_INITS, LinearHead, build_head
 from balpoe.models import build as model_build
 from balpoe.models.build import probe_sizes
+from balpoe.models.weights import load_state
 from balpoe.recipe import recipe_from_dict
 
 
@@ -297,3 +298,13 @@ def test_split_check_leaves_no_trace(monkeypatch):
     assert torch.equal(after, after_unchecked)                    # the global RNG is where it was
     for (k, a), (_, b) in zip(checked.state_dict().items(), unchecked.state_dict().items()):
         assert torch.equal(a, b), k
+
+
+def test_weights_that_do_not_fit_are_one_line_naming_what_did_not_fit():
+    model = torch.nn.Linear(3, 2)
+    state = {k: v + 1 for k, v in model.state_dict().items()}
+    load_state(model, state, "unused")
+    assert torch.equal(model.weight, state["weight"])
+    with pytest.raises(BalpoeError) as info:
+        load_state(model, {"weight": state["weight"]}, "the weights in 'w.pt' do not fit the model")
+    assert str(info.value) == "the weights in 'w.pt' do not fit the model (Error(s) in loading state_dict for Linear:)"

@@ -19,6 +19,7 @@ from serve_images import class_images, write_images
 
 from balpoe import recipe_from_dict
 from balpoe.cli import main
+from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import ensemble_prior, load_model
 from balpoe.runtime.checkpoint import load_checkpoint
 from balpoe.serve.build import load_served
@@ -239,3 +240,12 @@ def test_export_and_predict_keep_earlier_outputs_unless_forced(ckpt, tmp_path, c
     assert rc == 2 and err.startswith(f"error: predictions file '{out}' already exists") and out.read_text() == "earlier\n"
     assert _cli(capsys, "predict", ckpt, *imgs, "--out", out, "--force")[0] == 0
     assert len(out.read_text().splitlines()) == 1 and "earlier" not in out.read_text()
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_recipe_is_one_line(trained):
+    c = load_checkpoint(trained)
+    c["model"].pop(next(iter(c["model"])))
+    with pytest.raises(BalpoeError) as info:
+        load_model(c)
+    assert str(info.value) == ("the weights in the checkpoint do not fit its recipe's model section "
+                               "(Error(s) in loading state_dict for MultiExpertNet:)")

@@ -14,11 +14,11 @@ import torch
 from balpoe.data.lt import lt_class_counts
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import check_source
-from balpoe.losses.priors import log_prior
+from balpoe.losses.priors import empirical_prior, log_prior
 from balpoe.shift.estimators import best_lambda, em_prior, fit_beta_lambda, mle_lambda, prior_family, shrink_class_offsets
 from balpoe.serve.predict import predict
 from balpoe.shift.build import evaluate_shift
-from balpoe.shift.selector import ADAPT_MODES, SelectorResult, TauSelector, get_adapt_mode
+from balpoe.shift.selector import ADAPT_MODES, ESTIMATORS, SelectorResult, TauSelector, get_adapt_mode
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_counts, distribution_prior
 
 K = 100
@@ -59,11 +59,6 @@ def selector(model) -> TauSelector:
 
 def acc(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return (logits.argmax(1) == labels).double().mean().item() * 100
-
-
-def empirical_prior(labels: torch.Tensor) -> torch.Tensor:
-    q = torch.bincount(labels, minlength=K).double()
-    return q / q.sum()
 
 
 def tv(p: torch.Tensor, q: torch.Tensor) -> float:
@@ -204,8 +199,8 @@ def test_unlabelled_recovers_a_forward10_like_prior(model, selector):
     res = selector.unlabelled(logits)
     assert res.mode == "unlabelled" and res.info["estimator"] == "em"
     assert res.tau == pytest.approx(0.5, abs=0.05)
-    assert tv(res.prior, empirical_prior(labels)) < 0.06  # TV(uniform, q) = 0.27
-    oracle = acc(logits.double() + torch.log(empirical_prior(labels)), labels)
+    assert tv(res.prior, empirical_prior(labels, K)) < 0.06  # TV(uniform, q) = 0.27
+    oracle = acc(logits.double() + torch.log(empirical_prior(labels, K)), labels)
     assert acc(res.logits, labels) > acc(logits, labels) + 0.8 * (oracle - acc(logits, labels))
 
 
@@ -219,11 +214,21 @@ def test_unlabelled_small_target_uses_the_1d_fit(model, selector):
     assert acc(res.logits, labels) > acc(logits, labels) + 1.0
 
 
+def test_each_estimator_runs_em_from_its_own_number_of_images_per_class(model):
+    logits, _ = model.sample_prior(prior_family(V, 0.5), 20 * K, seed=9)        # N/K = 20: auto's boundary
+    chosen = {name: TauSelector(COUNTS, calibration="none", estimator=name).unlabelled(logits).info["estimator"]
+              for name in ESTIMATORS}
+    assert chosen == {"1d": "1d", "em": "em", "auto": "em"}
+    assert TauSelector(COUNTS, calibration="none").unlabelled(logits[:-1]).info["estimator"] == "1d"   # default auto
+    with pytest.raises(BalpoeError, match=r"^estimator must be one of 1d, em, auto; got 'mle'$"):
+        TauSelector(COUNTS, estimator="mle")
+
+
 def test_unlabelled_recovers_a_dirichlet_prior(model, selector):
     q = dirichlet_prior(prior_family(V, 0.5), 10.0 * K, seed=2)  # off the pi^lambda family
     logits, labels = model.sample_prior(q, 100 * K, seed=8)
     res = selector.unlabelled(logits)
-    q_emp = empirical_prior(labels)
+    q_emp = empirical_prior(labels, K)
     assert res.info["estimator"] == "em"
     assert tv(res.prior, q_emp) < 0.08
     assert tv(res.prior, q_emp) < 0.6 * tv(res.info["prior_1d"], q_emp)  # EM beats the 1-D family
@@ -252,7 +257,7 @@ def test_unlabelled_with_a_long_tailed_source(model, calibration):
     res = sel.unlabelled(tgt * 2.0)
     assert res.temperature == sel.temperature
     assert res.tau == pytest.approx(CLOSED_FORM_TAU["backward25"], abs=0.1)
-    oracle = acc(tgt.double() + torch.log(empirical_prior(y)), y)
+    oracle = acc(tgt.double() + torch.log(empirical_prior(y, K)), y)
     assert acc(res.logits, y) > acc(tgt, y) + 0.8 * (oracle - acc(tgt, y))
 
 

@@ -11,6 +11,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from formats import write_fashion_mnist
 
 from balpoe import recipe_from_dict, train
@@ -20,11 +21,10 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import check_source, ensemble_prior, evaluate_checkpoint, evaluate_model, load_for_eval
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.metrics import classification_report
-from balpoe.losses.priors import balance_logits
-from balpoe.shift.build import evaluate_shift
-from balpoe.shift.distributions import empirical_prior
+from balpoe.losses.priors import balance_logits, empirical_prior
+from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.shift.scoring import evaluate_targets
-from balpoe.shift.selector import TauSelector, labelled_split
+from balpoe.shift.selector import ADAPT_MODES, TauSelector, labelled_split
 from balpoe.shift.targets import parse_prior, parse_test_dists, prior_names, target_sets
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_prior
 
@@ -110,8 +110,8 @@ def test_logits_once_equal_a_forward_pass_per_subset_exactly(balpoe_ckpt, batch_
 
 def test_uniform_row_equals_plain_eval(balpoe_ckpt, tmp_path):
     plain = evaluate_checkpoint(balpoe_ckpt, device="cpu", out=tmp_path / "eval.json")
-    shift = evaluate_shift(balpoe_ckpt, device="cpu", out=tmp_path / "shift", test_dists="uniform",
-                                plots=False)
+    shift = evaluate_shift(balpoe_ckpt, ShiftOptions(test_dists="uniform"), device="cpu", out=tmp_path / "shift",
+                           plots=False)
     _same(shift["distributions"]["uniform"], plain, ["n", "acc", "many", "medium", "few", "ece", "mce", "nll",
                                                      "brier", "expert_acc"])
 
@@ -176,11 +176,11 @@ def test_cli_errors_are_one_line_exit_2(single_ckpt, tmp_path, capsys, args, mes
 
 def test_unlabelled_without_holdout_falls_back_to_a_seen_training_slice_with_a_warning(single_ckpt, tmp_path):
     with pytest.warns(UserWarning, match="WAS trained on"):
-        report = evaluate_shift(single_ckpt, device="cpu", out=tmp_path, test_dists="forward10,uniform",
-                                     adapt="unlabelled", plots=False)
+        report = evaluate_shift(single_ckpt, ShiftOptions(test_dists="forward10,uniform", adapt="unlabelled"),
+                                device="cpu", out=tmp_path, plots=False)
     assert report["source"]["kind"] == "train_slice" and "under-estimated" in report["source"]["note"]
     # without the unlabelled mode there is no source pass (and so no warning)
-    report = evaluate_shift(single_ckpt, device="cpu", out=tmp_path, test_dists="uniform", plots=False)
+    report = evaluate_shift(single_ckpt, ShiftOptions(test_dists="uniform"), device="cpu", out=tmp_path, plots=False)
     assert report["source"] is None and report["post_hoc_calibration"] is None
 
 
@@ -194,8 +194,9 @@ def test_unlabelled_without_source_data_is_an_error_for_folder_datasets():
                                              ("unlabelled", "em")])
 @pytest.mark.filterwarnings("ignore:calibration source data")
 def test_single_expert_model_through_every_mode(single_ckpt, tmp_path, mode, estimator):
-    report = evaluate_shift(single_ckpt, device="cpu", out=tmp_path, test_dists="forward25,uniform,backward25",
-                                 adapt=mode, labels_per_class=2, estimator=estimator, plots=False)
+    report = evaluate_shift(single_ckpt, ShiftOptions(test_dists="forward25,uniform,backward25", adapt=mode,
+                                                   labels_per_class=2, estimator=estimator),
+                            device="cpu", out=tmp_path, plots=False)
     assert report["num_experts"] == 1 and report["logit_prior_exponent"] == 0.0
     for name, row in report["distributions"].items():
         assert 0 <= row["acc"] <= 100 and math.isfinite(row["nll"]), name
@@ -238,6 +239,43 @@ def test_known_mode_is_logits_plus_log_class_frequencies(balpoe_ckpt):
         assert rows[name]["acc"] == pytest.approx(expected["acc"], abs=1e-9)
         assert rows[name]["nll"] == pytest.approx(expected["nll"], rel=1e-5)
         assert rows[name]["acc_before"] == classification_report(logits.mean(0)[t.indices], y, counts)["acc"]
+
+
+def test_no_adaptation_scores_the_models_own_logits_through_the_registry():
+    """``none`` is a registered mode that does not adapt: an unbalanced model (lambda_m != 0) is scored
+    as it is, not balanced, and its rows carry the experts' accuracies instead of before / after."""
+    g = torch.Generator().manual_seed(0)
+    counts = torch.tensor([50, 20, 8, 4])
+    labels = torch.arange(4).repeat(30)
+    logits = torch.randn(2, len(labels), 4, generator=g) + 2 * F.one_hot(labels, 4) + torch.log(counts / 82.0)
+    targets = target_sets(labels, counts, ["forward10", "uniform"])
+    assert not ADAPT_MODES["none"].adapts and ADAPT_MODES["known"].adapts
+    rows = evaluate_targets(logits, labels, counts, targets, adapt_mode="none", lam_model=0.5, many_threshold=30,
+                            few_threshold=10)
+    for name, t in targets.items():
+        y = labels[t.indices]
+        assert rows[name] == {**classification_report(logits.mean(0)[t.indices], y, counts, 30, 10),
+                              "expert_acc": [float((e[t.indices].argmax(-1) == y).double().mean() * 100)
+                                             for e in logits],
+                              "tau": 0.5, "tau_star": TauSelector(counts, "none").best_tau(empirical_prior(y, 4)),
+                              "class_frequencies": [float(p) for p in empirical_prior(y, 4)]}
+
+
+def test_shift_options_hold_the_eval_defaults_and_refuse_bad_values_in_one_line():
+    assert ShiftOptions() == ShiftOptions(test_dists=None, priors=None, test_lists=None, adapt="none",
+                                          calibration="bcts", estimator="1d", source="auto", labels_per_class=5,
+                                          seed=0)
+    for bad, message in [({"adapt": "guess"}, "adaptation mode must be one of none, known, unlabelled, labelled; "
+                                              "got 'guess'"),
+                         ({"calibration": "platt"}, "calibration must be one of bcts, ts, none; got 'platt'"),
+                         ({"estimator": "mle"}, "estimator must be one of 1d, em, auto; got 'mle'"),
+                         ({"source": "val"}, "calibration source must be one of auto, holdout, train; got 'val'"),
+                         ({"labels_per_class": 0}, "labels per class must be a finite number > 0, got 0"),
+                         ({"labels_per_class": True}, "labels per class must be a finite number > 0, got True"),
+                         ({"seed": 2 ** 32}, "seed must be an integer in [0, 2**32), got 4294967296")]:
+        with pytest.raises(BalpoeError) as info:
+            ShiftOptions(**bad)
+        assert str(info.value) == message
 
 
 def test_parse_test_dists():

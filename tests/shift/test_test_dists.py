@@ -8,7 +8,7 @@ from balpoe.data.lt import lt_class_counts
 from balpoe.errors import BalpoeError
 from balpoe.shift.distributions import (TEST_DISTRIBUTIONS, class_rank_order, dirichlet_prior, distribution_counts,
                                         distribution_prior, parse_distribution, prior_subset_indices,
-                                        test_subset_indices)
+                                        protocol_subset_indices)
 from balpoe.shift.targets import parse_test_dists, target_sets
 
 
@@ -77,12 +77,12 @@ def test_cifar100_sizes(test_labels):
 
 @pytest.mark.parametrize("name", [n for n in TEST_DISTRIBUTIONS if n != "uniform"])
 def test_indices_match_reference_loop(test_labels, name):
-    ours = test_subset_indices(test_labels, TRAIN_COUNTS, name).tolist()
+    ours = protocol_subset_indices(test_labels, TRAIN_COUNTS, name).tolist()
     assert ours == reference_subset(test_labels, name)
 
 
 def test_uniform_general_names_and_numpy_state(test_labels):
-    assert torch.equal(test_subset_indices(test_labels, TRAIN_COUNTS, "uniform"), torch.arange(10000))
+    assert torch.equal(protocol_subset_indices(test_labels, TRAIN_COUNTS, "uniform"), torch.arange(10000))
     np.random.seed(77)
     expected = np.random.rand(3)
     np.random.seed(77)
@@ -93,14 +93,14 @@ def test_uniform_general_names_and_numpy_state(test_labels):
     with pytest.raises(BalpoeError):
         test_subsets(test_labels, TRAIN_COUNTS, ["forward10", "bogus"])
     with pytest.raises(BalpoeError):
-        test_subset_indices(test_labels, TRAIN_COUNTS[:50], "forward10")  # labels beyond class_counts
+        protocol_subset_indices(test_labels, TRAIN_COUNTS[:50], "forward10")  # labels beyond class_counts
 
 
 def test_rank_order_from_class_counts():
     counts = [5, 50, 20, 50, 1]  # head = class 1 (stable: before class 3), tail = class 4
     assert class_rank_order(counts).tolist() == [1, 3, 2, 0, 4]
     labels = np.repeat(np.arange(5), 10)
-    idx = test_subset_indices(labels, counts, "forward10")
+    idx = protocol_subset_indices(labels, counts, "forward10")
     kept = np.bincount(labels[idx.numpy()], minlength=5)
     per_rank = distribution_counts("forward10", 10, 5)
     assert kept.tolist() == [per_rank[3], per_rank[0], per_rank[2], per_rank[1], per_rank[4]]

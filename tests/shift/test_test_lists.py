@@ -15,8 +15,8 @@ from balpoe.cli import main
 from balpoe.data.bundle import ImageArrays
 from balpoe.errors import BalpoeError
 from balpoe.shift import build as shift_build
-from balpoe.shift.build import evaluate_shift
-from balpoe.shift.distributions import test_subset_indices
+from balpoe.shift.build import ShiftOptions, evaluate_shift
+from balpoe.shift.distributions import protocol_subset_indices
 from balpoe.shift.targets import list_target_sets
 
 METRICS = ("n", "acc", "many", "medium", "few", "ece", "mce", "nll", "brier")
@@ -47,7 +47,7 @@ def _write(path, lines):
 def test_list_of_a_protocol_subset_scores_exactly_as_the_generated_subset(run, monkeypatch):
     tmp, ckpt, lines = run
     labels = torch.tensor([int(x.rsplit(" ", 1)[1]) for x in lines])
-    idx = test_subset_indices(labels, [12, 8, 5, 3], "backward5")
+    idx = protocol_subset_indices(labels, [12, 8, 5, 3], "backward5")
     official = _write(tmp / "ImageNet_LT_backward5.txt", [lines[i] for i in idx.tolist()])
     shuffled = [lines[i] for i in idx.tolist()]
     random.Random(0).shuffle(shuffled)
@@ -56,8 +56,8 @@ def test_list_of_a_protocol_subset_scores_exactly_as_the_generated_subset(run, m
     real = shift_build.collect_logits
     monkeypatch.setattr(shift_build, "collect_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     for adapt in ("none", "known"):
-        rep = evaluate_shift(ckpt, test_dists="backward5", test_lists=[official, tmp / "shuffled.txt"], adapt=adapt,
-                             out=tmp / f"out_{adapt}", plots=False, quiet=True, device="cpu")
+        rep = evaluate_shift(ckpt, ShiftOptions(test_dists="backward5", test_lists=[official, tmp / "shuffled.txt"],
+                                          adapt=adapt), out=tmp / f"out_{adapt}", plots=False, quiet=True, device="cpu")
         rows = rep["distributions"]
         assert list(rows) == ["backward5", "ImageNet_LT_backward5", "shuffled"]
         for k in METRICS:
@@ -75,19 +75,22 @@ def test_list_errors_are_one_line_naming_the_first_bad_image(run):
     train_line = (tmp / "data" / "ImageNet_LT_train.txt").read_text().splitlines()[5]
     _write(tmp / "outside.txt", lines[:3] + [train_line] + lines[3:4])
     with pytest.raises(BalpoeError) as e:
-        evaluate_shift(ckpt, test_lists=[tmp / "outside.txt"], out=tmp / "o1", plots=False, quiet=True, device="cpu")
+        evaluate_shift(ckpt, ShiftOptions(test_lists=[tmp / "outside.txt"]), out=tmp / "o1", plots=False, quiet=True,
+                       device="cpu")
     msg = str(e.value)
     assert "\n" not in msg and train_line.rsplit(" ", 1)[0] in msg and "line 4" in msg and "not in the test set" in msg
     path, label = lines[0].rsplit(" ", 1)
     _write(tmp / "relabelled.txt", [f"{path} {(int(label) + 1) % 4}"])
     with pytest.raises(BalpoeError, match="has label .* the test split says"):
-        evaluate_shift(ckpt, test_lists=[tmp / "relabelled.txt"], out=tmp / "o2", plots=False, quiet=True, device="cpu")
+        evaluate_shift(ckpt, ShiftOptions(test_lists=[tmp / "relabelled.txt"]), out=tmp / "o2", plots=False, quiet=True,
+                       device="cpu")
     _write(tmp / "forward5.txt", lines[:4])
     with pytest.raises(BalpoeError, match="named 'forward5'"):
-        evaluate_shift(ckpt, test_dists="forward5", test_lists=[tmp / "forward5.txt"], out=tmp / "o3", plots=False,
-                       quiet=True, device="cpu")
+        evaluate_shift(ckpt, ShiftOptions(test_dists="forward5", test_lists=[tmp / "forward5.txt"]), out=tmp / "o3",
+                       plots=False, quiet=True, device="cpu")
     with pytest.raises(BalpoeError, match="image list file not found"):
-        evaluate_shift(ckpt, test_lists=[tmp / "missing.txt"], out=tmp / "o4", plots=False, quiet=True, device="cpu")
+        evaluate_shift(ckpt, ShiftOptions(test_lists=[tmp / "missing.txt"]), out=tmp / "o4", plots=False, quiet=True,
+                       device="cpu")
     arrays = ImageArrays(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), torch.tensor([0, 1]))
     with pytest.raises(BalpoeError, match="held in memory"):
         list_target_sets(arrays, [tmp / "forward5.txt"])

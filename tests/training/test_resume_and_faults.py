@@ -35,7 +35,7 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.build import evaluate_checkpoint
 from balpoe.losses.build import LOSSES, register_loss
 from balpoe.losses.logit_adjusted import BalPoELoss
-from balpoe.shift.build import evaluate_shift
+from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.runtime.checkpoint import (FORMAT, atomic_write_text, load_checkpoint, remove_stale_temporaries,
                                        save_safetensors)
 
@@ -222,10 +222,12 @@ def test_resume_auto_starts_or_continues(cifar_root, uninterrupted, tmp_path, ca
 def test_stale_temporaries_are_removed_and_failed_writes_leave_none(tmp_path):
     dead = tmp_path / ".last.pt.tmp-999999999"
     live = tmp_path / f".last.pt.tmp-{os.getppid()}"
+    probe = tmp_path / ".write-test.tmp-999999999-abcd_123"        # a writability probe of a killed process
     dead.write_bytes(b"x")
     live.write_bytes(b"x")
-    assert remove_stale_temporaries(tmp_path) == [dead]
-    assert live.exists() and not dead.exists()
+    probe.write_bytes(b"")
+    assert sorted(remove_stale_temporaries(tmp_path)) == sorted([dead, probe])
+    assert live.exists() and not dead.exists() and not probe.exists()
 
     class Boom(str):
         def encode(self, *a):
@@ -392,7 +394,7 @@ def test_unwritable_output_and_missing_cuda_are_one_line_before_any_work(uninter
     real = tempfile.mkstemp
 
     def refuse(*args, prefix=None, **kwargs):
-        if prefix and prefix.startswith(".write-test-"):
+        if prefix and prefix.startswith(".write-test.tmp-"):
             raise PermissionError(13, "Permission denied")
         return real(*args, prefix=prefix, **kwargs)
     monkeypatch.setattr(tempfile, "mkstemp", refuse)        # a read-only folder (root can write anywhere)
@@ -408,7 +410,7 @@ def test_unwritable_output_and_missing_cuda_are_one_line_before_any_work(uninter
 
 
 def test_label_shift_json_is_strict(uninterrupted, tmp_path):
-    evaluate_shift(uninterrupted / "last.pt", test_dists="all", adapt="known", device="cpu", out=tmp_path,
-                   plots=False, quiet=True)
+    evaluate_shift(uninterrupted / "last.pt", ShiftOptions(test_dists="all", adapt="known"), device="cpu",
+                   out=tmp_path, plots=False, quiet=True)
     report = _strict((tmp_path / "shift_eval.json").read_text())
     assert report["curves"]["distributions"][0] == "forward50"
