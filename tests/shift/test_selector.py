@@ -17,7 +17,7 @@ from balpoe.evaluate.build import check_source
 from balpoe.losses.priors import empirical_prior, log_prior
 from balpoe.shift.estimators import best_lambda, em_prior, fit_beta_lambda, mle_lambda, prior_family, shrink_class_offsets
 from balpoe.serve.predict import predict
-from balpoe.shift.build import evaluate_shift
+from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.shift.selector import ADAPT_MODES, ESTIMATORS, SelectorResult, TauSelector, get_adapt_mode
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS, dirichlet_prior, distribution_counts, distribution_prior
 
@@ -116,12 +116,12 @@ def test_option_names_are_one_check_for_every_entry_point(kwargs, message, tmp_p
     """The calibration, calibration-source and estimator names: the same one-line message from
     evaluate_shift, predict, check_source and TauSelector, before any file is read."""
     missing = tmp_path / "missing.pt"
-    calls = [lambda: evaluate_shift(missing, **kwargs)]
+    calls = [lambda: evaluate_shift(missing, ShiftOptions(**kwargs))]
     if "source" in kwargs:
         calls.append(lambda: check_source(None, kwargs["source"]))
     else:
         calls.append(lambda: predict(missing, [tmp_path], **kwargs))
-    if "calibration" in kwargs:
+    if "calibration" in kwargs or "estimator" in kwargs:
         calls.append(lambda: TauSelector(COUNTS, **kwargs))
     for call in calls:
         with pytest.raises(BalpoeError) as e:
