@@ -17,8 +17,8 @@ from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from balpoe.data.lt import GROUP_NAMES
-from balpoe.evaluate.reliability import ReliabilityData, reliability_axes
+from balpoe.data.groups import GROUP_NAMES
+from balpoe.evaluate.reliability_plot import ReliabilityData, reliability_axes
 
 DPI = 100
 MAX_BARS = 1000  # more classes: the training counts are drawn as one filled outline, not a bar per class
@@ -257,7 +257,7 @@ def confusion_figure(cm: dict) -> bytes:
 
 
 def reliability_figure(rel: dict) -> bytes:
-    """One reliability diagram per calibrator (:func:`~balpoe.evaluate.reliability.reliability_axes`,
+    """One reliability diagram per calibrator (:func:`~balpoe.evaluate.reliability_plot.reliability_axes`,
     Guo et al., ICML 2017), side by side; each title names the calibrator, its temperature, ECE and MCE."""
     n = len(rel)
     fig = _figure(max(4.4, 3.65 * n), 4.1)

@@ -16,7 +16,7 @@ from typing import Callable
 import matplotlib
 import numpy as np
 
-from balpoe.data.lt import GROUP_NAMES
+from balpoe.data.groups import GROUP_NAMES
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.run_report.figures import (classes_text, confusion_figure, groups_figure, per_class_figure,
                                                 reliability_figure, shift_figure, smoothing_window, tau_label,

@@ -4,7 +4,8 @@
 ``eval.json`` and ``shift_eval.json`` of a run folder.  Each class's many / medium / few group is
 ``analysis.class_group`` of ``eval.json`` (Liu et al., "Large-Scale Long-Tailed Recognition in an
 Open World", CVPR 2019, or the recipe's class-index ranges); an ``eval.json`` written before it was
-saved is grouped once by :func:`~balpoe.data.lt.class_groups` of its training counts and thresholds.
+saved is grouped once by the same rule (:func:`~balpoe.data.groups.group_indices`, without torch) from
+its training counts and thresholds.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from balpoe.data.lt import GROUP_NAMES, class_groups
+from balpoe.data.groups import GROUP_NAMES, group_indices
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.curve import summarize_test_curve
 from balpoe.runtime.files import MAX_RECIPE_BYTES, parse_json, parse_yaml, read_text
@@ -181,7 +182,7 @@ def _saved_groups(analysis: dict) -> list[int] | None:
 
 def _class_groups(analysis: dict) -> list[int] | None:
     """Each class's group (0 many, 1 medium, 2 few): ``analysis.class_group`` as ``balpoe eval``
-    writes it; for an older ``eval.json`` without it, :func:`~balpoe.data.lt.class_groups` of
+    writes it; for an older ``eval.json`` without it, :func:`~balpoe.data.groups.group_indices` of
     ``class_counts`` with ``many_threshold`` / ``few_threshold``.  None without counts or thresholds."""
     saved = _saved_groups(analysis)
     if saved is not None:
@@ -190,7 +191,7 @@ def _class_groups(analysis: dict) -> list[int] | None:
     many_t, few_t = num(analysis.get("many_threshold")), num(analysis.get("few_threshold"))
     if not isinstance(counts, list) or many_t is None or few_t is None:
         return None
-    return class_groups(_arr(counts), many_t, few_t).tolist()
+    return group_indices(_arr(counts), many_t, few_t).tolist()
 
 
 def _groups(ev: dict, analysis: dict, taus: list | None, member: list[int] | None) -> dict:
