@@ -4,6 +4,8 @@ an older ``eval.json`` without it through the same function."""
 
 import json
 import re
+import subprocess
+import sys
 
 from balpoe import recipe_from_dict, train
 from balpoe.data.lt import GROUP_NAMES, class_groups
@@ -45,3 +47,11 @@ def test_eval_json_carries_each_class_group_and_an_old_eval_json_renders_the_sam
     assert old["groups"] == new["groups"] and old["confusion"]["bounds"] == new["confusion"]["bounds"]
     assert _sections_html(write_html_report(out).read_text(), "per_class", "groups", "confusion") == \
         _sections_html(page, "per_class", "groups", "confusion")
+
+
+def test_the_report_imports_no_torch():
+    """The page is drawn from the saved files alone: importing it (and so ``balpoe report``) loads no torch."""
+    code = ("import sys, balpoe.evaluate.run_report\n"
+            "print(sorted(m for m in ('torch', 'torchvision', 'timm') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "[]", res.stderr[-2000:]

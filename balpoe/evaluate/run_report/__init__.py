@@ -1,6 +1,6 @@
 """One self-contained HTML page that shows what a training run did and how good the model is.
 
-:func:`write_html_report` reads only files a run already saved (no model) and writes
+:func:`write_html_report` reads only files a run already saved (no model, no torch) and writes
 ``RUN_DIR/report.html``: inline CSS, every figure a base64 PNG data URI, no script and no network
 access needed to view it.  The page and the sources of its numbers:
 
@@ -13,7 +13,7 @@ access needed to view it.  The page and the sources of its numbers:
   and draws its epochs first, with a vertical line where stage 2 starts.
 * **Per-class accuracy vs training count**: ``analysis.per_class_acc`` (ensemble and each expert)
   against ``analysis.class_counts``, classes sorted by training count; the many/medium/few
-  boundaries come from ``analysis.class_group``.
+  boundaries come from ``analysis.class_group`` (each class's group as evaluated).
 * **Many / medium / few**: ``analysis.group_acc`` (else the ``many``/``medium``/``few`` keys of
   ``eval.json``), overall accuracy ``acc`` and ``expert_acc``.  Groups by training count as in
   Liu et al., "Large-Scale Long-Tailed Recognition in an Open World", CVPR 2019: many-shot
