@@ -220,7 +220,7 @@ def _eval(args) -> None:
 
 
 def _report(args) -> None:
-    from balpoe.evaluate.html_report import report_inputs, screenshot, write_html_report
+    from balpoe.evaluate.run_report import report_inputs, screenshot, write_html_report
     from balpoe.runtime.console import console
     from balpoe.runtime.files import check_output_path
     if args.png:  # checked before the page is written

@@ -725,7 +725,7 @@ def test_report_of_8142_classes_within_a_memory_limit(tmp_path):
 def test_report_reads_dense_and_sparse_confusions_alike(tmp_path):
     """The dense matrix (older eval.json files, and up to 1000 classes) and its nonzero cells give
     the same blocks and the same top confusions."""
-    from balpoe.evaluate.html_report import report_sections
+    from balpoe.evaluate.run_report import report_sections
     K, rng = 450, np.random.default_rng(1)
     m = rng.poisson(0.05, size=(K, K)) + np.eye(K, dtype=int) * 5
     i, j = np.nonzero(m)

@@ -609,7 +609,7 @@ def test_a_symlinked_recipe_never_reaches_the_report(world):
     (world.run / "recipe.yaml").unlink()
     (world.run / "recipe.yaml").symlink_to(world.secret)
     with pytest.raises(BalpoeError, match="symbolic link"):
-        from balpoe.evaluate.html_report import report_sections
+        from balpoe.evaluate.run_report import report_sections
         report_sections(world.run)
     assert "do not publish" not in (world.run / "report.html").read_text()
 

@@ -15,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from balpoe.data.groups import GROUP_NAMES, group_indices
 from balpoe.errors import BalpoeError
 
 PROFILES = ("exp", "step")
@@ -64,30 +65,13 @@ def lt_subsample_indices(labels: np.ndarray | Sequence[int], counts: Sequence[in
 
 def class_groups(class_counts: torch.Tensor | Sequence[int], many_threshold: int = 100,
                  few_threshold: int = 20, ranges: Sequence[int] | None = None) -> torch.Tensor:
-    """Group of each class by its training count: 0 = many (> many_threshold),
-    1 = medium (few_threshold..many_threshold), 2 = few (< few_threshold) (Liu et al. 2019).
-
-    With ``ranges = (a, b)`` (recipe ``data.groups: ranges``) the groups are class-index ranges
-    instead, as the official MiSLAS code's ``head_class_idx`` / ``med_class_idx`` /
-    ``tail_class_idx``: many = labels ``[0, a)``, medium = ``[a, b)``, few = ``[b, C)``, whatever
-    the counts (for the exponential CIFAR-LT profile the labels are in decreasing count order)."""
+    """Group of each class by its training count, as a tensor on the counts' device: 0 = many
+    (> many_threshold), 1 = medium (few_threshold..many_threshold), 2 = few (< few_threshold)
+    (Liu et al. 2019); or by class-index ``ranges = (a, b)`` (recipe ``data.groups: ranges``, the
+    official MiSLAS ranges): the rule of :func:`~balpoe.data.groups.group_indices`."""
     counts = torch.as_tensor(class_counts)
-    groups = torch.ones_like(counts, dtype=torch.long)
-    if ranges is not None:
-        a, b = (int(v) for v in ranges)
-        if not 0 <= a <= b <= counts.numel():
-            raise BalpoeError(f"recipe key 'data.group_ranges' {[a, b]} must satisfy 0 <= a <= b <= the number of "
-                              f"classes ({counts.numel()})")
-        idx = torch.arange(counts.numel())
-        groups[idx < a] = 0
-        groups[idx >= b] = 2
-        return groups
-    groups[counts > many_threshold] = 0
-    groups[counts < few_threshold] = 2
-    return groups
-
-
-GROUP_NAMES = ("many", "medium", "few")
+    groups = group_indices(counts.cpu().numpy(), many_threshold, few_threshold, ranges)
+    return torch.from_numpy(groups).to(counts.device)
 
 
 def empty_group_hint(class_counts, many_threshold: int, few_threshold: int) -> str | None:

@@ -26,7 +26,7 @@ from balpoe.data.bundle import DataBundle
 from balpoe.data.lt import stratified_holdout
 from balpoe.errors import BalpoeError, check_choice
 from balpoe.evaluate.calibration import apply_calibration, fit_post_hoc
-from balpoe.evaluate.html_report import write_html_report
+from balpoe.evaluate.run_report import write_html_report
 from balpoe.evaluate.logits import collect_logits
 from balpoe.evaluate.report import analysis_from_logits, print_report, report_from_logits
 from balpoe.losses.build import expert_taus, model_prior_exponent
@@ -227,7 +227,7 @@ def validation_metrics(model: torch.nn.Module, bundle: DataBundle, data: DataCon
 
 
 def write_run_report(run_dir: str | Path) -> Path | None:
-    """``RUN_DIR/report.html`` (:func:`~balpoe.evaluate.html_report.write_html_report`) when
+    """``RUN_DIR/report.html`` (:func:`~balpoe.evaluate.run_report.write_html_report`) when
     ``run_dir`` is a run directory (holds ``recipe.yaml``); returns its path or None."""
     run_dir = Path(run_dir)
     if not (run_dir / "recipe.yaml").is_file():

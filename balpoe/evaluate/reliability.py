@@ -2,33 +2,20 @@
 
 Bins are those of :func:`balpoe.evaluate.metrics.calibration_bins` (15 equal-width bins,
 (lower, upper]), so the ECE in the title is exactly
-:func:`balpoe.evaluate.metrics.expected_calibration_error`.  Drawn with matplotlib.
+:func:`balpoe.evaluate.metrics.expected_calibration_error`.  Drawn by
+:func:`~balpoe.evaluate.reliability_plot.reliability_axes`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 
 from balpoe.errors import BalpoeError
-from balpoe.runtime.files import atomic_write
 from balpoe.evaluate.metrics import calibration_bins, check_logits_labels
-
-
-@dataclass
-class ReliabilityData:
-    """Per-bin statistics (lists of length n_bins; accuracy/confidence are None for empty bins)."""
-
-    edges: list[float]
-    count: list[int]
-    accuracy: list[float | None]
-    confidence: list[float | None]
-    ece: float  # percent
-    mce: float  # percent
+from balpoe.evaluate.reliability_plot import ReliabilityData, draw_reliability
+from balpoe.runtime.files import atomic_write
 
 
 def reliability_data(logits: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> ReliabilityData:
@@ -62,49 +49,3 @@ def reliability_diagram(logits: torch.Tensor, labels: torch.Tensor, path: str | 
     path = Path(path)
     atomic_write(path, lambda f: draw_reliability(data, f, heading, width, height))
     return path
-
-
-#: gap colours: confidence above accuracy (over-confident) and below it (under-confident)
-OVER_COLOUR, UNDER_COLOUR = "#d9534f", "#2ca02c"
-
-
-def reliability_figure(data: ReliabilityData, heading: str, width: int, height: int) -> Figure:
-    """The diagram of ``data``: per-bin accuracy bars, the gap to the bin's mean confidence in one
-    colour where the model is over-confident and another where it is under-confident (both in the
-    legend, also when one does not occur), each non-empty bin's image count above it, the diagonal."""
-    dpi = 100
-    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    w = data.edges[1] - data.edges[0]
-    lefts = data.edges[:-1]
-    acc = [a if a is not None else 0.0 for a in data.accuracy]
-    conf = [c if c is not None else 0.0 for c in data.confidence]
-    handles = [ax.bar(lefts, acc, width=w, align="edge", color="#3b6fb6", edgecolor="black", linewidth=0.6,
-                      label="accuracy")]
-    handles.append(ax.bar(lefts, [max(c - a, 0.0) for a, c in zip(acc, conf)], bottom=acc, width=w, align="edge",
-                          color=OVER_COLOUR, alpha=0.35, edgecolor=OVER_COLOUR, linewidth=0.6,
-                          label="gap: over-confident"))
-    handles.append(ax.bar(lefts, [max(a - c, 0.0) for a, c in zip(acc, conf)], bottom=conf, width=w, align="edge",
-                          color=UNDER_COLOUR, alpha=0.35, edgecolor=UNDER_COLOUR, linewidth=0.6, hatch="//",
-                          label="gap: under-confident"))
-    for left, n, a, c in zip(lefts, data.count, acc, conf):
-        if n:
-            ax.text(left + w / 2, min(max(a, c), 1.0) + 0.01, f"{n:,}", ha="center", va="bottom", fontsize=6,
-                    rotation=90, color="#333333")
-    ax.plot([0, 1], [0, 1], linestyle="--", color="gray", linewidth=1)
-    handles += ax.plot([], [], linestyle="none", label="numbers: images per bin")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1.12)
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("accuracy")
-    ax.set_title(heading, fontsize=9)
-    ax.legend(handles=handles, loc="upper left", fontsize=7)
-    fig.tight_layout()
-    return fig
-
-
-def draw_reliability(data: ReliabilityData, path, heading: str, width: int, height: int) -> None:
-    """Draw ``data`` (:func:`reliability_figure`) as a PNG of ``width`` x ``height`` pixels with the title
-    ``heading``, to a path or a binary file object."""
-    reliability_figure(data, heading, width, height).savefig(path, dpi=100, format="png")

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.reliability import ReliabilityData, draw_reliability
+from balpoe.evaluate.reliability_plot import ReliabilityData, draw_reliability
 
 _TEST_KEYS = {"test_acc": "test/acc", "test_ece": "test/ece", "test_many": "test/many", "test_medium": "test/medium",
               "test_few": "test/few"}

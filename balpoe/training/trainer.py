@@ -18,7 +18,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import sys
 import time
 import warnings
@@ -35,7 +34,8 @@ from balpoe.evaluate.curve import summarize_test_curve
 from balpoe.models.weights import load_state
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import FORMAT, atomic_save, atomic_write_text, json_text, rng_state, set_rng_state
-from balpoe.runtime.files import append_text, parse_json, read_text
+from balpoe.runtime.files import append_text
+from balpoe.runtime.metrics_log import metrics_rows
 from balpoe.runtime.console import console, training_progress
 from balpoe.runtime.precision import autocast
 from balpoe.runtime.seeding import numpy_stream, torch_stream
@@ -174,18 +174,8 @@ def _restore(plan: Plan, resume: dict) -> int:
 
 
 def _metrics_rows(path: Path, upto: int) -> list[str]:
-    """The rows of ``metrics.jsonl`` for epochs <= ``upto`` (one per epoch, the last one kept);
-    lines that are not a JSON object with an integer epoch (a line cut by a crash) are dropped."""
-    rows: dict[int, str] = {}
-    if os.path.lexists(path):
-        for line in read_text(path, "metrics file", follow_links=False).splitlines():
-            try:
-                epoch = parse_json(line, "metrics.jsonl").get("epoch")
-            except (BalpoeError, AttributeError):
-                continue
-            if isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= upto:
-                rows[epoch] = line
-    return [rows[e] for e in sorted(rows)]
+    """The lines of ``metrics.jsonl`` for epochs <= ``upto`` (:func:`~balpoe.runtime.metrics_log.metrics_rows`)."""
+    return [line for _, line in metrics_rows(path, upto)]
 
 
 def _curve_point(rep: dict) -> dict:

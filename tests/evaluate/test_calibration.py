@@ -102,7 +102,8 @@ def test_reliability_diagram_writes_a_png_of_the_expected_size(tmp_path):
 def test_reliability_legend_shows_both_gap_colours_and_bin_counts():
     from matplotlib.colors import to_hex
 
-    from balpoe.evaluate.reliability import OVER_COLOUR, UNDER_COLOUR, reliability_data, reliability_figure
+    from balpoe.evaluate.reliability import reliability_data
+    from balpoe.evaluate.reliability_plot import OVER_COLOUR, UNDER_COLOUR, reliability_figure
 
     z, y = calibrated_sample(3000, 10, seed=4)
     data = reliability_data((z * 2.5).float(), y)             # over-confident only: both gaps still in the legend

@@ -1,4 +1,4 @@
-"""The self-contained HTML report of a run directory (balpoe/evaluate/html_report.py).
+"""The self-contained HTML report of a run directory (balpoe/evaluate/run_report/).
 
 Fake run directories (recipe.yaml, metrics.jsonl, eval.json, shift_eval.json written here, no
 training) are rendered; the page is checked for its sections, numbers, escaping and
@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from balpoe.errors import BalpoeError
-from balpoe.evaluate.html_report import SECTIONS, chromium, find_chromium, report_sections, screenshot, write_html_report
+from balpoe.evaluate.run_report import SECTIONS, chromium, find_chromium, report_sections, screenshot, write_html_report
 
 CLASS_NAMES = ["T-shirt/top", "<b>Bag</b> & co", "Sneaker $5", "Ankle boot"]
 CLASS_COUNTS = [120, 500, 8, 40]  # training-count order: 1, 0, 3, 2; many: 0, 1; medium: 3; few: 2

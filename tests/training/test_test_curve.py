@@ -6,7 +6,7 @@ import json
 
 from balpoe import recipe_from_dict, train
 from balpoe.evaluate.curve import BEST_LABEL, summarize_test_curve
-from balpoe.evaluate.html_report import report_sections, write_html_report
+from balpoe.evaluate.run_report import report_sections, write_html_report
 
 
 def test_best_epoch_is_the_first_maximum_and_last_is_last():
