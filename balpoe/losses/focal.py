@@ -18,12 +18,19 @@ import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.losses.reweighting import ReweightedExpertLoss
+from balpoe.losses.reweighting import ReweightedExpertLoss, at_labels
 
 #: Where the class weight goes in the focal loss: ``paper`` ``w_y (1 - p_y)^gamma (-log p_y)``
 #: (Lin et al. Eq. 5 with ``alpha_t = w_y``); ``ldam_drw`` the LDAM-DRW code's
 #: ``(1 - exp(-w_y CE))^gamma w_y CE`` (its ``focal_loss`` on the weighted CE, ``losses.py`` l. 7-21).
 FOCAL_FORMS = ("paper", "ldam_drw")
+
+
+def _modulator(one_minus_p: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``(1 - p)^gamma``, its argument kept >= the smallest normal number: for ``gamma < 1`` the
+    derivative of ``x^gamma`` is infinite at ``x = 0`` (a sample with ``p = 1`` in floating point) and
+    would turn the gradient into NaN; the value changes by less than ``tiny^gamma``."""
+    return one_minus_p.clamp_min(torch.finfo(one_minus_p.dtype).tiny) ** gamma
 
 
 class FocalLoss(ReweightedExpertLoss):
@@ -50,7 +57,7 @@ class FocalLoss(ReweightedExpertLoss):
         logp = F.log_softmax(logits, dim=-1)
         if self.gamma == 0:
             return -logp
-        return -(-torch.expm1(logp)) ** self.gamma * logp          # -(1 - p)^gamma log p
+        return -_modulator(-torch.expm1(logp), self.gamma) * logp    # -(1 - p)^gamma log p
 
     def weighted_losses(self, logits: torch.Tensor, target: torch.Tensor, labels: bool) -> torch.Tensor:
         if self.form == "paper" or self.gamma == 0:
@@ -59,9 +66,9 @@ class FocalLoss(ReweightedExpertLoss):
         w = self.class_weights.to(logits.dtype)
         ce = -F.log_softmax(logits, dim=-1)                         # [E, B, C]
         x = w * ce
-        g = (-torch.expm1(-x)) ** self.gamma * x
+        g = _modulator(-torch.expm1(-x), self.gamma) * x
         if labels:
-            return g.gather(-1, target.view(1, -1, 1).expand(g.shape[0], -1, 1)).squeeze(-1)
+            return at_labels(g, target)
         return (target.to(logits.dtype) * g).sum(-1)
 
     def extra_repr(self) -> str:

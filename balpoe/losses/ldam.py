@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.losses.reweighting import ReweightedExpertLoss, class_counts_vector
+from balpoe.losses.reweighting import ReweightedExpertLoss, at_labels, class_counts_vector
 
 
 def ldam_margins(class_counts: torch.Tensor | Sequence[float], max_m: float = 0.5) -> torch.Tensor:
@@ -69,7 +69,7 @@ class LDAMLoss(ReweightedExpertLoss):
         a = self.logit_margins.to(logits.dtype)[target]                       # [B]
         onehot = F.one_hot(target, self.num_classes).to(logits.dtype)         # [B, C]
         logp = F.log_softmax(logits - a[:, None] * onehot, dim=-1)
-        return -logp.gather(-1, target.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
+        return -at_labels(logp, target)
 
     def class_losses(self, logits: torch.Tensor) -> torch.Tensor:
         # l(z, c) = -log softmax(z - a_c e_c)_c = -log p_c + a_c + log(1 - p_c (1 - e^-a_c)), in float64

@@ -11,9 +11,10 @@ normalised so that the weights sum to the number of classes ``C``, as both offic
 Two reductions over the batch (:data:`REDUCTIONS`), both with the weight ``w_y`` of each sample's
 label:
 
-* ``mean``: ``(1/B) sum_b w_{y_b} l_b`` (Cui et al. Eq. for the class-balanced loss; the official
-  class-balanced-loss code, ``tf.losses.softmax_cross_entropy(..., weights=w_y)``, cifar_main.py
-  l. 333-335);
+* ``mean``: ``(1/B) sum_b w_{y_b} l_b``, the batch mean of Cui et al.'s per-sample loss
+  ``w_y L(f, y)`` (the official class-balanced-loss code: ``tf.losses.softmax_cross_entropy`` with
+  ``weights=w_y``, whose default reduction divides by the number of non-zero weights, ``B``;
+  ``src/cifar_main.py`` l. 333-335);
 * ``weighted_mean``: ``sum_b w_{y_b} l_b / sum_b w_{y_b}``, torch's ``cross_entropy(weight=w)``: the
   official LDAM-DRW and RIDE codes (LDAM-DRW ``losses.py`` l. 45, RIDE ``model/loss.py`` l. 229).
 """
@@ -80,6 +81,11 @@ def is_labels(target: torch.Tensor, batch: int, num_classes: int) -> bool:
                      f"got {target.dtype} {tuple(target.shape)}")
 
 
+def at_labels(values: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``values[k, b, target[b]]`` for per-expert, per-class values ``[E, B, C]``: ``[E, B]``."""
+    return values.gather(-1, target.view(1, -1, 1).expand(values.shape[0], -1, 1)).squeeze(-1)
+
+
 class ReweightedExpertLoss(nn.Module):
     """Base of the per-class-weighted expert losses: per expert ``k`` a per-sample loss
     ``l(f_k(x_b), y_b)`` weighted by ``w_{y_b}`` and reduced over the batch (:data:`REDUCTIONS`), then
@@ -141,8 +147,7 @@ class ReweightedExpertLoss(nn.Module):
 
     def label_losses(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """``l(f_k(x_b), y_b)``: ``[E, B]``."""
-        losses = self.class_losses(logits)
-        return losses.gather(-1, target.view(1, -1, 1).expand(losses.shape[0], -1, 1)).squeeze(-1)
+        return at_labels(self.class_losses(logits), target)
 
     def weighted_losses(self, logits: torch.Tensor, target: torch.Tensor, labels: bool) -> torch.Tensor:
         """``w_y l(f_k, y)`` per expert and sample (``[E, B]``); soft targets: ``sum_c t_c w_c l(f_k, c)``."""

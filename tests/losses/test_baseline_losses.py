@@ -152,6 +152,15 @@ def test_focal_against_official_arithmetic(gamma):
     assert abs(official.item() - paper.item()) > 1e-3          # the two forms do differ with weights
 
 
+@pytest.mark.parametrize("form", ["paper", "ldam_drw"])
+@pytest.mark.parametrize("gamma", [0.5, 2.0])
+def test_focal_gradient_finite_when_p_is_one(form, gamma):
+    z = torch.tensor([[[30.0, -30.0, -30.0], [-30.0, 30.0, -30.0]]], requires_grad=True)   # p_y = 1 in float32
+    loss = FocalLoss([3, 2, 1], 1, gamma=gamma, beta=0.9, form=form)(z, torch.tensor([0, 1]))
+    loss.backward()
+    assert loss.item() == pytest.approx(0.0, abs=1e-20) and bool(torch.isfinite(z.grad).all())
+
+
 # ------------------------------------------------------------------ class-balanced weights and loss
 
 @pytest.mark.parametrize("beta", [0.9, 0.99, 0.999, 0.9999])
