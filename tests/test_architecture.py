@@ -161,8 +161,12 @@ BUILT: list = []
 
 
 class MeanLogitCE(nn.Module):
-    """A toy loss: cross-entropy of the mean expert logits; counts its calls."""
+    """A toy loss: cross-entropy of the mean expert logits; counts its calls and the epochs it is told."""
     calls = 0
+    epochs: list = []
+
+    def set_epoch(self, epoch: int) -> None:
+        MeanLogitCE.epochs.append(epoch)
 
     def forward(self, logits, target):
         MeanLogitCE.calls += 1
@@ -174,6 +178,7 @@ class MeanLogitCE(nn.Module):
 def toy_entries():
     register_dataset("toy_quadrants", DatasetSpec(_toy_reader, mean=(0.3,), std=(0.3,)))
     BUILT.clear()
+    MeanLogitCE.calls, MeanLogitCE.epochs = 0, []
     register_loss("toy_mean_ce", lambda loss, counts, taus: BUILT.append((loss, counts, taus)) or MeanLogitCE())
 
     @register_adapt_mode("toy_double", "toy: logits times two (argmax unchanged)")
@@ -197,6 +202,7 @@ def test_a_toy_dataset_backbone_loss_and_adaptation_mode_train_and_evaluate(toy_
     assert ckpt["class_names"] == [f"quadrant{c}" for c in range(4)] and ckpt["in_chans"] == 1
     assert ckpt["class_counts"] == [40, 25, 15, 10]          # the LT split of the toy reader: 40 * (1/4)^(i/3)
     assert MeanLogitCE.calls == 5 * 6                         # 90 images, batch 16: 6 steps per epoch
+    assert MeanLogitCE.epochs == [0, 1, 2, 3, 4]              # a loss with set_epoch is told each epoch
     (loss, counts, taus), = BUILT                             # the builder gets the recipe's loss section
     assert loss == recipe.loss and counts.tolist() == [40, 25, 15, 10] and taus == [0.5, 1.5]
     assert report["n"] == 40 and report["acc"] > 40           # learnable: chance is 25

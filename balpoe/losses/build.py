@@ -4,7 +4,8 @@ To add a stage-1 loss, register a builder ``builder(loss, class_counts, taus) ->
 (``loss``: the recipe's ``loss`` section, :class:`~balpoe.recipe.LossConfig`; ``class_counts``:
 int64 ``[C]`` training counts; ``taus``: the per-expert taus, :func:`expert_taus`) whose module
 maps ``(expert_logits [E, B, C], target)`` to a scalar (``target``: int64 labels ``[B]`` or soft
-targets ``[B, C]``), and name it in ``loss.name``::
+targets ``[B, C]``; a module with ``set_epoch(epoch)`` is told each epoch, 0-based, before its
+first step), and name it in ``loss.name``::
 
     from balpoe.losses.build import register_loss
     register_loss("focal", lambda loss, counts, taus: MyFocalLoss(counts))

@@ -292,6 +292,8 @@ def train_model(plan: Plan, out: Path, resume: dict | None = None, show_progress
             # 5. one epoch: seed the data streams, set the train mode, step through the loader, then
             #    the schedule
             plan.loader.set_epoch(epoch)
+            if hasattr(plan.criterion, "set_epoch"):  # a loss that changes with the epoch (LDAM-DRW's re-weighting)
+                plan.criterion.set_epoch(epoch)
             plan.set_train_mode(model)
             lr = plan.optimizer.param_groups[0]["lr"]
             if progress is not None:
