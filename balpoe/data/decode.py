@@ -109,6 +109,10 @@ def load_pil(path: str | Path) -> Image.Image:
     return _decoded(open_image(io.BytesIO(raw), path), path, raw)
 
 
+def _undecodable(path, e: Exception) -> BalpoeError:
+    return BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}")
+
+
 def _decoded(im: Image.Image, path, raw: bytes) -> Image.Image:
     """``im.load()`` (``raw``: the file's bytes, in memory, so no file stays open), then
     :func:`png_rows_missing` where PIL cannot tell: a PNG whose pixel data end early is an error, as
@@ -117,13 +121,14 @@ def _decoded(im: Image.Image, path, raw: bytes) -> Image.Image:
         im.load()
     except _PIL_ERRORS as e:
         im.close()
-        raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}") from None
-    if im.format == "PNG" and (im.info.get("interlace") or not np.asarray(im)[-1].any()):
+        raise _undecodable(path, e) from None
+    w, h = im.size
+    if im.format == "PNG" and (im.info.get("interlace") or not np.asarray(im.crop((0, h - 1, w, h))).any()):
         missing = png_rows_missing(raw)
         if missing:
             im.close()
             raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: its PNG pixel data end early "
-                              f"({missing:,} of {im.size[0] * im.size[1]:,} pixels missing; a truncated file?)")
+                              f"({missing:,} of {w * h:,} pixels missing; a truncated file?)")
     return im
 
 
@@ -200,7 +205,7 @@ def _rgb_tensor(im: Image.Image, path, raw: bytes) -> torch.Tensor:
         with im:
             rgb = np.array(im.convert("RGB"))
     except _PIL_ERRORS as e:
-        raise BalpoeError(f"cannot decode image {short_path(str(path), 240)}: {clip(e) or type(e).__name__}") from None
+        raise _undecodable(path, e) from None
     return torch.from_numpy(rgb).permute(2, 0, 1)
 
 

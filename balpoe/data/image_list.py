@@ -233,15 +233,18 @@ class ImageListDataset(torch.utils.data.Dataset):
         that cannot be decoded)."""
         return load_pil(self.paths[index]).convert("L" if self.channels == 1 else "RGB")
 
-    def decode_every(self, threads: int = 1) -> None:
+    def decode_every(self, threads: int = 1, what: str = "images") -> None:
         """Decode every image in full with this dataset's decoder (``threads`` at a time: PIL and
-        torchvision release the GIL while decoding), the images dropped: a file whose pixel data are
-        damaged behind a valid header is a one-line :class:`BalpoeError` naming it now, not when the
-        split is first read.  Used before training on the splits read only at evaluation."""
-        def decode(path) -> None:
-            load_pil(path) if self.decode != "tensor" else read_rgb(path)
+        torchvision release the GIL while decoding), the images dropped: a missing or foreign file,
+        or one whose pixel data are damaged behind a valid header, is a one-line
+        :class:`BalpoeError` naming it now, not when the split is first read.  Used before training
+        on the splits read only at evaluation (``what`` names them on the progress bar)."""
+        read = read_rgb if self.decode == "tensor" else load_pil
 
-        progress = Progress(TextColumn("[bold]checking test images"), BarColumn(), MofNCompleteColumn(),
+        def decode(path) -> None:  # returns nothing: no decoded image waits for the in-order loop below
+            read(path)
+
+        progress = Progress(TextColumn(f"[bold]checking {what}"), BarColumn(), MofNCompleteColumn(),
                             ThroughputColumn(), TimeRemainingColumn(), console=console, transient=True,
                             disable=not console.is_terminal or len(self.paths) < 1000)
         with progress, ThreadPoolExecutor(max(1, threads)) as pool:

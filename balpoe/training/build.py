@@ -308,14 +308,14 @@ _SHOWN_FILES = 1
 
 
 def check_image_files(bundle: DataBundle) -> None:
-    """Every image file of an image-file dataset (training, test and holdout splits) exists, is a
-    readable regular file and has an image header PIL identifies, within the pixel limit
-    (:func:`~balpoe.data.decode.open_image`: the header only, nothing decoded), so that a missing,
-    foreign or oversized test image is found before training, not after it.  The test and holdout
-    images, read only at evaluation, are then decoded in full
-    (:meth:`~balpoe.data.image_list.ImageListDataset.decode_every`, as many threads as torch uses),
-    so that damaged pixel data behind a valid header are found before training too; a damaged
-    training image is found in the first epoch."""
+    """Every image file of an image-file dataset (training, test and holdout splits) exists and is a
+    readable regular file, so that a missing test image is found before training, not after it.
+    Training images must have an image header PIL identifies, within the pixel limit
+    (:func:`~balpoe.data.decode.open_image`: the header only; a damaged training image is found in
+    the first epoch).  The test and holdout images, read only at evaluation, are decoded in full
+    instead (:meth:`~balpoe.data.image_list.ImageListDataset.decode_every`, as many threads as torch
+    uses), so that a foreign or oversized file and damaged pixel data behind a valid header are found
+    before training too."""
     if bundle.in_memory:
         return
     for split in ("train", "test", "holdout"):
@@ -335,15 +335,14 @@ def check_image_files(bundle: DataBundle) -> None:
                 problem = e.strerror or type(e).__name__
             if problem:
                 bad.append((str(path), problem))
-            elif not bad:
+            elif not bad and split == "train":
                 open_image(path, path).close()   # one line naming the file when the header is not an image's
         if bad:
             first, why = bad[0]
             more = f" ({len(bad) - 1} more image file(s) of the {split} split too)" if len(bad) > 1 else ""
             raise BalpoeError(f"image file of the {split} split '{short_path(first)}': {why}{more}")
-    for split in ("test", "holdout"):
-        if getattr(bundle, split) is not None:
-            getattr(bundle, split).decode_every(torch.get_num_threads())
+        if split != "train":
+            data.decode_every(torch.get_num_threads(), f"{split} images")
 
 
 def check_resume_data(bundle: DataBundle, ckpt: dict, path: Path) -> None:
