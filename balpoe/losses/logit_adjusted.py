@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from balpoe.losses.priors import log_prior
+from balpoe.losses.reweighting import at_labels
 
 
 class BalPoELoss(nn.Module):
@@ -41,7 +42,7 @@ class BalPoELoss(nn.Module):
     def forward(self, expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         logp = F.log_softmax(self.adjusted_logits(expert_logits), dim=-1)
         if target.dtype == torch.long:
-            nll = -logp.gather(-1, target.view(1, -1, 1).expand(logp.shape[0], -1, 1)).squeeze(-1)
+            nll = -at_labels(logp, target)
         else:
             nll = -(target.to(logp.dtype) * logp).sum(-1)
         return nll.mean()
