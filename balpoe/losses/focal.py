@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
-from balpoe.losses.reweighting import ReweightedExpertLoss, at_labels
+from balpoe.losses.reweighting import ReweightedExpertLoss, at_labels, check_finite
 
 #: Where the class weight goes in the focal loss: ``paper`` ``w_y (1 - p_y)^gamma (-log p_y)``
 #: (Lin et al. Eq. 5 with ``alpha_t = w_y``); ``ldam_drw`` the LDAM-DRW code's
@@ -47,8 +47,7 @@ class FocalLoss(ReweightedExpertLoss):
     def __init__(self, class_counts: torch.Tensor | Sequence[float], num_experts: int = 1, gamma: float = 2.0,
                  beta: float = 0.0, drw_epoch: int | None = None, reduction: str = "mean", form: str = "paper"):
         super().__init__(class_counts, num_experts, beta, drw_epoch, reduction)
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 <= gamma < float("inf"):
-            raise BalpoeError(f"focal gamma must be a finite number >= 0, got {gamma!r}")
+        check_finite("focal gamma", gamma, ">= 0")
         if form not in FOCAL_FORMS:
             raise BalpoeError(f"focal form must be one of {FOCAL_FORMS}, got {form!r}")
         self.gamma, self.form = float(gamma), form

@@ -22,19 +22,16 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from balpoe.errors import BalpoeError
-from balpoe.losses.reweighting import ReweightedExpertLoss, at_labels, class_counts_vector
+from balpoe.losses.reweighting import (ReweightedExpertLoss, at_labels, check_finite, check_positive_counts,
+                                      class_counts_vector)
 
 
 def ldam_margins(class_counts: torch.Tensor | Sequence[float], max_m: float = 0.5) -> torch.Tensor:
     """LDAM margins ``m_j ∝ n_j^(-1/4)`` scaled so that the largest (the rarest class's) is ``max_m``
     (float64 ``[C]``).  Every count must be > 0."""
     counts = class_counts_vector(class_counts)
-    if bool((counts <= 0).any()):
-        raise BalpoeError(f"LDAM margins need every class count > 0, "
-                          f"class {int(torch.nonzero(counts <= 0)[0])} has {counts[counts <= 0][0].item():g}")
-    if isinstance(max_m, bool) or not isinstance(max_m, (int, float)) or not 0 < max_m < float("inf"):
-        raise BalpoeError(f"LDAM max_m must be a finite number > 0, got {max_m!r}")
+    check_positive_counts(counts, "LDAM margins")
+    check_finite("LDAM max_m", max_m, "> 0")
     m = counts ** -0.25
     return m * (max_m / m.max())
 
@@ -57,9 +54,7 @@ class LDAMLoss(ReweightedExpertLoss):
                  s: float = 30.0, beta: float = 0.9999, drw_epoch: int | None = 160,
                  reduction: str = "weighted_mean"):
         super().__init__(class_counts, num_experts, beta, drw_epoch, reduction)
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < float("inf"):
-            raise BalpoeError(f"LDAM scale s must be a finite number > 0, got {s!r}")
-        self.max_m, self.s = float(max_m), float(s)
+        self.max_m, self.s = float(max_m), check_finite("LDAM scale s", s, "> 0")
         margins = ldam_margins(class_counts, max_m)
         self.register_buffer("margins", margins.to(torch.float32))
         self.register_buffer("logit_margins", (self.s * margins).to(torch.float32))   # a_j = s * m_j

@@ -41,6 +41,23 @@ def class_counts_vector(class_counts: torch.Tensor | Sequence[float]) -> torch.T
     return torch.as_tensor(class_counts, dtype=torch.float64).detach().cpu()
 
 
+def check_finite(what: str, value, bound: str = "") -> float:
+    """``value`` as a float when it is a finite real number (not a bool) satisfying ``bound``
+    (``""``, ``"> 0"`` or ``">= 0"``), else a one-line :class:`BalpoeError`
+    ``<what> must be a finite number[ bound], got <value>``."""
+    ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    if not (ok and (bound == "" or (value > 0 if bound == "> 0" else value >= 0))):
+        raise BalpoeError(f"{what} must be a finite number{' ' + bound if bound else ''}, got {value!r}")
+    return float(value)
+
+
+def check_positive_counts(counts: torch.Tensor, what: str) -> None:
+    """Every class count > 0, else a one-line :class:`BalpoeError` naming the first empty class."""
+    if bool((counts <= 0).any()):
+        raise BalpoeError(f"{what} need every class count > 0, "
+                          f"class {int(torch.nonzero(counts <= 0)[0])} has {counts[counts <= 0][0].item():g}")
+
+
 def class_balanced_weights(class_counts: torch.Tensor | Sequence[float], beta: float) -> torch.Tensor:
     """Class-balanced weights ``w_j ∝ (1 - beta) / (1 - beta^n_j)`` normalised to sum to ``C``
     (float64 ``[C]``).  ``beta = 0`` gives every class weight 1; ``beta -> 1`` tends to inverse class
@@ -50,9 +67,7 @@ def class_balanced_weights(class_counts: torch.Tensor | Sequence[float], beta: f
         raise BalpoeError(f"class-balanced beta must be a number in [0, 1), got {beta!r}")
     if beta == 0:
         return torch.ones_like(counts)
-    if bool((counts <= 0).any()):
-        raise BalpoeError(f"class-balanced weights (beta={beta}) need every class count > 0, "
-                          f"class {int(torch.nonzero(counts <= 0)[0])} has {counts[counts <= 0][0].item():g}")
+    check_positive_counts(counts, f"class-balanced weights (beta={beta})")
     weights = (1.0 - beta) / -torch.expm1(counts * math.log(beta))   # (1 - beta) / (1 - beta^n)
     return weights / weights.sum() * counts.numel()
 

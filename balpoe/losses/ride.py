@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
 from balpoe.losses.ldam import LDAMLoss
-from balpoe.losses.reweighting import class_counts_vector, expert_logits_float
+from balpoe.losses.reweighting import check_finite, class_counts_vector, expert_logits_float
 
 
 def ride_diversity_weights(class_counts: torch.Tensor | Sequence[float], reweight_factor: float = 0.05) -> torch.Tensor:
@@ -49,8 +49,7 @@ def ride_diversity_weights(class_counts: torch.Tensor | Sequence[float], reweigh
     (float64 ``[C]``, largest 1); they must all be > 0."""
     counts = class_counts_vector(class_counts)
     r = reweight_factor
-    if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < float("inf"):
-        raise BalpoeError(f"RIDE reweight_factor must be a finite number >= 0, got {r!r}")
+    check_finite("RIDE reweight_factor", r, ">= 0")
     w = counts.numel() * counts / counts.sum() * r + 1.0 - r
     if bool((w <= 0).any()):
         raise BalpoeError(f"RIDE reweight_factor {r} is too large: it makes a class temperature <= 0")
@@ -71,12 +70,8 @@ class RIDELoss(nn.Module):
                  diversity_factor: float = -0.2, diversity_temperature: float = 1.0, reweight_factor: float = 0.05):
         super().__init__()
         self.base = LDAMLoss(class_counts, num_experts, max_m, s, beta, drw_epoch, "weighted_mean")
-        for name, value, positive in (("diversity_factor", diversity_factor, False),
-                                      ("diversity_temperature", diversity_temperature, True)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not abs(value) < float("inf") \
-                    or (positive and not value > 0):
-                raise BalpoeError(f"RIDE {name} must be a finite number{' > 0' if positive else ''}, got {value!r}")
-        self.diversity_factor, self.diversity_temperature = float(diversity_factor), float(diversity_temperature)
+        self.diversity_factor = check_finite("RIDE diversity_factor", diversity_factor)
+        self.diversity_temperature = check_finite("RIDE diversity_temperature", diversity_temperature, "> 0")
         self.reweight_factor = reweight_factor
         self.register_buffer("diversity_weights", ride_diversity_weights(class_counts, reweight_factor).float())
 

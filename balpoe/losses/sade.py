@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from balpoe.errors import BalpoeError
 from balpoe.losses.priors import log_prior
-from balpoe.losses.reweighting import ReweightedExpertLoss
+from balpoe.losses.reweighting import ReweightedExpertLoss, check_finite
 
 
 def inverse_prior(prior: torch.Tensor) -> torch.Tensor:
@@ -51,9 +51,7 @@ class SADELoss(ReweightedExpertLoss):
         super().__init__(class_counts, num_experts)
         if num_experts != 3:
             raise BalpoeError(f"SADE trains exactly 3 experts (forward, uniform, backward), got num_experts={num_experts}")
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not abs(tau) < float("inf"):
-            raise BalpoeError(f"SADE tau must be a finite number, got {tau!r}")
-        self.tau = float(tau)
+        self.tau = check_finite("SADE tau", tau)
         lp = log_prior(class_counts, torch.float64)                 # log(pi + 1e-9)
         # log(pi_inv + 1e-9): pi_inv's values are pi's, so the reassignment commutes with log(. + 1e-9)
         lp_inv = inverse_prior(lp)
