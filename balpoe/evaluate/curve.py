@@ -8,18 +8,12 @@ logs; it is never the headline.  Pure Python: the run report reads it without to
 
 from __future__ import annotations
 
-import math
+from balpoe.runtime.metrics_log import finite_number
 
 #: how every output names the best-epoch figure
 BEST_LABEL = "best epoch on the test set (as the official logs report; optimistic)"
 #: the per-epoch test metrics a metrics.jsonl row may hold
 CURVE_KEYS = ("test_acc", "test_many", "test_medium", "test_few", "test_ece")
-
-
-def _finite(x) -> float | None:
-    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(float(x)):
-        return None
-    return float(x)
 
 
 def summarize_test_curve(rows: list[dict], every: int | None = None) -> dict | None:
@@ -30,7 +24,7 @@ def summarize_test_curve(rows: list[dict], every: int | None = None) -> dict | N
     figure is."""
     points = []
     for r in rows:
-        epoch, acc = r.get("epoch"), _finite(r.get("test_acc"))
+        epoch, acc = r.get("epoch"), finite_number(r.get("test_acc"))
         if isinstance(epoch, int) and not isinstance(epoch, bool) and acc is not None:
             points.append((epoch, acc, r))
     if not points:
@@ -40,7 +34,7 @@ def summarize_test_curve(rows: list[dict], every: int | None = None) -> dict | N
     for epoch, acc, row in points[1:]:
         if acc > best_acc:
             best_epoch, best_acc, best_row = epoch, acc, row
-    best = {k[len("test_"):]: _finite(best_row.get(k)) for k in CURVE_KEYS if _finite(best_row.get(k)) is not None}
+    best = {k[len("test_"):]: finite_number(best_row.get(k)) for k in CURVE_KEYS if finite_number(best_row.get(k)) is not None}
     return {"label": BEST_LABEL, "every": every, "epochs": [p[0] for p in points], "acc": [p[1] for p in points],
             "best_epoch": best_epoch, "best_acc": best_acc, "best": best,
             "last_epoch": points[-1][0], "last_acc": points[-1][1]}

@@ -14,11 +14,12 @@ from balpoe.errors import BalpoeError
 from balpoe.runtime.files import parse_json, read_text
 
 
-def _epoch_number(epoch) -> float | None:
-    """A finite number, or None (null, NaN, a bool, anything else)."""
-    if isinstance(epoch, bool) or not isinstance(epoch, (int, float)) or not math.isfinite(epoch):
+def finite_number(x) -> float | None:
+    """A value read from a run file as a finite float, or None (null, NaN, inf, a bool, anything
+    that is not a number)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
         return None
-    return float(epoch)
+    return float(x)
 
 
 def metrics_rows(path: str | Path, upto: int | None = None) -> list[tuple[dict, str]]:
@@ -50,6 +51,6 @@ def metrics_rows(path: str | Path, upto: int | None = None) -> list[tuple[dict, 
             if isinstance(epoch, int) and not isinstance(epoch, bool) and 1 <= epoch <= upto:
                 by_epoch[float(epoch)] = (row, line)
             continue
-        number = _epoch_number(epoch)
+        number = finite_number(epoch)
         by_epoch[number if number is not None else float(len(by_epoch) + 1)] = (row, line)
     return [by_epoch[e] for e in sorted(by_epoch)]

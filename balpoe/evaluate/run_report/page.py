@@ -21,7 +21,8 @@ from balpoe.errors import BalpoeError
 from balpoe.evaluate.run_report.figures import (classes_text, confusion_figure, groups_figure, per_class_figure,
                                                 reliability_figure, shift_figure, smoothing_window, tau_label,
                                                 training_figure)
-from balpoe.evaluate.run_report.sections import num, report_inputs, report_sections
+from balpoe.evaluate.run_report.sections import report_inputs, report_sections
+from balpoe.runtime.metrics_log import finite_number
 from balpoe.runtime.files import atomic_write, check_output_path
 
 _CSS = """
@@ -61,7 +62,7 @@ def _e(x) -> str:
 
 
 def _f(x, digits: int = 2, suffix: str = "") -> str:
-    v = num(x)
+    v = finite_number(x)
     return "–" if v is None else f"{v:.{digits}f}{suffix}"
 
 

@@ -21,7 +21,7 @@ from balpoe.data.groups import GROUP_NAMES, group_indices
 from balpoe.errors import BalpoeError
 from balpoe.evaluate.curve import summarize_test_curve
 from balpoe.runtime.files import MAX_RECIPE_BYTES, parse_json, parse_yaml, read_text
-from balpoe.runtime.metrics_log import metrics_rows
+from balpoe.runtime.metrics_log import finite_number, metrics_rows
 
 SHIFT_MODES = ("none", "known", "unlabelled", "labelled")
 CALIBRATOR_LABELS = {"none": "no calibration", "ts": "temperature scaling (TS)",
@@ -35,17 +35,9 @@ TOP_CONFUSIONS = 20  # beyond 50 classes (no names on the figure): the largest c
 # Reading the run directory
 
 
-def num(x) -> float | None:
-    """A finite float, or None for null / NaN / anything that is not a number."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else None
-
-
 def _arr(values) -> np.ndarray:
     """A list of numbers-or-null as a float array with NaN for the nulls."""
-    return np.array([np.nan if num(v) is None else float(v) for v in values], dtype=float)
+    return np.array([np.nan if finite_number(v) is None else float(v) for v in values], dtype=float)
 
 
 def _read_json(path: Path) -> dict | None:
@@ -139,7 +131,7 @@ def _training(run_dir: Path, recipe: dict) -> tuple[dict | None, str | None]:
     if not rows:
         return None, f"{path} is empty: no epoch has finished yet."
     keys = ("loss", "lr", "img_per_s", "epoch_time_s", "test_acc", "test_ece")
-    data = {k: [num(r.get(k)) for r in rows] for k in keys}
+    data = {k: [finite_number(r.get(k)) for r in rows] for k in keys}
     data["epoch"] = list(range(1, len(rows) + 1))
     data["n_stage1"] = len(rows1)
     data["n_stage2"] = len(rows2) if recipe.get("stage") == 2 else 0
@@ -167,7 +159,7 @@ def _taus(recipe: dict, analysis: dict) -> list[float] | None:
         taus = _section(recipe, "loss").get("tau")
     if not isinstance(taus, list):
         return None
-    return [num(t) for t in taus]
+    return [finite_number(t) for t in taus]
 
 
 def _saved_groups(analysis: dict) -> list[int] | None:
@@ -188,7 +180,7 @@ def _class_groups(analysis: dict) -> list[int] | None:
     if saved is not None:
         return saved
     counts = analysis.get("class_counts")
-    many_t, few_t = num(analysis.get("many_threshold")), num(analysis.get("few_threshold"))
+    many_t, few_t = finite_number(analysis.get("many_threshold")), finite_number(analysis.get("few_threshold"))
     if not isinstance(counts, list) or many_t is None or few_t is None:
         return None
     return group_indices(_arr(counts), many_t, few_t).tolist()
@@ -199,19 +191,19 @@ def _groups(ev: dict, analysis: dict, taus: list | None, member: list[int] | Non
     ens = ga.get("ensemble") if isinstance(ga.get("ensemble"), dict) else ev
     experts = ga.get("experts") if isinstance(ga.get("experts"), list) else []
     expert_acc = ev.get("expert_acc") if isinstance(ev.get("expert_acc"), list) else []
-    rows = [{"model": "ensemble", "tau": None, **{g: num(ens.get(g)) for g in GROUP_NAMES}, "all": num(ev.get("acc"))}]
+    rows = [{"model": "ensemble", "tau": None, **{g: finite_number(ens.get(g)) for g in GROUP_NAMES}, "all": finite_number(ev.get("acc"))}]
     for k in range(max(len(experts), len(expert_acc))):
         g = experts[k] if k < len(experts) and isinstance(experts[k], dict) else {}
         rows.append({"model": f"expert {k + 1}", "tau": taus[k] if taus and k < len(taus) else None,
-                     **{name: num(g.get(name)) for name in GROUP_NAMES},
-                     "all": num(expert_acc[k]) if k < len(expert_acc) else None})
+                     **{name: finite_number(g.get(name)) for name in GROUP_NAMES},
+                     "all": finite_number(expert_acc[k]) if k < len(expert_acc) else None})
     n_classes = None if member is None else {name: member.count(k) for k, name in enumerate(GROUP_NAMES)}
     ranges = analysis.get("group_ranges")
     ranges = ([int(v) for v in ranges] if isinstance(ranges, list) and len(ranges) == 2
               and _saved_groups(analysis) is not None else None)
     return {"rows": rows, "n_classes": n_classes, "ranges": ranges,
-            "many_threshold": None if ranges else num(analysis.get("many_threshold")),
-            "few_threshold": None if ranges else num(analysis.get("few_threshold"))}
+            "many_threshold": None if ranges else finite_number(analysis.get("many_threshold")),
+            "few_threshold": None if ranges else finite_number(analysis.get("few_threshold"))}
 
 
 def _per_class(analysis: dict, taus: list | None, member: list[int] | None, path: Path) -> dict:
@@ -237,7 +229,7 @@ def _per_class(analysis: dict, taus: list | None, member: list[int] | None, path
             "ensemble": ens[order].tolist(), "experts": [e[order].tolist() for e in experts], "taus": taus,
             "n_many": None if groups is None else groups.count("many"),
             "n_few": None if groups is None else groups.count("few"),
-            "many_threshold": num(analysis.get("many_threshold")), "few_threshold": num(analysis.get("few_threshold")),
+            "many_threshold": finite_number(analysis.get("many_threshold")), "few_threshold": finite_number(analysis.get("few_threshold")),
             "groups": groups}
 
 
@@ -358,7 +350,7 @@ def _reliability_entry(entry, name: str, path: Path) -> dict:
             cols[key] = cols[key] / 100.0
     return {"label": CALIBRATOR_LABELS.get(name, name), "edges": edges.tolist(),
             **{k: v.tolist() for k, v in cols.items()},
-            "ece": num(entry.get("ece")), "mce": num(entry.get("mce")), "temperature": num(entry.get("temperature"))}
+            "ece": finite_number(entry.get("ece")), "mce": finite_number(entry.get("mce")), "temperature": finite_number(entry.get("temperature"))}
 
 
 def _shift(shift: dict, path: Path) -> dict | None:
@@ -375,7 +367,7 @@ def _shift(shift: dict, path: Path) -> dict | None:
         if not isinstance(values, list) or len(values) != len(dists):
             raise BalpoeError(f"{path}: curves.modes.{m} must be a list of {len(dists)} values "
                               "(one per entry of curves.distributions)")
-        modes[m] = {"label": str(labels.get(m, m)), "values": [num(v) for v in values]}
+        modes[m] = {"label": str(labels.get(m, m)), "values": [finite_number(v) for v in values]}
     return {"distributions": dists, "modes": modes} if modes else None
 
 
@@ -409,8 +401,8 @@ def report_sections(run_dir: str | Path) -> dict:
         "backbone": model.get("backbone"), "num_experts": n_experts, "taus": taus,
         "tau_range": None if taus else (loss.get("tau_min"), loss.get("tau_max")),
         "stage": recipe.get("stage", 1), "seed": recipe.get("seed"),
-        "acc": num(ev.get("acc")) if ev else None, "ece": num(ev.get("ece")) if ev else None,
-        "nll": num(ev.get("nll")) if ev else None, "n_test": ev.get("n") if ev else None,
+        "acc": finite_number(ev.get("acc")) if ev else None, "ece": finite_number(ev.get("ece")) if ev else None,
+        "nll": finite_number(ev.get("nll")) if ev else None, "n_test": ev.get("n") if ev else None,
         "epoch": ev.get("epoch") if ev else None, "checkpoint": checkpoint,
         "generated": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     }
@@ -468,8 +460,8 @@ def report_sections(run_dir: str | Path) -> dict:
                               f"{shift_cmd}.")
             dists = shift.get("distributions")
             if isinstance(dists, dict) and dists:
-                out["shift_table"] = {str(k): {"acc": num(v.get("acc")) if isinstance(v, dict) else None,
-                                               "ece": num(v.get("ece")) if isinstance(v, dict) else None}
+                out["shift_table"] = {str(k): {"acc": finite_number(v.get("acc")) if isinstance(v, dict) else None,
+                                               "ece": finite_number(v.get("ece")) if isinstance(v, dict) else None}
                                       for k, v in dists.items()}
 
     env = analysis.get("environment")
