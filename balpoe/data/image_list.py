@@ -7,6 +7,7 @@ Transforms follow the official BalPoE data loaders.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -244,13 +245,16 @@ class ImageListDataset(torch.utils.data.Dataset):
         def decode(path) -> None:  # returns nothing: no decoded image waits for the in-order loop below
             read(path)
 
+        # a bar only where someone watches a long check (a disabled rich bar still writes a newline
+        # when it stops, which would come before a one-line error)
         progress = Progress(TextColumn(f"[bold]checking {what}"), BarColumn(), MofNCompleteColumn(),
-                            ThroughputColumn(), TimeRemainingColumn(), console=console, transient=True,
-                            disable=not console.is_terminal or len(self.paths) < 1000)
-        with progress, ThreadPoolExecutor(max(1, threads)) as pool:
-            task = progress.add_task("decode", total=len(self.paths))
+                            ThroughputColumn(), TimeRemainingColumn(), console=console, transient=True) \
+            if console.is_terminal and len(self.paths) >= 1000 else None
+        with progress or contextlib.nullcontext(), ThreadPoolExecutor(max(1, threads)) as pool:
+            task = progress.add_task("decode", total=len(self.paths)) if progress is not None else None
             for _ in pool.map(decode, self.paths):  # in order: the first bad file of the list is named
-                progress.advance(task)
+                if progress is not None:
+                    progress.advance(task)
 
     def __getitem__(self, index: int):
         if self.transform is None:
