@@ -1,5 +1,6 @@
 """``balpoe`` command line: ``balpoe train RECIPE``, ``balpoe eval CHECKPOINT``, ``balpoe report RUN_DIR``,
-``balpoe predict CHECKPOINT IMAGE_OR_FOLDER ...``, ``balpoe export CHECKPOINT --format ...``.
+``balpoe predict CHECKPOINT IMAGE_OR_FOLDER ...``, ``balpoe compare RECIPE ...``, ``balpoe export CHECKPOINT
+--format ...``.
 
 The only module that names command-line flags.  User errors print one line (``error: ...``) and
 exit with status 2; no traceback.
@@ -168,6 +169,29 @@ def _export_arguments(x: argparse.ArgumentParser) -> None:
     x.add_argument("--force", action="store_true", help="overwrite an existing output file")
 
 
+def _compare_arguments(c: argparse.ArgumentParser) -> None:
+    from balpoe.shift.selector import ADAPT_MODES
+    c.add_argument("recipes", nargs="+", metavar="RECIPE", help="YAML recipe files, one per method (named by their "
+                   "'name' key)")
+    c.add_argument("--seeds", nargs="+", type=_seed, default=[0], metavar="SEED",
+                   help="train every recipe once per seed (its 'seed' key; default 0); runs of the same seed are "
+                   "paired")
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", type=_key_value,
+                   help="override a key of every recipe, e.g. --set optim.epochs=2 (repeatable)")
+    c.add_argument("--test-dists", default="all", metavar="DISTS",
+                   help="test label distributions: 'all' (default: forward50..uniform..backward50) or names")
+    c.add_argument("--adapt", nargs="+", default=["none"], metavar="MODE", choices=list(ADAPT_MODES),
+                   help="adaptation modes, each evaluated on every distribution (default: none): "
+                   + ", ".join(ADAPT_MODES))
+    c.add_argument("--baseline", metavar="NAME", help="a recipe name: paired differences (same seed) against it")
+    c.add_argument("--out", default="runs/compare",
+                   help="output directory (default runs/compare): runs/<name>/seed<N>/ and compare.json / .md / "
+                   ".html; the same command again continues an interrupted comparison")
+    c.add_argument("--device", default="auto", help="evaluation device: auto (default), cpu, cuda, cuda:N (training "
+                   "uses each recipe's train.device)")
+    c.add_argument("--no-progress", action="store_true", help="one plain line per epoch instead of progress bars")
+
+
 #: command -> (help, the function adding its arguments)
 SUBCOMMANDS = {
     "train": ("train from a recipe (stage 1, or stage 2 when the recipe says stage: 2)", _train_arguments),
@@ -175,6 +199,8 @@ SUBCOMMANDS = {
     "report": ("write RUN_DIR/report.html: training curves, per-class and per-expert accuracy, calibration, label "
                "shift, recipe (one self-contained file)", _report_arguments),
     "predict": ("top-k classes of image files (JPEG/PNG, any size) with a trained model", _predict_arguments),
+    "compare": ("train and evaluate several recipes x seeds on one split and protocol: one table (mean ± std, "
+                "paired differences against a baseline) and compare.json / .md / .html", _compare_arguments),
     "export": ("export a checkpoint: its weights (safetensors), or one inference module (TorchScript, torch.export "
                ".pt2, ONNX) mapping float images [B, C, H, W] in [0, 1] to balanced logits", _export_arguments),
 }
@@ -252,7 +278,14 @@ def _export(args) -> None:
     export(args.checkpoint, args.format, prior=args.prior, out=args.out, overwrite=args.force)
 
 
-COMMANDS = {"train": _train, "eval": _eval, "report": _report, "predict": _predict, "export": _export}
+def _compare(args) -> None:
+    from balpoe.compare.build import CompareOptions, compare
+    options = CompareOptions(seeds=args.seeds, overrides=args.overrides, test_dists=args.test_dists,
+                             adapt=args.adapt, baseline=args.baseline, device=args.device)
+    compare(args.recipes, options, args.out, show_progress=not args.no_progress)
+
+
+COMMANDS = {"compare": _compare, "train": _train, "eval": _eval, "report": _report, "predict": _predict, "export": _export}
 
 
 def _print_error(message: str) -> None:

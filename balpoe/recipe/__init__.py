@@ -28,7 +28,7 @@ from balpoe.errors import BalpoeError, quoted, shown
 from balpoe.recipe._parse import (MAX_BATCH, MAX_EPOCHS, NAME_CHARS, PATH_CHARS, apply_overrides, build_section,
                                   check_kwargs, markdown_reference, parse_override, read_mapping)
 
-__all__ = ["AugmentConfig", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "Stage2Config",
+__all__ = ["flat_keys", "AugmentConfig", "DataConfig", "ModelConfig", "LossConfig", "OptimConfig", "TrainConfig", "Stage2Config",
            "Recipe", "load_recipe", "recipe_from_dict", "apply_overrides", "parse_override", "check_kwargs",
            "reference_markdown"]
 
@@ -395,6 +395,18 @@ def recipe_from_dict(raw: dict) -> Recipe:
     recipe = build_section(Recipe, raw)
     _cross_checks(recipe)
     return recipe
+
+
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """A nested recipe dict (:meth:`Recipe.to_dict`) as dotted key -> value (``model.kwargs``, a
+    mapping handed to the backbone, stays one value): what resuming and ``balpoe compare`` compare."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "kwargs":
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -40,9 +40,9 @@ from balpoe.data.image_list import find_list_file
 from balpoe.errors import BalpoeError, check_choice
 from balpoe.evaluate.build import (SOURCES, check_run_report, check_source, ensemble_prior, group_ranges,
                                    load_for_eval, print_data_location, source_logits, write_run_report)
-from balpoe.evaluate.logits import collect_logits
+from balpoe.evaluate.logits import cached_logits, file_digest
 from balpoe.models.multi_expert import MultiExpertNet
-from balpoe.runtime.checkpoint import ensure_writable_dir
+from balpoe.runtime.checkpoint import ensure_writable_dir, json_text
 from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
@@ -89,7 +89,8 @@ class ShiftOptions:
 
 def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, device: str = "auto",
                    batch_size: int | None = None, overrides: list[str] | None = None, out: str | Path | None = None,
-                   plots: bool = True, quiet: bool = False, html_report: bool = True) -> dict[str, Any]:
+                   plots: bool = True, quiet: bool = False, html_report: bool = True,
+                   logits_cache: str | Path | None = None) -> dict[str, Any]:
     """``balpoe eval CKPT --test-dists ... [--prior ...] [--adapt ...]``.
 
     Collects the test logits once, evaluates every target set of ``options`` (:class:`ShiftOptions`;
@@ -98,7 +99,10 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
     ``shift_eval.json``, ``shift_eval.md`` and reliability diagrams into ``out`` (default: the
     checkpoint's directory; there, with ``html_report``, ``report.html`` is rewritten to include the
     label-shift plot).  The test lists are added to the recipe's ``data.test_lists``; their images are
-    a subset of the test split, each list named by its file stem.  Returns the report dict."""
+    a subset of the test split, each list named by its file stem.  ``logits_cache``: a safetensors
+    file holding the test logits of this checkpoint and data section, read when it matches and written
+    otherwise (:func:`~balpoe.evaluate.logits.cached_logits`; ``balpoe compare`` evaluates every mode
+    of a run from one forward pass).  Returns the report dict."""
     opt = ShiftOptions() if options is None else options
     out_dir = Path(out) if out else Path(path).parent
     given_lists = [str(opt.test_lists)] if isinstance(opt.test_lists, (str, Path)) else \
@@ -136,9 +140,8 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
 
     # 1. the balanced test set, once
     loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)
-    start = time.perf_counter()
-    expert_logits, labels = collect_logits(model, loader, dev, recipe.train.amp)
-    forward_s = time.perf_counter() - start
+    key = None if logits_cache is None else f"{file_digest(path)} {json_text(recipe.to_dict()['data'], None)}"
+    expert_logits, labels, forward_s = cached_logits(model, loader, dev, recipe.train.amp, logits_cache, key)
     targets = {**target_sets(labels, counts, dists, prior_vecs, seed=opt.seed), **listed}
     many, few = recipe.data.many_threshold, recipe.data.few_threshold
 

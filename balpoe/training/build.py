@@ -33,7 +33,7 @@ from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
 from balpoe.models.build import check_backbone
 from balpoe.models.weights import load_state, read_weights
-from balpoe.recipe import Recipe, recipe_from_dict
+from balpoe.recipe import Recipe, flat_keys, recipe_from_dict
 from balpoe.runtime import distributed as dist
 from balpoe.runtime.checkpoint import ensure_writable_dir, load_checkpoint, remove_stale_temporaries, write_json
 from balpoe.runtime.files import RUN_FILES, RunLock
@@ -359,21 +359,11 @@ def check_resume_data(bundle: DataBundle, ckpt: dict, path: Path) -> None:
                               f"{shown(now, 80)} here, {shown(was, 80)} there); a resumed run must read the same data")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k != "kwargs":
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def resume_changes(recipe: dict, ckpt: dict, path: Path) -> dict[str, tuple]:
     """The recipe keys that differ from the checkpoint's recipe (``key -> (was, now)``); a key
     outside :data:`RESUMABLE_KEYS` is a one-line error (the run would not be the one recorded),
     and so is an ``optim.epochs`` below the epoch already reached."""
-    was, now = _flat(recipe_from_dict(ckpt["recipe"]).to_dict()), _flat(recipe)
+    was, now = flat_keys(recipe_from_dict(ckpt["recipe"]).to_dict()), flat_keys(recipe)
     changes = {k: (was.get(k), now.get(k)) for k in now if was.get(k) != now.get(k)}
     for key, (a, b) in changes.items():
         if key not in RESUMABLE_KEYS:
