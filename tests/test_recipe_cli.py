@@ -50,7 +50,7 @@ def test_bad_recipes_name_the_key(raw, message):
 
 @pytest.mark.parametrize("section, message", [
     ({"data": {"dataset": "mnist"}}, "recipe key 'data.dataset' is unknown: 'mnist' (known: cifar10, cifar100,"),
-    ({"loss": {"name": "focal"}}, "recipe key 'loss.name' is unknown: 'focal' (known: logit_adjusted"),
+    ({"loss": {"name": "florp"}}, "recipe key 'loss.name' is unknown: 'florp' (known: logit_adjusted, ce, focal"),
     ({"model": {"backbone": "resnet_9000"}}, "model.backbone 'resnet_9000' is not a timm model name"),
 ])
 def test_unregistered_names_stop_before_anything_is_written(tmp_path, section, message):
