@@ -16,7 +16,7 @@ from balpoe.errors import BalpoeError
 from balpoe.recipe import (AugmentConfig, DataConfig, LossConfig, ModelConfig, OptimConfig, Recipe, Stage2Config,
                            TrainConfig, load_recipe, recipe_from_dict)
 from balpoe.errors import shown
-from balpoe.losses.build import expert_taus
+from balpoe.losses.build import check_loss, expert_taus
 from balpoe.models.build import build_model
 from balpoe.training.build import build_scheduler, check_names, compile_enabled, train
 
@@ -80,6 +80,7 @@ def test_shipped_recipes_validate(path):
     r = load_recipe(path)
     assert r.name
     assert recipe_from_dict(r.to_dict()) == r  # the resolved recipe round-trips
+    check_loss(r)  # its loss keys apply to its loss.name, and the loss's rules on the model hold
 
 
 @pytest.mark.parametrize("written,cpu,cuda", [("auto", False, True), ("true", True, True), ("yes", True, True),

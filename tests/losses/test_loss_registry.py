@@ -4,6 +4,8 @@ each loss's ``lambda_m``; the recipe rules of ldam / ride / sade; RIDE's reduced
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from balpoe.losses import (BalancedSoftmaxLoss, BalPoELoss, ClassBalancedLoss, C
                            RIDELoss, SADELoss)
 from balpoe.losses.build import LOSSES, build_criterion, check_loss, model_prior_exponent
 from balpoe.models.build import build_model
-from balpoe.recipe import LossConfig, Recipe, recipe_from_dict
+from balpoe.recipe import LossConfig, Recipe, load_recipe, recipe_from_dict
 
 COUNTS = torch.tensor([500, 200, 80, 30, 12, 5])
 BASELINES = ["ce", "focal", "class_balanced", "ldam", "balanced_softmax", "ride", "sade"]
@@ -190,3 +192,31 @@ def test_reduce_dimension_refuses_what_it_cannot_reduce(model, message):
     with pytest.raises(BalpoeError) as e:
         build_model(_recipe({}, {**model, "reduce_dimension": True}).model, 10, 3)
     assert str(e.value) == message
+
+
+METHOD_RECIPES = sorted(p for d in ("ce", "focal", "class_balanced", "ldam_drw", "balanced_softmax", "ride", "sade")
+                        for p in (Path(__file__).resolve().parents[2] / "recipes" / d).glob("*.yaml"))
+
+
+def test_every_method_ships_the_demo_and_six_cifar_recipes():
+    names = {(p.parent.name, p.name) for p in METHOD_RECIPES}
+    assert len(METHOD_RECIPES) == 7 * 7
+    for d in ("ce", "focal", "class_balanced", "ldam_drw", "balanced_softmax", "ride", "sade"):
+        assert (d, "fashion_mnist_lt_ir100_cpu_demo.yaml") in names
+        assert all((d, f"cifar{n}_lt_ir{ir}.yaml") in names for n in (10, 100) for ir in (10, 50, 100))
+
+
+@pytest.mark.parametrize("path", METHOD_RECIPES, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_method_recipes_build_and_train_a_step_at_tiny_size(path):
+    """Each method recipe passes the loss rules, builds its network and its loss, and gives a finite
+    loss on a two-image batch (32 x 32; the class counts of an imbalance-ratio-100 profile)."""
+    r = load_recipe(path)
+    check_loss(r)
+    num_classes, in_chans = (100, 3) if r.data.dataset == "cifar100" else (10, 3 if r.data.dataset == "cifar10" else 1)
+    counts = torch.tensor([max(1, round(500 * 0.01 ** (i / (num_classes - 1)))) for i in range(num_classes)])
+    model = build_model(r.model, num_classes, in_chans, pretrained=False)
+    criterion = build_criterion(r.loss, r.model.num_experts, counts)
+    logits = model(torch.randn(2, in_chans, 32, 32))
+    assert logits.shape == (r.model.num_experts, 2, num_classes)
+    assert torch.isfinite(criterion(logits, torch.tensor([0, num_classes - 1])))
+    assert ensemble_prior(r)[1] == 0.0                       # the baselines are reported raw
