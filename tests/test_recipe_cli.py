@@ -16,7 +16,7 @@ from balpoe.errors import BalpoeError
 from balpoe.recipe import (AugmentConfig, DataConfig, LossConfig, ModelConfig, OptimConfig, Recipe, Stage2Config,
                            TrainConfig, load_recipe, recipe_from_dict)
 from balpoe.errors import shown
-from balpoe.losses.build import expert_taus
+from balpoe.losses.build import check_loss, expert_taus
 from balpoe.models.build import build_model
 from balpoe.training.build import build_scheduler, check_names, compile_enabled, train
 
@@ -50,7 +50,7 @@ def test_bad_recipes_name_the_key(raw, message):
 
 @pytest.mark.parametrize("section, message", [
     ({"data": {"dataset": "mnist"}}, "recipe key 'data.dataset' is unknown: 'mnist' (known: cifar10, cifar100,"),
-    ({"loss": {"name": "focal"}}, "recipe key 'loss.name' is unknown: 'focal' (known: logit_adjusted"),
+    ({"loss": {"name": "florp"}}, "recipe key 'loss.name' is unknown: 'florp' (known: logit_adjusted, ce, focal"),
     ({"model": {"backbone": "resnet_9000"}}, "model.backbone 'resnet_9000' is not a timm model name"),
 ])
 def test_unregistered_names_stop_before_anything_is_written(tmp_path, section, message):
@@ -80,6 +80,7 @@ def test_shipped_recipes_validate(path):
     r = load_recipe(path)
     assert r.name
     assert recipe_from_dict(r.to_dict()) == r  # the resolved recipe round-trips
+    check_loss(r)  # its loss keys apply to its loss.name, and the loss's rules on the model hold
 
 
 @pytest.mark.parametrize("written,cpu,cuda", [("auto", False, True), ("true", True, True), ("yes", True, True),

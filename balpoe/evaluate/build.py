@@ -155,7 +155,8 @@ def ensemble_prior(recipe: Recipe) -> tuple[list[float], float]:
     ``lambda_m``, the power of ``pi_train`` its ensemble logits keep
     (:func:`~balpoe.losses.build.model_prior_exponent`)."""
     taus = expert_taus(recipe.loss, recipe.model.num_experts)
-    return taus, model_prior_exponent(taus, recipe.data.sampler, recipe.stage2 if recipe.stage == 2 else None)
+    return taus, model_prior_exponent(taus, recipe.data.sampler, recipe.stage2 if recipe.stage == 2 else None,
+                                      recipe.loss.name)
 
 
 def group_ranges(data: DataConfig) -> tuple[int, int] | None:

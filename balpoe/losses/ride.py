@@ -24,9 +24,11 @@ ImageNet-LT / iNaturalist, with ``drw_epoch`` 160 of 200 (CIFAR) or 80 of 100.  
 rates with the mean-over-experts losses.
 
 Not here, because they are model concerns: RIDE's experts have reduced width (``reduce_dimension``:
-layer2/layer3 of 24/48 instead of 32/64 channels on CIFAR, ``ride_resnet_cifar.py`` l. 111-121),
-its logits are cosine logits scaled by ``s = 30`` (``use_norm``, l. 127-131, 175), and the expert
-router of stage 2 (RIDE-EA) is a separate module.  The official code also has a branch where,
+layer2/layer3 of 24/48 instead of 32/64 channels on CIFAR, ``ride_resnet_cifar.py`` l. 111-121; the
+recipe key ``model.reduce_dimension``), its logits are cosine logits scaled by ``s = 30``
+(``use_norm``, l. 127-131, 175; ``model.head: cosine``, ``model.scale`` = ``loss.s``).  RIDE's
+dynamic expert router (RIDE-EA, a second training stage) and its expert distillation are absent
+from this library: the ``ride`` recipes evaluate the mean of all the experts' logits.  The official code also has a branch where,
 with ``lambda = 0``, every expert's LDAM term is computed on the ensemble logits (``model/loss.py``
 l. 224); it is not reproduced (no official config uses ``lambda = 0``).
 """

@@ -24,6 +24,7 @@ from balpoe.models.grouped import GroupedBranches
 from balpoe.models.heads import LinearHead, build_head, init_linear_head
 from balpoe.models.lws import convert_heads_to_lws
 from balpoe.models.multi_expert import MultiExpertNet
+from balpoe.models.resnet_cifar import reduced_widths
 from balpoe.models.weights import WeightMatch, load_weights, read_weights
 from balpoe.recipe import ModelConfig
 from balpoe.runtime import distributed as dist
@@ -235,6 +236,24 @@ def build_multi_expert(backbone: str, num_classes: int, num_experts: int = 3, sp
     return MultiExpertNet(trunk, branches, heads, frozen=frozen)
 
 
+def reduce_dimension(cfg: ModelConfig) -> bool:
+    """``model.reduce_dimension``, checked: RIDE's reduced-width experts
+    (:func:`~balpoe.models.resnet_cifar.reduced_widths`) exist for the CIFAR ResNets split after
+    ``layer1`` (each expert owns ``layer2`` and ``layer3``), and set the widths themselves."""
+    if not cfg.reduce_dimension:
+        return False
+    if not (cfg.backbone.startswith("resnet") and cfg.backbone.endswith("_cifar")):
+        raise BalpoeError(f"recipe key 'model.reduce_dimension' applies to the CIFAR ResNets (resnet32_cifar, ...), "
+                          f"not model.backbone '{clip(cfg.backbone, 120)}'")
+    if cfg.split != "layer1":
+        raise BalpoeError(f"recipe key 'model.reduce_dimension' needs model.split layer1 (each expert owns the "
+                          f"reduced layer2 and layer3), got '{clip(cfg.split, 80)}'")
+    if "widths" in cfg.kwargs:
+        raise BalpoeError("recipe keys 'model.reduce_dimension' and 'model.kwargs' widths both set the widths: "
+                          "set one")
+    return True
+
+
 def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, *, stage2_classifier: str | None = None,
                 pretrained: bool = True, stage2_weight_decay_target: str = "stage1") -> MultiExpertNet:
     """The multi-expert network of the recipe's ``model`` section ``cfg``.
@@ -250,8 +269,9 @@ def build_model(cfg: ModelConfig, num_classes: int, in_chans: int, *, stage2_cla
     if head_init != "default" and cfg.head != "linear":
         raise BalpoeError(f"recipe key 'model.head_init' is {head_init!r} but model.head is {cfg.head!r}: the "
                           "init applies to linear heads (a cosine head has its own); use head_init: default")
+    kwargs = {**cfg.kwargs, "widths": list(reduced_widths())} if reduce_dimension(cfg) else cfg.kwargs
     model = build_multi_expert(cfg.backbone, num_classes, cfg.num_experts, cfg.split, cfg.head, cfg.scale, in_chans,
-                               cfg.pretrained_file if pretrained else None, cfg.kwargs, batched=cfg.batched_experts,
+                               cfg.pretrained_file if pretrained else None, kwargs, batched=cfg.batched_experts,
                                pretrained=cfg.pretrained and pretrained, pretrained_strict=cfg.pretrained_strict,
                                zero_init_last=cfg.zero_init_last, trainable=cfg.trainable, reinit=cfg.reinit)
     for head in model.heads:

@@ -45,10 +45,14 @@ class BasicBlockA(nn.Module):
         return F.relu(out + self.shortcut(x))
 
 
+#: Stage widths of the CIFAR ResNets (stem + layer1, layer2, layer3).
+WIDTHS = (16, 32, 64)
+
+
 class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs with option-A shortcuts (He et al. 2016, Sec. 4.2)."""
 
-    def __init__(self, depth: int = 32, num_classes: int = 100, in_chans: int = 3, widths=(16, 32, 64),
+    def __init__(self, depth: int = 32, num_classes: int = 100, in_chans: int = 3, widths=WIDTHS,
                  global_pool: str = "avg", drop_rate: float = 0.0):
         super().__init__()
         if (depth - 2) % 6:
@@ -93,6 +97,14 @@ class CifarResNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def reduced_widths(widths=WIDTHS) -> tuple[int, int, int]:
+    """RIDE's ``reduce_dimension`` (Wang et al. ICLR 2021; official ``ResNet_s`` of
+    ``model/ldam_drw_resnets/ride_resnet_cifar.py``, also SADE's CIFAR model): the stem and
+    ``layer1`` as they are, ``layer2`` / ``layer3`` (owned by each expert) at 3/4 width, 24 / 48
+    instead of 32 / 64 channels."""
+    return widths[0], widths[1] * 3 // 4, widths[2] * 3 // 4
 
 
 def _create(depth: int, pretrained: bool, **kwargs) -> CifarResNet:

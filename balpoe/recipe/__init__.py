@@ -35,12 +35,14 @@ __all__ = ["flat_keys", "AugmentConfig", "DataConfig", "ModelConfig", "LossConfi
 
 def _f(default: Any = None, *, choices: tuple | None = None, min: float | None = None,  # noqa: A002
        max: float | None = None, gt: float | None = None, max_len: int = NAME_CHARS, default_factory=None,  # noqa: A002
-       doc: str = ""):
+       doc: str = "", omit_default: bool = False):
     """A recipe key: its default (or ``default_factory``) and what :mod:`balpoe.recipe._parse`
     checks and documents: the allowed ``choices``, the bounds ``min`` <= value <= ``max`` and
     value > ``gt`` (each item of a list), the longest string ``max_len``, and ``doc`` (its line in
-    ``docs/recipe.md``)."""
-    meta = {"choices": choices, "min": min, "max": max, "gt": gt, "max_len": max_len, "doc": doc}
+    ``docs/recipe.md``).  ``omit_default``: the resolved recipe (:meth:`Recipe.to_dict`) leaves the
+    key out while it holds its default (keys added later: earlier recipes resolve as they did)."""
+    meta = {"choices": choices, "min": min, "max": max, "gt": gt, "max_len": max_len, "doc": doc,
+            "omit_default": omit_default}
     if default_factory is not None:
         return field(default_factory=default_factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -189,6 +191,10 @@ class ModelConfig:
                                   "backbone copy is frozen and kept in eval mode, the heads always train (empty: "
                                   "everything trains; official MiSLAS Places-LT: the block after the frozen "
                                   "pretrained ResNet-152)")
+    reduce_dimension: bool = _f(False, omit_default=True,
+                                doc="RIDE's reduced-width experts (official RIDE / SADE ResNet-32 reduce_dimension): "
+                                    "the per-expert stages of a CIFAR ResNet (resnet*_cifar, model.split layer1) at "
+                                    "3/4 width, layer2/layer3 24/48 instead of 32/64 channels")
     reinit: list[str] = _f(default_factory=list,
                            doc="backbone modules re-initialised (torch's default init) after the pretrained weights "
                                "are loaded: a freshly built block, e.g. layer4.2")
@@ -196,11 +202,46 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _f("logit_adjusted", doc="a registered stage-1 loss (balpoe.losses.build.LOSSES)")
+    """The stage-1 loss.  The tau keys belong to logit_adjusted; the keys after them to the baseline
+    losses named in their description.  null: the loss's official default (in the description); a
+    key set for a loss it does not apply to is refused (balpoe.losses.build.check_loss)."""
+    name: str = _f("logit_adjusted", doc="a registered stage-1 loss (balpoe.losses.build.LOSSES): logit_adjusted, "
+                                         "ce, focal, class_balanced, ldam, balanced_softmax, ride, sade")
     tau: Union[list[float], None] = _f(None, doc="per-expert tau; default: evenly from tau_min..tau_max")
     tau_min: float = _f(0.0)
     tau_max: float = _f(2.0)
     tau_spacing: str = _f("limits", choices=("limits", "uniform"))
+    gamma: Union[float, None] = _f(None, omit_default=True, min=0, doc="focal exponent: focal (null: 2, Lin et al. 2017), "
+                                                   "class_balanced with base focal (null: 1, class-balanced-loss code)")
+    focal_form: Union[str, None] = _f(None, omit_default=True, choices=(None, "paper", "ldam_drw"),
+                                      doc="where the class weight goes in focal: paper (w_y (1-p)^gamma CE) or "
+                                          "ldam_drw (focal of the weighted CE, the LDAM-DRW code); focal, "
+                                          "class_balanced with base focal (null: paper)")
+    base: Union[str, None] = _f(None, omit_default=True, choices=(None, "ce", "focal"),
+                                doc="class_balanced: the weighted loss, softmax cross-entropy or focal (null: ce)")
+    beta: Union[float, None] = _f(None, omit_default=True, min=0,
+                                  doc="effective-number beta of the class-balanced weights (Cui et al. 2019), < 1: "
+                                      "class_balanced, ldam, ride (null: 0.9999)")
+    reduction: Union[str, None] = _f(None, omit_default=True, choices=(None, "mean", "weighted_mean"),
+                                     doc="class_balanced: batch mean of w_y l (mean, the class-balanced-loss code) "
+                                         "or sum w_y l / sum w_y (weighted_mean, torch / LDAM-DRW) (null: mean)")
+    drw_epoch: Union[int, None] = _f(None, omit_default=True, min=0, max=MAX_EPOCHS,
+                                     doc="deferred re-weighting: class weights from this 0-based epoch on, 1 before "
+                                         "(Cao et al. 2019); ldam, ride (null: 160), class_balanced (null: 0, "
+                                         "weighted from the start)")
+    max_m: Union[float, None] = _f(None, omit_default=True, gt=0, doc="largest LDAM margin (the rarest class's): ldam, ride "
+                                                   "(null: 0.5)")
+    s: Union[float, None] = _f(None, omit_default=True, gt=0, doc="cosine-logit scale the LDAM margin is multiplied by; must equal "
+                                               "model.scale: ldam, ride (null: 30)")
+    diversity_factor: Union[float, None] = _f(None, omit_default=True, doc="ride: lambda of the diversity term, < 0 pushes experts "
+                                                        "apart (null: -0.2, official RIDELoss)")
+    diversity_temperature: Union[float, None] = _f(None, omit_default=True, gt=0, doc="ride: temperature T of the diversity KL "
+                                                                   "(null: 1)")
+    reweight_factor: Union[float, None] = _f(None, omit_default=True, min=0, max=1,
+                                             doc="ride: r of the per-class diversity temperature from drw_epoch on "
+                                                 "(null: 0.05)")
+    sade_tau: Union[float, None] = _f(None, omit_default=True, doc="sade: lambda of the backward expert's inverse prior "
+                                                "(null: 2, official CIFAR-100-LT / ImageNet-LT; 1 iNat / Places)")
 
 
 @dataclass
@@ -289,10 +330,21 @@ class Recipe:
     def to_dict(self) -> dict:
         # asdict deep-copies model.kwargs: bound it first (a YAML alias chain would expand).
         check_kwargs(self.model.kwargs, "model.kwargs")
-        return dataclasses.asdict(self)
+        return _omit_defaults(self, dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _omit_defaults(section: Any, out: dict) -> dict:
+    """``out`` (``section`` as a dict) without the ``omit_default`` keys that hold their default."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if dataclasses.is_dataclass(value):
+            _omit_defaults(value, out[f.name])
+        elif f.metadata.get("omit_default") and value == f.default:
+            del out[f.name]
+    return out
 
 
 # ---------------------------------------------------------------------------------------------

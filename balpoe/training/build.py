@@ -28,7 +28,7 @@ from balpoe.errors import BalpoeError, NoRunToResume, RunExists, UnfinishedRun, 
 from balpoe.evaluate.build import ensemble_prior, evaluate_model, validation_metrics, write_run_report
 from balpoe.evaluate.report import print_report
 from balpoe.data.registry import get_dataset
-from balpoe.losses.build import build_criterion, expert_taus, get_loss
+from balpoe.losses.build import build_criterion, check_loss, expert_taus, get_loss_entry
 from balpoe.losses.priors import warn_unbalanced_tau
 from balpoe.models.build import build_model
 from balpoe.models.build import check_backbone
@@ -378,12 +378,14 @@ def resume_changes(recipe: dict, ckpt: dict, path: Path) -> dict[str, tuple]:
 
 def check_names(recipe: Recipe) -> None:
     """The recipe's registered names exist: ``data.dataset`` (:data:`balpoe.data.registry.DATASETS`),
-    ``loss.name`` (:data:`balpoe.losses.build.LOSSES`) and ``model.backbone`` (timm's registry); a
+    ``loss.name`` (:data:`balpoe.losses.build.LOSSES`; its keys and rules,
+    :func:`~balpoe.losses.build.check_loss`) and ``model.backbone`` (timm's registry); a
     RandAugment config string parses."""
     get_dataset(recipe.data.dataset)
     if recipe.data.augment.policy == "randaugment":
         parse_randaugment(recipe.data.augment.randaugment)
-    get_loss(recipe.loss.name)
+    get_loss_entry(recipe.loss.name)
+    check_loss(recipe)
     check_backbone(recipe.model.backbone)
 
 
