@@ -114,7 +114,15 @@ def _eval_arguments(e: argparse.ArgumentParser) -> None:
     s.add_argument("--labels-per-class", type=_positive_number, default=default.labels_per_class, metavar="K",
                    help="--adapt labelled: K*C labelled images drawn at random from each target set, i.e. K per "
                    f"class on average (default {default.labels_per_class:g})")
-    s.add_argument("--seed", type=_seed, default=default.seed, help="seed of user-prior subsets and labelled draws")
+    s.add_argument("--sade-epochs", type=_positive_int, default=default.sade_epochs, metavar="N",
+                   help=f"--adapt sade: epochs over each target set (default {default.sade_epochs}, as SADE)")
+    s.add_argument("--sade-batch-size", type=_positive_int, default=default.sade_batch_size, metavar="B",
+                   help=f"--adapt sade: images per step (default {default.sade_batch_size}, as SADE)")
+    s.add_argument("--sade-lr", type=_positive_number, default=None, metavar="LR",
+                   help="--adapt sade: SGD learning rate (default: SADE's official one for the dataset, else "
+                   "CIFAR-100-LT's 0.1)")
+    s.add_argument("--seed", type=_seed, default=default.seed,
+                   help="seed of user-prior subsets, labelled draws and --adapt sade's views")
     s.add_argument("--no-plots", action="store_true", help="no reliability diagrams")
     e.add_argument("--no-report", action="store_true",
                    help="do not rewrite report.html in the checkpoint's run directory")
@@ -240,6 +248,7 @@ def _eval(args) -> None:
     options = ShiftOptions(test_dists=args.test_dists, priors=args.prior, test_lists=args.test_list,
                            adapt=args.adapt or ShiftOptions.adapt, calibration=args.calibration,
                            estimator=args.estimator, source=args.source, labels_per_class=args.labels_per_class,
+                           sade_epochs=args.sade_epochs, sade_batch_size=args.sade_batch_size, sade_lr=args.sade_lr,
                            seed=args.seed)
     evaluate_shift(args.checkpoint, options, device=args.device, batch_size=args.batch_size,
                    overrides=args.overrides, out=args.out, plots=not args.no_plots, html_report=not args.no_report)

@@ -20,6 +20,12 @@ adapts the ensemble logits with one of the modes of :data:`~balpoe.shift.selecto
 * ``labelled``: a budget of ``k`` labels per class on average, i.e. ``k * C`` images drawn at
   random (seeded) from the target subset (:func:`~balpoe.shift.selector.labelled_split`);
   (1/T, tau') is fitted on them and the metrics are computed on the *remaining* images.
+* ``sade``: SADE's test-time self-supervised aggregation (Zhang et al., NeurIPS 2022): per target
+  subset, expert weights are learnt on its unlabelled images
+  (:func:`~balpoe.shift.aggregation.learn_aggregation_weights`, the official SGD settings of the
+  dataset, :data:`~balpoe.shift.aggregation.OFFICIAL_SGD`, else CIFAR-100's) and applied to the
+  cached per-expert logits of the subset.  The only mode that runs the model again (two augmented
+  views per image and epoch); it needs a multi-expert model and an in-memory dataset.
 
 The selector expects *balanced* ensemble logits.  A BalPoE ensemble with mean tau 1 (and a single
 logit-adjusted expert with tau 1) is balanced; any other model is balanced first by subtracting
@@ -30,6 +36,7 @@ for plain cross-entropy.  Without adaptation the model's own logits are scored, 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from pathlib import Path
@@ -47,7 +54,8 @@ from balpoe.runtime.files import check_output_path
 from balpoe.runtime.console import console
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.render import SHIFT_FILES, plot_targets, print_shift_report, write_reports
-from balpoe.shift.scoring import accuracy_curves, calibration_section, evaluate_targets
+from balpoe.shift.aggregation import OFFICIAL_SGD, learn_aggregation_weights
+from balpoe.shift.scoring import accuracy_curves, calibration_section, curve_label, evaluate_targets
 from balpoe.shift.selector import CALIBRATIONS, TauSelector, get_adapt_mode, get_estimator
 from balpoe.shift.targets import list_target_sets, parse_prior, parse_test_dists, prior_names, target_sets
 
@@ -64,7 +72,9 @@ class ShiftOptions:
     ``adapt``: a mode of :data:`~balpoe.shift.selector.ADAPT_MODES`; ``calibration`` and ``estimator``
     (:data:`~balpoe.shift.selector.ESTIMATORS`) of the unlabelled mode; ``source`` of the calibration
     data (:data:`~balpoe.evaluate.build.SOURCES`); ``labels_per_class`` of the labelled mode;
-    ``seed`` of user-prior subsets and labelled draws."""
+    ``sade_epochs``, ``sade_batch_size`` and ``sade_lr`` of the sade mode (None: the official lr of
+    the dataset, :func:`sade_settings`); ``seed`` of user-prior subsets, labelled draws and the sade
+    mode's views."""
     test_dists: str | Sequence[str] | None = None
     priors: str | Sequence[str] | None = None
     test_lists: str | Path | Sequence[str | Path] | None = None
@@ -73,6 +83,9 @@ class ShiftOptions:
     estimator: str = "1d"
     source: str = "auto"
     labels_per_class: float = 5
+    sade_epochs: int = 5
+    sade_batch_size: int = 128
+    sade_lr: float | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -83,8 +96,42 @@ class ShiftOptions:
         k = self.labels_per_class
         if isinstance(k, bool) or not isinstance(k, (int, float)) or not math.isfinite(k) or k <= 0:
             raise BalpoeError(f"labels per class must be a finite number > 0, got {k!r}")
+        for name in ("sade_epochs", "sade_batch_size"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise BalpoeError(f"{name.replace('_', ' ')} must be an integer >= 1, got {v!r}")
+        lr = self.sade_lr
+        if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr)
+                               or lr <= 0):
+            raise BalpoeError(f"sade lr must be a finite number > 0, got {lr!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2 ** 32:
             raise BalpoeError(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+
+
+def sade_settings(recipe, bundle, opt: ShiftOptions, path) -> dict[str, Any]:
+    """The sade mode's settings, checked before any forward pass: ``learn`` (keywords of
+    :func:`~balpoe.shift.aggregation.learn_aggregation_weights`) and ``report`` (what
+    ``shift_eval.json`` records).  SGD lr and weight decay: the official test-time config of the
+    dataset (:data:`~balpoe.shift.aggregation.OFFICIAL_SGD`), else CIFAR-100-LT's; ``opt.sade_lr``
+    replaces the lr.  Views: the dataset's training pad-and-crop and flip (no rotation or policy)."""
+    experts = recipe.model.num_experts
+    if experts < 2:
+        raise BalpoeError(f"adaptation mode 'sade' learns weights of at least 2 experts; checkpoint '{path}' has "
+                          f"num_experts {experts}")
+    if not bundle.in_memory:
+        raise BalpoeError(f"adaptation mode 'sade' needs an in-memory dataset (its views are made from the test "
+                          f"images in memory); {bundle.name} is read from image files")
+    official = recipe.data.dataset if recipe.data.dataset in OFFICIAL_SGD else "cifar100"
+    lr, weight_decay = OFFICIAL_SGD[official]
+    pipe = bundle.pipeline
+    learn = {"epochs": opt.sade_epochs, "batch_size": opt.sade_batch_size,
+             "lr": float(opt.sade_lr) if opt.sade_lr is not None else lr, "weight_decay": weight_decay,
+             "padding": pipe.padding if pipe is not None else 0, "flip": pipe.flip if pipe is not None else True}
+    defaults = inspect.signature(learn_aggregation_weights).parameters
+    report = {**learn, **{k: defaults[k].default for k in ("momentum", "nesterov", "min_weight")},
+              "sgd_config": f"official {official}" + ("" if official == recipe.data.dataset else
+                                                      f" (no official config for {recipe.data.dataset})")}
+    return {"learn": learn, "report": report}
 
 
 def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, device: str = "auto",
@@ -136,6 +183,8 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
     if need_source or opt.source != "auto":
         check_source(bundle, opt.source)  # fail before any forward pass
     taus, lam_model = ensemble_prior(recipe)
+    mode = get_adapt_mode(opt.adapt)
+    sade = sade_settings(recipe, bundle, opt, path) if mode.needs_images else None  # before any forward pass
     out_dir = check_outputs(create=True)
 
     # 1. the balanced test set, once
@@ -158,12 +207,19 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
                            estimator=opt.estimator)
     if opt.adapt == "unlabelled" and opt.calibration != "none":
         selector.fit_source(src.logits, src.labels, source_prior=src.prior)
-    adapted = {n: None for n in plot_targets(targets)} if get_adapt_mode(opt.adapt).adapts and plots else None
+    adapted = {n: None for n in plot_targets(targets)} if mode.adapts and plots else None
+    learn = None
+    if sade is not None:  # the aggregation weights of each target set, learnt on its images
+        def learn(t):
+            images = bundle.test.images[t.indices.to(bundle.test.images.device)]
+            return {"aggregation": learn_aggregation_weights(model, images, mean=bundle.mean, std=bundle.std,
+                                                             seed=opt.seed, device=dev, amp=recipe.train.amp,
+                                                             **sade["learn"])}
     start = time.perf_counter()
     rows = evaluate_targets(expert_logits, labels, counts, targets, adapt_mode=opt.adapt, selector=selector,
                             lam_model=lam_model, labels_per_class=opt.labels_per_class, seed=opt.seed,
                             many_threshold=many, few_threshold=few, keep=adapted,
-                            group_ranges=group_ranges(recipe.data))
+                            group_ranges=group_ranges(recipe.data), mode_inputs=learn)
     derive_s = time.perf_counter() - start
 
     # 4. accuracy across the protocol distributions for every mode that can run here (the report's plot)
@@ -175,6 +231,9 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
                                                     ).fit_source(src.logits, src.labels, source_prior=src.prior)
     curves = accuracy_curves(expert_logits, labels, counts, targets, curve_selectors, lam_model=lam_model,
                              labels_per_class=opt.labels_per_class, seed=opt.seed) if dists else None
+    if curves is not None and mode.needs_images:  # already evaluated above, not run again
+        curves["modes"][opt.adapt] = [rows[n]["acc"] for n in curves["distributions"]]
+        curves["labels"][opt.adapt] = curve_label(opt.adapt)
 
     report: dict[str, Any] = {
         "checkpoint": str(path), "epoch": ckpt["epoch"], "recipe": recipe.name,
@@ -183,6 +242,7 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
         "calibration": opt.calibration if opt.adapt == "unlabelled" else None,
         "estimator": opt.estimator if opt.adapt == "unlabelled" else None,
         "labels_per_class": opt.labels_per_class if opt.adapt == "labelled" else None, "seed": opt.seed,
+        "sade": sade["report"] if sade is not None else None,
         "forward_seconds": forward_s, "derive_seconds": derive_s, "n_test": int(labels.numel()),
         "source": None if src is None else {"kind": src.kind, "n": int(src.labels.numel()), "note": src.note,
                                             "forward_seconds": src.seconds},

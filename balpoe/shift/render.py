@@ -29,6 +29,8 @@ def _fmt(v: Any, digits: int = 2) -> str:
         return "–"
     if isinstance(v, float):
         return "nan" if math.isnan(v) else f"{v:.{digits}f}"
+    if isinstance(v, list):  # the sade mode's expert weights
+        return "/".join(_fmt(float(x), digits) for x in v)
     return str(v)
 
 
@@ -40,8 +42,9 @@ def _columns(report: dict, terminal: bool = False) -> list[tuple[str, str, int]]
                                                                   ("few", "few", 2)]
     cols = [("n", "n", 0), ("acc", "acc", 2), *groups, ("ece", "ECE", 2), ("nll", "NLL", 3)]
     if report["adapt"] != "none":
-        cols += [("acc_before", "acc0", 2), ("ece_before", "ECE0", 2), ("tau", "tau'", 3), ("tau_star", "tau*", 3),
-                 ("temperature", "T", 3)]
+        cols += [("acc_before", "acc0", 2), ("ece_before", "ECE0", 2)]
+        cols += [("weights", "weights", 2)] if report.get("sade") else \
+            [("tau", "tau'", 3), ("tau_star", "tau*", 3), ("temperature", "T", 3)]
     return cols
 
 
@@ -65,7 +68,21 @@ def _adapt_line(report: dict) -> str:
     if a == "labelled":
         return (f"labelled: {report['labels_per_class']:g} labels per class on average (k*C images drawn at random "
                 f"from each target set, seed {report['seed']}); metrics on the remaining images")
+    if a == "sade":
+        c = report["sade"]
+        views = (f"pad-crop {c['padding']}" if c["padding"] else "no crop") + (" + flip" if c["flip"] else "")
+        return (f"SADE test-time aggregation: expert weights learnt on each target set's unlabelled images "
+                f"({c['epochs']} epochs, batch {c['batch_size']}, SGD lr {c['lr']:g}, weight decay "
+                f"{c['weight_decay']:g}, {c['sgd_config']}; views {views}; seed {report['seed']})")
     return ADAPT_MODES[a].help if a in ADAPT_MODES else a
+
+
+def _columns_note(report: dict) -> str:
+    if report.get("sade"):
+        return ("acc0 / ECE0: the same images with the model's own ensemble (equal weights); weights: the learnt "
+                "expert weights")
+    return ("acc0 / ECE0: the same images without adaptation; tau': the selector's tau' (1 - lambda); "
+            "tau*: tau' of the KL projection of the true class frequencies on pi^lambda; T: temperature")
 
 
 def print_shift_report(report: dict, console) -> None:
@@ -83,12 +100,10 @@ def print_shift_report(report: dict, console) -> None:
     console.print(table)
     console.print(_adapt_line(report))
     if report["adapt"] != "none":
-        console.print("acc0 / ECE0: the same images without adaptation; tau': the selector's tau' (1 - lambda); "
-                      "tau*: tau' of the KL projection of the true class frequencies on pi^lambda; T: temperature; "
-                      "many / medium / few of each distribution: shift_eval.md")
+        console.print(f"{_columns_note(report)}; many / medium / few of each distribution: shift_eval.md")
+    derived = "derived by indexing" if not report.get("sade") else "derived by indexing (with the weights learnt)"
     console.print(f"test logits computed once: {report['n_test']} images, forward {report['forward_seconds']:.2f} s; "
-                  f"all {len(report['distributions'])} distributions derived by indexing in "
-                  f"{report['derive_seconds']:.2f} s")
+                  f"all {len(report['distributions'])} distributions {derived} in {report['derive_seconds']:.2f} s")
     if report["logit_prior_exponent"]:
         console.print(f"[yellow]the model's logits carry pi_train^{report['logit_prior_exponent']:.3g}; "
                       "they are balanced before adaptation[/yellow]")
@@ -124,6 +139,10 @@ def markdown_report(report: dict) -> str:
               "acc0 / ECE0: the same images without adaptation. tau': the selector's choice (1 - lambda); "
               "tau*: tau' of the KL projection of the target set's class frequencies on the family "
               "pi_train^(1-tau'); T: the temperature dividing the logits."]
+    if report.get("sade"):
+        lines += ["", "SADE aggregation: acc0 / ECE0 are the model's own ensemble (equal expert weights); weights: "
+                  "the expert weights learnt on each target set's unlabelled images (per-epoch objective and "
+                  "weights in shift_eval.json)."]
     c = report.get("post_hoc_calibration")
     if c:
         lines += ["", "## Post-hoc calibration (balanced test set)", "",

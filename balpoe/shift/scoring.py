@@ -7,7 +7,7 @@ indexing the balanced test set's logits gives the numbers of a separate forward 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +25,8 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
                      *, adapt_mode: str = "none", selector: TauSelector | None = None, lam_model: float = 0.0,
                      labels_per_class: float = 5, seed: int = 0, many_threshold: int = 100,
                      few_threshold: int = 20, keep: dict[str, Any] | None = None,
-                     group_ranges=None) -> dict[str, dict[str, Any]]:
+                     group_ranges=None, mode_inputs: Callable[[TargetSet], dict] | None = None
+                     ) -> dict[str, dict[str, Any]]:
     """Metrics of every target set, by indexing the cached logits ``[E, N, C]``.
 
     Each row: n, acc, many/medium/few, ece, mce, nll, brier of the logits of the adaptation mode
@@ -34,7 +35,11 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
     with adaptation also ``acc_before`` / ``ece_before`` / ``nll_before`` (no adaptation, same
     images), ``tau`` (tau' chosen), ``tau_star`` (tau' of the KL projection of the subset's class
     frequencies on the family pi^lambda), ``temperature``, ``seconds`` (the adaptation's wall time).
-    ``keep``: a dict whose keys name target sets; their evaluated (logits, labels) are stored in it."""
+    ``keep``: a dict whose keys name target sets; their evaluated (logits, labels) are stored in it.
+    ``mode_inputs(target)``: more keywords of the mode's ``run`` for that target set, made inside the
+    timed part (the ``sade`` mode's ``aggregation``, learnt on the set's images); the set's per-expert
+    logits are passed to every mode as ``expert_logits``.  A mode's ``info["aggregation"]`` (sade:
+    ``weights``, ``objective``, ``epochs``, ``stopped_early``) is added to the row."""
     mode = get_adapt_mode(adapt_mode)
     ens = MultiExpertNet.ensemble(expert_logits)
     num_classes = ens.shape[1]
@@ -49,8 +54,10 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
         q_emp = empirical_prior(y, num_classes)
         tau_star = selector.best_tau(q_emp)
         start = time.perf_counter()
+        extra = mode_inputs(t) if mode_inputs is not None else {}
         res, rest = mode.run(selector, balance_logits(z, counts, lam_model) if mode.adapts else z, y,
-                             labels_per_class=labels_per_class, seed=seed)
+                             labels_per_class=labels_per_class, seed=seed, expert_logits=expert_logits[:, idx],
+                             **extra)
         seconds = time.perf_counter() - start
         y_eval = y if rest is None else y[rest]
         z_eval = z if rest is None else z[rest]
@@ -61,7 +68,10 @@ def evaluate_targets(expert_logits: torch.Tensor, labels: torch.Tensor, class_co
                                            group_ranges=group_ranges)
             row.update({"acc_before": before["acc"], "ece_before": before["ece"], "nll_before": before["nll"],
                         "tau": res.tau, "tau_star": tau_star, "temperature": res.temperature,
-                        "seconds": seconds, "prior_used": [float(p) for p in res.prior]})
+                        "seconds": seconds})
+            if res.prior is not None:
+                row["prior_used"] = [float(p) for p in res.prior]
+            row.update(res.info.get("aggregation", {}))
             if rest is not None:
                 row["n_labelled"] = int(len(y) - len(rest))
             if "tau_effective" in res.info:
@@ -109,6 +119,12 @@ def accuracy_curves(expert_logits: torch.Tensor, labels: torch.Tensor, class_cou
             modes[mode] = [rows[n]["acc"] for n in names]
         except BalpoeError:
             modes[mode] = [None] * len(names)
-    labels_ = {"none": "no adaptation", "known": "oracle prior (known q)", "unlabelled": "unlabelled (tau selector)",
-               "labelled": f"labelled ({labels_per_class:g} labels/class)"}
-    return {"distributions": names, "modes": modes, "labels": {m: labels_.get(m, m) for m in modes}}
+    return {"distributions": names, "modes": modes, "labels": {m: curve_label(m, labels_per_class) for m in modes}}
+
+
+def curve_label(mode: str, labels_per_class: float = 5) -> str:
+    """The legend entry of an adaptation mode in the report's label-shift plot."""
+    labels = {"none": "no adaptation", "known": "oracle prior (known q)", "unlabelled": "unlabelled (tau selector)",
+              "labelled": f"labelled ({labels_per_class:g} labels/class)",
+              "sade": "SADE aggregation (learnt per target set)"}
+    return labels.get(mode, mode)

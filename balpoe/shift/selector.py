@@ -10,11 +10,14 @@ distribution:
   2017; BCTS, Alexandari et al. 2020), estimate q by a 1-D maximum likelihood over lambda and by
   smoothed EM (Saerens et al. 2002) shrunk toward it.
 * ``labelled``: a small labelled target set: fit (beta = 1/T, lambda) jointly by NLL.
+* ``sade`` (registered here, not a selector method): SADE's expert weights learnt on each target
+  set's unlabelled images (:mod:`balpoe.shift.aggregation`, Zhang et al. 2022), applied to the
+  cached per-expert logits; the only mode that runs the model again (``needs_images``).
 
 Everything works on logits ``[N, C]``, so any number of experts (E = 1 included) is fine.
 
 Adaptation modes are entries of :data:`ADAPT_MODES`; to add one, register a function
-``run(selector, logits, labels, *, prior, labels_per_class, seed) -> (SelectorResult, rest)``
+``run(selector, logits, labels, *, prior, labels_per_class, seed, expert_logits) -> (SelectorResult, rest)``
 (``rest``: positions of the images the metrics are computed on, or None for all)::
 
     @register_adapt_mode("my_mode", "one line for the CLI help")
@@ -81,12 +84,13 @@ class SelectorResult:
 
     ``tau`` is the scalar tau' = 1 - lambda of the reported prior family member ``pi^lambda / Z``;
     ``prior`` (float64 [C]) is the target prior used (known), estimated (unlabelled) or fitted
-    (labelled, ``pi^lambda / Z``); ``temperature`` divides the logits (1 when not rescaled)."""
+    (labelled, ``pi^lambda / Z``); both None for a mode that chooses neither (sade);
+    ``temperature`` divides the logits (1 when not rescaled)."""
 
     logits: torch.Tensor
     mode: str
-    tau: float
-    prior: torch.Tensor
+    tau: float | None
+    prior: torch.Tensor | None
     temperature: float = 1.0
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -261,24 +265,28 @@ class TauSelector:
 
 @dataclass(frozen=True)
 class AdaptMode:
-    """An adaptation mode: ``run(selector, logits, labels, *, prior, labels_per_class, seed)``
-    returns ``(SelectorResult, rest)``; ``needs_source``: it needs a calibrated selector
-    (:meth:`TauSelector.fit_source`); ``adapts``: it adapts balanced logits (False: it scores the
-    model's own ensemble logits as they are, so the label-shift evaluation passes those, not
-    balanced, and reports no before / after columns)."""
+    """An adaptation mode: ``run(selector, logits, labels, *, prior, labels_per_class, seed,
+    expert_logits)`` returns ``(SelectorResult, rest)``; ``needs_source``: it needs a calibrated
+    selector (:meth:`TauSelector.fit_source`); ``adapts``: it adapts balanced logits (False: it scores
+    the model's own ensemble logits as they are, so the label-shift evaluation passes those, not
+    balanced, and reports no before / after columns); ``needs_images``: it runs the model again on
+    each target set's images (the label-shift evaluation passes ``aggregation``, learnt on them),
+    where every other mode works on the logits computed once."""
     run: Callable[..., tuple[SelectorResult, torch.LongTensor | None]]
     help: str
     needs_source: bool = False
     adapts: bool = True
+    needs_images: bool = False
 
 
 ADAPT_MODES: dict[str, AdaptMode] = {}
 
 
-def register_adapt_mode(name: str, help: str, needs_source: bool = False, adapts: bool = True):  # noqa: A002
+def register_adapt_mode(name: str, help: str, needs_source: bool = False, adapts: bool = True,  # noqa: A002
+                        needs_images: bool = False):
     """Decorator: add ``run`` to :data:`ADAPT_MODES` under ``name`` (:class:`AdaptMode`)."""
     def deco(run):
-        ADAPT_MODES[name] = AdaptMode(run, help, needs_source, adapts)
+        ADAPT_MODES[name] = AdaptMode(run, help, needs_source, adapts, needs_images)
         return run
     return deco
 
@@ -336,3 +344,14 @@ def _adapt_unlabelled(selector: TauSelector, logits, labels, **_):
 def _adapt_labelled(selector: TauSelector, logits, labels, *, labels_per_class: float = 5, seed: int = 0, **_):
     fit, rest = labelled_split(labels, labels_per_class, seed, logits.shape[1])
     return selector.labelled(logits[rest], logits[fit], labels[fit]), rest
+
+
+@register_adapt_mode("sade", "SADE test-time aggregation: expert weights learnt on each target set's unlabelled images "
+                     "by agreement of two augmented views (Zhang et al. 2022); the model runs again per set",
+                     needs_images=True)
+def _adapt_sade(selector: TauSelector, logits, labels, *, expert_logits=None, aggregation=None, **_):
+    if expert_logits is None or aggregation is None:
+        raise BalpoeError("adaptation mode 'sade' needs the target set's expert logits and the aggregation weights "
+                          "learnt on its images (balpoe.shift.aggregation.learn_aggregation_weights)")
+    return SelectorResult(aggregation.apply(expert_logits), "sade", None, None, 1.0,
+                          {"aggregation": aggregation.as_dict()}), None

@@ -265,7 +265,7 @@ def test_shift_options_hold_the_eval_defaults_and_refuse_bad_values_in_one_line(
     assert ShiftOptions() == ShiftOptions(test_dists=None, priors=None, test_lists=None, adapt="none",
                                           calibration="bcts", estimator="1d", source="auto", labels_per_class=5,
                                           seed=0)
-    for bad, message in [({"adapt": "guess"}, "adaptation mode must be one of none, known, unlabelled, labelled; "
+    for bad, message in [({"adapt": "guess"}, "adaptation mode must be one of none, known, unlabelled, labelled, sade; "
                                               "got 'guess'"),
                          ({"calibration": "platt"}, "calibration must be one of bcts, ts, none; got 'platt'"),
                          ({"estimator": "mle"}, "estimator must be one of 1d, em, auto; got 'mle'"),
