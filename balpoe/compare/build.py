@@ -172,7 +172,10 @@ def compare(files: Sequence[str], options: CompareOptions, out: str | Path, *, s
             if not finished:
                 train(recipe, folder, resume="auto", show_progress=show_progress, report=True)
             evaluation = _read_json(folder / "eval.json", "run results")
-            shift = {mode: evaluate_run(folder, seed, options, mode) for mode in options.adapt}
+            experts = len(evaluation.get("expert_acc", [])) or 1
+            # a mode that weighs experts does not apply to a one-expert run: its cells stay empty
+            shift = {mode: evaluate_run(folder, seed, options, mode) for mode in options.adapt
+                     if experts >= get_adapt_mode(mode).min_experts}
             runs[m.name][seed] = run_metrics(evaluation, shift)
             details[m.name][seed] = {"run": str(folder), "eval": evaluation, "shift": shift}
             result = {

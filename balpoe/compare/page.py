@@ -61,7 +61,7 @@ def figure_data(details: dict[str, dict[int, dict]], adapt: list[str]) -> dict:
             continue
         runs = list(seeds.values())
         curves[name] = {}
-        for mode in adapt:
+        for mode in (m for m in adapt if m in runs[0]["shift"]):
             dists = list(runs[0]["shift"][mode]["distributions"])
             curves[name][mode] = {"dists": dists, "acc": _mean_lists(
                 [[r["shift"][mode]["distributions"].get(d, {}).get("acc") for d in dists] for r in runs])}
@@ -84,10 +84,12 @@ def shift_figure(curves: dict, adapt: list[str]) -> bytes:
     axes = fig.subplots(1, len(adapt), sharey=True, squeeze=False)[0]
     for ax, mode in zip(axes, adapt):
         for i, (name, c) in enumerate(curves.items()):
+            if mode not in c:
+                continue
             d = c[mode]
             ax.plot(np.arange(len(d["dists"])), _nan(d["acc"]), color=COLOURS[i % len(COLOURS)], marker="o", ms=3.5,
                     lw=1.6, label=tex(name) if ax is axes[0] else None)
-        dists = next(iter(curves.values()))[mode]["dists"]
+        dists = next((c[mode]["dists"] for c in curves.values() if mode in c), [])
         ax.set_xticks(np.arange(len(dists)))
         ax.set_xticklabels([tex(x) for x in dists], rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
         if "uniform" in dists:

@@ -17,9 +17,9 @@ maximum (``r = reweight_factor``, l. 162-168), so rare classes get a lower tempe
 ``T_bar = mean_c T_c`` (l. 233-238).  Before it ``T_c = T`` for every class.
 
 Official constants (``model/loss.py`` l. 125-126): ``T = 1``, ``max_m = 0.5``, ``s = 30``,
-``lambda = -0.2``, ``r = 0.05``; the configs set ``lambda = -0.45`` for CIFAR-100-LT
-(``configs/config_imbalance_cifar100_ride.json`` l. 36) and ``r = 0.02`` / ``0.015`` for
-ImageNet-LT / iNaturalist, with ``drw_epoch`` 160 of 200 (CIFAR) or 80 of 100.  The loss is the
+``lambda = -0.2``, ``r = 0.05``; the CIFAR-100-LT config keeps ``lambda = -0.2``
+(``configs/config_imbalance_cifar100_ride.json`` l. 36, ``additional_diversity_factor``) and the
+ImageNet-LT / iNaturalist configs set ``r = 0.02`` / ``0.015``, with ``drw_epoch`` 160 of 200 (CIFAR) or 80 of 100.  The loss is the
 *sum* over experts, as the official code (not the mean): keep it in mind when comparing learning
 rates with the mean-over-experts losses.
 

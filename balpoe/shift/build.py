@@ -115,7 +115,7 @@ def sade_settings(recipe, bundle, opt: ShiftOptions, path) -> dict[str, Any]:
     dataset (:data:`~balpoe.shift.aggregation.OFFICIAL_SGD`), else CIFAR-100-LT's; ``opt.sade_lr``
     replaces the lr.  Views: the dataset's training pad-and-crop and flip (no rotation or policy)."""
     experts = recipe.model.num_experts
-    if experts < 2:
+    if experts < get_adapt_mode("sade").min_experts:
         raise BalpoeError(f"adaptation mode 'sade' learns weights of at least 2 experts; checkpoint '{path}' has "
                           f"num_experts {experts}")
     if not bundle.in_memory:

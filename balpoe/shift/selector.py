@@ -271,22 +271,24 @@ class AdaptMode:
     the model's own ensemble logits as they are, so the label-shift evaluation passes those, not
     balanced, and reports no before / after columns); ``needs_images``: it runs the model again on
     each target set's images (the label-shift evaluation passes ``aggregation``, learnt on them),
-    where every other mode works on the logits computed once."""
+    where every other mode works on the logits computed once; ``min_experts``: the fewest experts
+    a model needs for the mode to apply (2 for a mode that weighs experts)."""
     run: Callable[..., tuple[SelectorResult, torch.LongTensor | None]]
     help: str
     needs_source: bool = False
     adapts: bool = True
     needs_images: bool = False
+    min_experts: int = 1
 
 
 ADAPT_MODES: dict[str, AdaptMode] = {}
 
 
 def register_adapt_mode(name: str, help: str, needs_source: bool = False, adapts: bool = True,  # noqa: A002
-                        needs_images: bool = False):
+                        needs_images: bool = False, min_experts: int = 1):
     """Decorator: add ``run`` to :data:`ADAPT_MODES` under ``name`` (:class:`AdaptMode`)."""
     def deco(run):
-        ADAPT_MODES[name] = AdaptMode(run, help, needs_source, adapts, needs_images)
+        ADAPT_MODES[name] = AdaptMode(run, help, needs_source, adapts, needs_images, min_experts)
         return run
     return deco
 
@@ -348,7 +350,7 @@ def _adapt_labelled(selector: TauSelector, logits, labels, *, labels_per_class: 
 
 @register_adapt_mode("sade", "SADE test-time aggregation: expert weights learnt on each target set's unlabelled images "
                      "by agreement of two augmented views (Zhang et al. 2022); the model runs again per set",
-                     needs_images=True)
+                     needs_images=True, min_experts=2)
 def _adapt_sade(selector: TauSelector, logits, labels, *, expert_logits=None, aggregation=None, **_):
     if expert_logits is None or aggregation is None:
         raise BalpoeError("adaptation mode 'sade' needs the target set's expert logits and the aggregation weights "

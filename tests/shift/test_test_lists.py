@@ -14,7 +14,7 @@ from balpoe import recipe_from_dict, train
 from balpoe.cli import main
 from balpoe.data.bundle import ImageArrays
 from balpoe.errors import BalpoeError
-from balpoe.shift import build as shift_build
+from balpoe.evaluate import logits as logits_module
 from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.shift.distributions import protocol_subset_indices
 from balpoe.shift.targets import list_target_sets
@@ -53,8 +53,8 @@ def test_list_of_a_protocol_subset_scores_exactly_as_the_generated_subset(run, m
     random.Random(0).shuffle(shuffled)
     _write(tmp / "shuffled.txt", shuffled)
     calls = []
-    real = shift_build.collect_logits
-    monkeypatch.setattr(shift_build, "collect_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = logits_module.collect_logits   # the test forward pass of evaluate_shift (cached_logits)
+    monkeypatch.setattr(logits_module, "collect_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     for adapt in ("none", "known"):
         rep = evaluate_shift(ckpt, ShiftOptions(test_dists="backward5", test_lists=[official, tmp / "shuffled.txt"],
                                           adapt=adapt), out=tmp / f"out_{adapt}", plots=False, quiet=True, device="cpu")
