@@ -4,6 +4,7 @@ docstring).  Every input is checked before anything is trained or written."""
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -147,6 +148,25 @@ def evaluate_run(folder: Path, seed: int, options: CompareOptions, mode: str) ->
                           html_report=False, logits_cache=folder / LOGITS_CACHE)
 
 
+def evaluate_modes(folder: Path, seed: int, options: CompareOptions, *, experts: int) -> dict[str, dict]:
+    """The run's label-shift results of every mode that applies to it.  A mode that weighs experts
+    does not apply to a one-expert run, and a mode that runs the model on the images
+    (``needs_images``) is skipped with a one-line warning where the run's data cannot give them
+    (image files): their cells stay empty."""
+    shift = {}
+    for mode in options.adapt:
+        spec = get_adapt_mode(mode)
+        if experts < spec.min_experts:
+            continue
+        try:
+            shift[mode] = evaluate_run(folder, seed, options, mode)
+        except BalpoeError as e:
+            if not spec.needs_images:
+                raise
+            warnings.warn(f"{folder}: adaptation mode {mode!r} skipped: {e}", stacklevel=2)
+    return shift
+
+
 def compare(files: Sequence[str], options: CompareOptions, out: str | Path, *, show_progress: bool = True) -> dict:
     """``balpoe compare RECIPE... --out OUT``: every recipe x seed trained into
     ``OUT/runs/<name>/seed<N>`` (finished runs reused, interrupted ones continued), evaluated on the
@@ -172,11 +192,9 @@ def compare(files: Sequence[str], options: CompareOptions, out: str | Path, *, s
             if not finished:
                 train(recipe, folder, resume="auto", show_progress=show_progress, report=True)
             evaluation = _read_json(folder / "eval.json", "run results")
-            experts = len(evaluation.get("expert_acc", [])) or 1
-            # a mode that weighs experts does not apply to a one-expert run: its cells stay empty
-            shift = {mode: evaluate_run(folder, seed, options, mode) for mode in options.adapt
-                     if experts >= get_adapt_mode(mode).min_experts}
-            runs[m.name][seed] = run_metrics(evaluation, shift)
+            shift = evaluate_modes(folder, seed, options, experts=len(evaluation.get("expert_acc", [])) or 1)
+            row = run_metrics(evaluation, shift)
+            runs[m.name][seed] = {c: row.get(c) for c in columns}   # a mode that did not apply: None
             details[m.name][seed] = {"run": str(folder), "eval": evaluation, "shift": shift}
             result = {
                 "recipes": [{"name": x.name, "file": x.file, "stage1": x.stage1} for x in methods],

@@ -193,3 +193,35 @@ def test_cli_names_a_bad_baseline_and_a_repeated_name_in_one_line(two_recipes, t
     assert twice.returncode == 2 and twice.stderr.count("\n") == 1
     assert "are both named 'ce_like'" in twice.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_compare_on_an_image_folder_skips_only_what_needs_images_in_memory(tmp_path):
+    """A user's own image folder compares like the built-in data; SADE's aggregation, which needs the
+    test images in memory, is skipped for such runs with one warning each, not a failed comparison."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    root = tmp_path / "images"
+    for name, n in {"cat": 12, "dog": 6}.items():
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    files = []
+    for name, taus in (("one", [1.0]), ("two", [0.0, 2.0])):
+        files.append(_write(tmp_path / f"{name}.yaml", {
+            "name": name, "seed": 0,
+            "data": {"dataset": "image_folder", "train_root": str(root), "test_fraction": 0.34, "num_workers": 0,
+                     "image_size": 8, "in_memory": False, "many_threshold": 6, "few_threshold": 2},
+            "model": {"backbone": "small_cnn", "num_experts": len(taus), "split": "layer1",
+                      "kwargs": {"widths": [4, 8, 8]}},
+            "loss": {"tau": taus}, "optim": {"lr": 0.05, "batch_size": 4, "epochs": 1, "warmup_epochs": 0},
+            "train": {"eval_batch_size": 4, "threads": 1}}))
+    options = CompareOptions(seeds=[0], test_dists="forward2,uniform", adapt=["none", "sade"], device="cpu")
+    with pytest.warns(UserWarning, match=r"adaptation mode 'sade' skipped: adaptation mode 'sade' needs an "
+                                         r"in-memory dataset") as caught:
+        result = compare(files, options, tmp_path / "cmp", show_progress=False)
+    assert sum("skipped" in str(w.message) for w in caught) == 1          # the one-expert run does not try
+    assert result["complete"] is True
+    for name in ("one", "two"):
+        m = result["runs"][name]["0"]["metrics"]
+        assert m["shift_sade"] is None and m["shift_none"] is not None and m["bal_acc"] is not None
+    assert "| two | 1 |" in (tmp_path / "cmp" / "compare.md").read_text()
