@@ -291,7 +291,9 @@ def _compare(args) -> None:
     from balpoe.compare.build import CompareOptions, compare
     options = CompareOptions(seeds=args.seeds, overrides=args.overrides, test_dists=args.test_dists,
                              adapt=args.adapt, baseline=args.baseline, device=args.device)
-    compare(args.recipes, options, args.out, show_progress=not args.no_progress)
+    with warnings.catch_warnings():
+        warnings.showwarning = _one_line_warning   # a skipped mode, a failed run: one line each
+        compare(args.recipes, options, args.out, show_progress=not args.no_progress)
 
 
 COMMANDS = {"compare": _compare, "train": _train, "eval": _eval, "report": _report, "predict": _predict, "export": _export}

@@ -69,6 +69,11 @@ class BalpoeError(Exception):
     """A one-line, user-facing error (bad input, missing data, invalid recipe)."""
 
 
+class NotApplicable(BalpoeError):
+    """An option that does not apply to this model or these data (e.g. an adaptation mode that
+    weighs experts, on a one-expert model); a caller running many (``balpoe compare``) may skip it."""
+
+
 class RunExists(BalpoeError):
     """The output directory already holds a run (``last.pt``) and resuming was not asked for."""
 

@@ -8,20 +8,26 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from balpoe.compare.page import write_outputs
+from balpoe.compare.page import OUTPUTS, write_outputs
 from balpoe.compare.table import metric_columns, run_metrics, summarise
-from balpoe.errors import BalpoeError
-from balpoe.recipe import Recipe, flat_keys, load_recipe
-from balpoe.runtime.checkpoint import load_checkpoint
+from balpoe.errors import BalpoeError, NotApplicable
+from balpoe.evaluate.logits import file_digest
+from balpoe.recipe import Recipe, flat_keys, load_recipe, recipe_from_dict
+from balpoe.runtime.checkpoint import load_checkpoint, write_json
+from balpoe.runtime.device import resolve_device
 from balpoe.runtime.console import console
-from balpoe.runtime.files import ensure_writable_dir, parse_json, read_text
+from balpoe.runtime.files import RunLock, check_output_path, ensure_writable_dir, parse_json, read_text
 from balpoe.shift.build import ShiftOptions, evaluate_shift
 from balpoe.shift.selector import get_adapt_mode
 from balpoe.shift.targets import parse_test_dists
-from balpoe.training.build import RESUMABLE_KEYS, train
+from balpoe.training.build import train
+from balpoe.training.trainer import Diverged
 
-#: recipe keys a finished run may differ in and still be reused (where the data are, how fast it ran)
-BOOKKEEPING_KEYS = tuple(k for k in RESUMABLE_KEYS if not k.startswith("optim.") and k != "stage2.init_checkpoint")
+#: recipe keys a finished run may differ in and still be reused: where the data are, how fast it ran
+BOOKKEEPING_KEYS = ("data.root", "data.download", "data.num_workers", "train.device", "train.threads",
+                    "train.checkpoint_every", "train.eval_batch_size", "train.compile", "train.compile_mode")
+#: of those, what the evaluation of a reused run takes from ``--set`` (the data may have moved)
+LOCATION_KEYS = ("data.root", "data.download", "data.num_workers")
 
 LOGITS_CACHE = "test_logits.safetensors"
 
@@ -113,56 +119,64 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def check_finished_run(recipe: Recipe, folder: Path) -> bool:
-    """True when ``folder`` holds a finished run (``last.pt`` and ``eval.json``) of ``recipe``; a
-    finished run of another recipe (a key other than :data:`BOOKKEEPING_KEYS` differs) is a one-line
-    error, never silently reused."""
+    """True when ``folder`` holds a finished run (``last.pt`` at the last epoch, or stopped early,
+    and ``eval.json``) of ``recipe``.  A finished run of another recipe (a key other than
+    :data:`BOOKKEEPING_KEYS` differs, keys at their defaults included), or a stage-2 run older than
+    the stage-1 checkpoint it starts from, is a one-line error, never silently reused."""
     last = folder / "last.pt"
     if not (last.is_file() and (folder / "eval.json").is_file()):
         return False
     ckpt = load_checkpoint(last)
-    was, now = flat_keys(ckpt["recipe"]), flat_keys(recipe.to_dict())
+    was, now = flat_keys(recipe_from_dict(ckpt["recipe"]).to_dict()), flat_keys(recipe.to_dict())
     skip = ("model.", "loss.") if recipe.stage == 2 else ()  # stage 2 takes them from its stage-1 checkpoint
-    for key, value in now.items():
+    for key in sorted(set(was) | set(now)):
         if key in BOOKKEEPING_KEYS or key.startswith(skip) or key == "stage2.init_checkpoint":
             continue
-        if key in was and was[key] != value:
-            raise BalpoeError(f"compare: '{folder}' holds a finished run with recipe key '{key}' {was[key]!r}, "
-                              f"not {value!r}; write the comparison elsewhere, or remove that folder to train it again")
-    if ckpt["epoch"] < recipe.optim.epochs:
-        return False  # a longer schedule: continued from its last checkpoint
-    return True
+        if was.get(key) != now.get(key):
+            raise BalpoeError(f"compare: '{folder}' holds a finished run with recipe key '{key}' {was.get(key)!r}, "
+                              f"not {now.get(key)!r}; write the comparison elsewhere, or remove that folder to train "
+                              "it again")
+    init = Path(recipe.stage2.init_checkpoint) if recipe.stage == 2 and recipe.stage2.init_checkpoint else None
+    if init is not None and init.is_file() and init.stat().st_mtime > last.stat().st_mtime:
+        raise BalpoeError(f"compare: the stage-1 checkpoint '{init}' is newer than the finished stage-2 run "
+                          f"'{folder}' that starts from it; remove that folder to train it again")
+    stopped = bool((ckpt.get("selection") or {}).get("stopped"))
+    return stopped or ckpt["epoch"] >= recipe.optim.epochs  # else: a longer schedule, continued
 
 
-def evaluate_run(folder: Path, seed: int, options: CompareOptions, mode: str) -> dict:
-    """The run's ``shift/<mode>/shift_eval.json`` (reused when it holds the requested
-    distributions and is newer than the checkpoint); the test logits come from the run's cache."""
+def evaluate_run(folder: Path, seed: int, options: CompareOptions, mode: str, digest: str) -> dict:
+    """The run's ``shift/<mode>/shift_eval.json``, reused when ``compared.json`` beside it records
+    this checkpoint (``digest``), these distributions and this seed; the test logits come from the
+    run's cache.  Returns it with the requested distributions only."""
     out = folder / "shift" / mode
-    done = out / "shift_eval.json"
+    done, key_file = out / "shift_eval.json", out / "compared.json"
     wanted = parse_test_dists(options.test_dists)
-    if done.is_file() and done.stat().st_mtime >= (folder / "last.pt").stat().st_mtime:
+    key = {"checkpoint_sha256": digest, "test_dists": wanted, "seed": seed}
+    rep = None
+    if done.is_file() and key_file.is_file() and _read_json(key_file, "comparison key") == key:
         rep = _read_json(done, "label-shift results")
-        if set(wanted) <= set(rep.get("distributions", {})) and rep.get("seed") == seed:
-            return rep
-    opts = ShiftOptions(test_dists=options.test_dists, adapt=mode, seed=seed)
-    return evaluate_shift(folder / "last.pt", opts, device=options.device, out=out, plots=False, quiet=True,
-                          html_report=False, logits_cache=folder / LOGITS_CACHE)
+    if rep is None or not set(wanted) <= set(rep.get("distributions", {})):
+        location = [o for o in options.overrides if o.split("=", 1)[0].strip() in LOCATION_KEYS]
+        rep = evaluate_shift(folder / "last.pt", ShiftOptions(test_dists=options.test_dists, adapt=mode, seed=seed),
+                             device=options.device, overrides=location, out=out, plots=False, quiet=True,
+                             html_report=False, logits_cache=folder / LOGITS_CACHE)
+        write_json(key, key_file)
+    return {**rep, "distributions": {d: rep["distributions"][d] for d in wanted}}
 
 
 def evaluate_modes(folder: Path, seed: int, options: CompareOptions, *, experts: int) -> dict[str, dict]:
     """The run's label-shift results of every mode that applies to it.  A mode that weighs experts
-    does not apply to a one-expert run, and a mode that runs the model on the images
-    (``needs_images``) is skipped with a one-line warning where the run's data cannot give them
-    (image files): their cells stay empty."""
+    does not apply to a one-expert run, and one that does not apply to the run's data
+    (:class:`~balpoe.errors.NotApplicable`, e.g. SADE's aggregation on image files) is skipped with a
+    one-line warning: their cells stay empty."""
     shift = {}
+    digest = file_digest(folder / "last.pt")
     for mode in options.adapt:
-        spec = get_adapt_mode(mode)
-        if experts < spec.min_experts:
+        if experts < get_adapt_mode(mode).min_experts:
             continue
         try:
-            shift[mode] = evaluate_run(folder, seed, options, mode)
-        except BalpoeError as e:
-            if not spec.needs_images:
-                raise
+            shift[mode] = evaluate_run(folder, seed, options, mode, digest)
+        except NotApplicable as e:
             warnings.warn(f"{folder}: adaptation mode {mode!r} skipped: {e}", stacklevel=2)
     return shift
 
@@ -175,10 +189,22 @@ def compare(files: Sequence[str], options: CompareOptions, out: str | Path, *, s
     interrupted comparison shows what it has).  Returns the ``compare.json`` dict."""
     out = Path(out)
     methods = plan_methods(files, options, out)  # every recipe checked before anything is written
+    resolve_device(options.device, what="evaluation device")
+    for name in OUTPUTS:
+        check_output_path(out / name, "comparison output", inputs=files, create=False)
     ensure_writable_dir(out, "comparison output directory")
+    lock = RunLock(out).acquire()  # one comparison per folder (each run folder has its own lock too)
+    try:
+        return _compare(methods, options, out, show_progress)
+    finally:
+        lock.release()
+
+
+def _compare(methods: list[Method], options: CompareOptions, out: Path, show_progress: bool) -> dict:
     columns = list(metric_columns(list(options.adapt)))
     runs: dict[str, dict[int, dict]] = {m.name: {} for m in methods}
     details: dict[str, dict[int, dict]] = {m.name: {} for m in methods}
+    failed: dict[str, dict[str, str]] = {}
     total, done = len(methods) * len(options.seeds), 0
     result: dict = {}
     for m in methods:
@@ -186,22 +212,37 @@ def compare(files: Sequence[str], options: CompareOptions, out: str | Path, *, s
             done += 1
             folder = run_folder(out, m.name, seed)
             recipe = m.recipes[seed]
-            finished = check_finished_run(recipe, folder)
-            console.rule(f"[{done}/{total}] {m.name}, seed {seed}: " + ("finished, reused" if finished else
-                                                                        f"training into {folder}"))
-            if not finished:
-                train(recipe, folder, resume="auto", show_progress=show_progress, report=True)
-            evaluation = _read_json(folder / "eval.json", "run results")
-            shift = evaluate_modes(folder, seed, options, experts=len(evaluation.get("expert_acc", [])) or 1)
-            row = run_metrics(evaluation, shift)
-            runs[m.name][seed] = {c: row.get(c) for c in columns}   # a mode that did not apply: None
-            details[m.name][seed] = {"run": str(folder), "eval": evaluation, "shift": shift}
+            # 1. train the run unless a finished run of this recipe is there (a diverged run, or a
+            #    stage 2 whose stage 1 diverged, is recorded and the comparison goes on)
+            upstream = failed.get(m.stage1, {}).get(str(seed)) if m.stage1 else None
+            finished = upstream is None and check_finished_run(recipe, folder)
+            console.rule(f"[{done}/{total}] {m.name}, seed {seed}: " + (
+                "finished, reused" if finished else "not trained: its stage 1 failed" if upstream else
+                f"training into {folder}"))
+            error = f"stage 1 ({m.stage1}) failed: {upstream}" if upstream else None
+            if not finished and error is None:
+                try:
+                    train(recipe, folder, resume="auto", show_progress=show_progress, report=True)
+                except Diverged as e:
+                    error = str(e)
+            if error is not None:
+                warnings.warn(f"{m.name}, seed {seed}: {error}", stacklevel=2)
+                failed.setdefault(m.name, {})[str(seed)] = error
+                runs[m.name][seed] = {c: None for c in columns}
+            else:
+                # 2. evaluate it: the balanced test set (eval.json), every mode on every distribution
+                evaluation = _read_json(folder / "eval.json", "run results")
+                shift = evaluate_modes(folder, seed, options, experts=len(evaluation.get("expert_acc", [])) or 1)
+                row = run_metrics(evaluation, shift)
+                runs[m.name][seed] = {c: row.get(c) for c in columns}   # a mode that did not apply: None
+                details[m.name][seed] = {"run": str(folder), "eval": evaluation, "shift": shift}
+            # 3. the summary so far: compare.json / .md / .html
             result = {
                 "recipes": [{"name": x.name, "file": x.file, "stage1": x.stage1} for x in methods],
                 "seeds": list(options.seeds), "overrides": list(options.overrides),
                 "test_dists": options.test_dists, "adapt": list(options.adapt), "baseline": options.baseline,
-                "columns": columns, "complete": done == total,
-                "runs": {name: {str(s): {"run": details[name][s]["run"], "metrics": r} for s, r in seeds.items()}
+                "columns": columns, "complete": done == total, "failed": failed,
+                "runs": {name: {str(s): {"run": str(run_folder(out, name, s)), "metrics": r} for s, r in seeds.items()}
                          for name, seeds in runs.items()},
                 **summarise(runs, columns, options.baseline),
             }

@@ -61,10 +61,12 @@ def figure_data(details: dict[str, dict[int, dict]], adapt: list[str]) -> dict:
             continue
         runs = list(seeds.values())
         curves[name] = {}
-        for mode in (m for m in adapt if m in runs[0]["shift"]):
-            dists = list(runs[0]["shift"][mode]["distributions"])
-            curves[name][mode] = {"dists": dists, "acc": _mean_lists(
-                [[r["shift"][mode]["distributions"].get(d, {}).get("acc") for d in dists] for r in runs])}
+        for mode in adapt:
+            with_mode = [r["shift"][mode]["distributions"] for r in runs if mode in r["shift"]]
+            if with_mode:
+                dists = list(with_mode[0])
+                curves[name][mode] = {"dists": dists, "acc": _mean_lists(
+                    [[rows.get(d, {}).get("acc") for d in dists] for rows in with_mode])}
         analyses = [r["eval"].get("analysis") or {} for r in runs]
         if all("per_class_acc" in a for a in analyses):
             per_class[name] = {"class_counts": analyses[0]["class_counts"],
@@ -82,13 +84,15 @@ def shift_figure(curves: dict, adapt: list[str]) -> bytes:
     """Accuracy against the test label distribution, one line per method, one panel per mode."""
     fig = _figure(max(6.0, 5.2 * len(adapt)), 4.4)
     axes = fig.subplots(1, len(adapt), sharey=True, squeeze=False)[0]
+    labelled: set[str] = set()     # each method once in the legend, from the first panel that draws it
     for ax, mode in zip(axes, adapt):
         for i, (name, c) in enumerate(curves.items()):
             if mode not in c:
                 continue
             d = c[mode]
             ax.plot(np.arange(len(d["dists"])), _nan(d["acc"]), color=COLOURS[i % len(COLOURS)], marker="o", ms=3.5,
-                    lw=1.6, label=tex(name) if ax is axes[0] else None)
+                    lw=1.6, label=None if name in labelled else tex(name))
+            labelled.add(name)
         dists = next((c[mode]["dists"] for c in curves.values() if mode in c), [])
         ax.set_xticks(np.arange(len(dists)))
         ax.set_xticklabels([tex(x) for x in dists], rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
@@ -157,6 +161,8 @@ def markdown(result: dict) -> str:
     if result["paired"]:
         text += ["", f"## Paired difference against {result['baseline']} (same seed): mean ± standard error", "",
                  table(*_rows(result, paired=True))]
+    for name, seeds in result.get("failed", {}).items():
+        text += ["", f"Failed: {name}, " + "; ".join(f"seed {s}: {e}" for s, e in seeds.items()) + " (empty cells)."]
     if not result["complete"]:
         text += ["", "Incomplete: some runs have not finished yet (run the same command again to continue)."]
     return "\n".join(text) + "\n"
@@ -176,6 +182,9 @@ def html_page(result: dict, figures: dict) -> str:
                   "± its standard error (positive: higher than the baseline).</p>",
                   _table(*[[_e(h) for h in x] if i == 0 else [[_e(c) for c in r] for r in x]
                            for i, x in enumerate(_rows(result, paired=True))])]
+    for name, seeds in result.get("failed", {}).items():
+        parts.append(f'<p class="note">Failed: {_e(name)}, ' + "; ".join(f"seed {_e(s)}: {_e(e)}" for s, e in seeds.items())
+                     + " (empty cells).</p>")
     if not result["complete"]:
         parts.append('<p class="note">Incomplete: some runs have not finished yet.</p>')
     if figures["curves"]:

@@ -43,7 +43,9 @@ def cached_logits(model: torch.nn.Module, loader, device: torch.device | str, am
         try:
             with safe_open(str(cache), framework="pt") as f:
                 if (f.metadata() or {}).get("key") == key:
-                    return f.get_tensor("expert_logits"), f.get_tensor("labels"), 0.0
+                    logits, labels = f.get_tensor("expert_logits"), f.get_tensor("labels")
+                    if logits.dim() == 3 and labels.dim() == 1 and logits.shape[1] == labels.numel():
+                        return logits, labels, 0.0
         except (SafetensorError, OSError, KeyError):
             pass  # unreadable or incomplete: computed again below
     start = time.perf_counter()

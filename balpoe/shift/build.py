@@ -44,7 +44,7 @@ from typing import Any, Sequence
 
 from balpoe.data.build import build_loader
 from balpoe.data.image_list import find_list_file
-from balpoe.errors import BalpoeError, check_choice
+from balpoe.errors import BalpoeError, NotApplicable, check_choice
 from balpoe.evaluate.build import (SOURCES, check_run_report, check_source, ensemble_prior, group_ranges,
                                    load_for_eval, print_data_location, source_logits, write_run_report)
 from balpoe.evaluate.logits import cached_logits, file_digest
@@ -116,10 +116,10 @@ def sade_settings(recipe, bundle, opt: ShiftOptions, path) -> dict[str, Any]:
     replaces the lr.  Views: the dataset's training pad-and-crop and flip (no rotation or policy)."""
     experts = recipe.model.num_experts
     if experts < get_adapt_mode("sade").min_experts:
-        raise BalpoeError(f"adaptation mode 'sade' learns weights of at least 2 experts; checkpoint '{path}' has "
+        raise NotApplicable(f"adaptation mode 'sade' learns weights of at least 2 experts; checkpoint '{path}' has "
                           f"num_experts {experts}")
     if not bundle.in_memory:
-        raise BalpoeError(f"adaptation mode 'sade' needs an in-memory dataset (its views are made from the test "
+        raise NotApplicable(f"adaptation mode 'sade' needs an in-memory dataset (its views are made from the test "
                           f"images in memory); {bundle.name} is read from image files")
     official = recipe.data.dataset if recipe.data.dataset in OFFICIAL_SGD else "cifar100"
     lr, weight_decay = OFFICIAL_SGD[official]
@@ -189,7 +189,8 @@ def evaluate_shift(path: str | Path, options: ShiftOptions | None = None, *, dev
 
     # 1. the balanced test set, once
     loader = build_loader(bundle, "test", recipe.train.eval_batch_size, recipe.data, train=False)
-    key = None if logits_cache is None else f"{file_digest(path)} {json_text(recipe.to_dict()['data'], None)}"
+    key = None if logits_cache is None else \
+        f"{file_digest(path)} {dev.type} amp={recipe.train.amp} {json_text(recipe.to_dict()['data'], None)}"
     expert_logits, labels, forward_s = cached_logits(model, loader, dev, recipe.train.amp, logits_cache, key)
     targets = {**target_sets(labels, counts, dists, prior_vecs, seed=opt.seed), **listed}
     many, few = recipe.data.many_threshold, recipe.data.few_threshold

@@ -175,6 +175,15 @@ def test_compare_end_to_end_interrupted_and_continued(two_recipes, tmp_path, mon
     md = (out / "compare.md").read_text()
     assert "| poe | 2 |" in md and "Paired difference against ce_like" in md
 
+    # other distributions: evaluated again from the cached logits, averaged over those asked for only
+    only = compare(two_recipes, CompareOptions(seeds=[3, 4], test_dists="uniform", adapt=["none"], device="cpu"),
+                   out, show_progress=False)
+    for name in ("ce_like", "poe"):
+        for s in (3, 4):
+            rows = json.loads((out / "runs" / name / f"seed{s}" / "shift" / "none" / "shift_eval.json").read_text())
+            assert list(rows["distributions"]) == ["uniform"]
+            assert only["runs"][name][str(s)]["metrics"]["shift_none"] == rows["distributions"]["uniform"]["acc"]
+
     # a finished run is never silently reused for another recipe
     changed = _recipe(Path(yaml.safe_load(Path(two_recipes[1]).read_text())["data"]["root"]), "poe", [0.0, 2.0])
     changed["optim"]["lr"] = 0.01
@@ -225,3 +234,19 @@ def test_compare_on_an_image_folder_skips_only_what_needs_images_in_memory(tmp_p
         m = result["runs"][name]["0"]["metrics"]
         assert m["shift_sade"] is None and m["shift_none"] is not None and m["bal_acc"] is not None
     assert "| two | 1 |" in (tmp_path / "cmp" / "compare.md").read_text()
+
+
+def test_a_diverged_run_is_recorded_and_the_comparison_goes_on(two_recipes, tmp_path, monkeypatch):
+    import balpoe.compare.build as compare_build
+    from balpoe.training.trainer import Diverged
+
+    def diverge(recipe, folder, **kwargs):
+        raise Diverged(0, 3)
+    monkeypatch.setattr(compare_build, "train", diverge)
+    out = tmp_path / "cmp"
+    with pytest.warns(UserWarning, match=r"ce_like, seed 1: training diverged: non-finite loss in epoch 1 by step 3"):
+        result = compare(two_recipes[:1], CompareOptions(seeds=[1], device="cpu"), out, show_progress=False)
+    assert result["complete"] is True
+    assert result["failed"] == {"ce_like": {"1": "training diverged: non-finite loss in epoch 1 by step 3"}}
+    assert result["summary"]["ce_like"]["bal_acc"] == {"mean": None, "std": None, "n": 0, "values": {"1": None}}
+    assert "Failed: ce_like, seed 1: training diverged" in (out / "compare.md").read_text()
