@@ -292,7 +292,8 @@ def _compare(args) -> None:
     options = CompareOptions(seeds=args.seeds, overrides=args.overrides, test_dists=args.test_dists,
                              adapt=args.adapt, baseline=args.baseline, device=args.device)
     with warnings.catch_warnings():
-        warnings.showwarning = _one_line_warning   # a skipped mode, a failed run: one line each
+        warnings.showwarning = _one_line_warning   # one line each, and a message repeated run after run once
+        warnings.filterwarnings("once", category=UserWarning, module="balpoe")
         compare(args.recipes, options, args.out, show_progress=not args.no_progress)
 
 

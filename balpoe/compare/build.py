@@ -11,6 +11,7 @@ from typing import Sequence
 from balpoe.compare.page import OUTPUTS, write_outputs
 from balpoe.compare.table import metric_columns, run_metrics, summarise
 from balpoe.errors import BalpoeError, NotApplicable
+from balpoe.evaluate.build import ensemble_prior
 from balpoe.evaluate.logits import file_digest
 from balpoe.recipe import Recipe, flat_keys, load_recipe, recipe_from_dict
 from balpoe.runtime.checkpoint import load_checkpoint, write_json
@@ -144,9 +145,10 @@ def check_finished_run(recipe: Recipe, folder: Path) -> bool:
     return stopped or ckpt["epoch"] >= recipe.optim.epochs  # else: a longer schedule, continued
 
 
-def evaluate_run(folder: Path, seed: int, options: CompareOptions, mode: str, digest: str) -> dict:
+def evaluate_run(folder: Path, seed: int, options: CompareOptions, mode: str, digest: str, lam_model: float) -> dict:
     """The run's ``shift/<mode>/shift_eval.json``, reused when ``compared.json`` beside it records
-    this checkpoint (``digest``), these distributions and this seed; the test logits come from the
+    this checkpoint (``digest``), these distributions and this seed, and it balanced the logits with
+    this ``lam_model`` (:func:`~balpoe.evaluate.build.ensemble_prior`); the test logits come from the
     run's cache.  Returns it with the requested distributions only."""
     out = folder / "shift" / mode
     done, key_file = out / "shift_eval.json", out / "compared.json"
@@ -155,7 +157,8 @@ def evaluate_run(folder: Path, seed: int, options: CompareOptions, mode: str, di
     rep = None
     if done.is_file() and key_file.is_file() and _read_json(key_file, "comparison key") == key:
         rep = _read_json(done, "label-shift results")
-    if rep is None or not set(wanted) <= set(rep.get("distributions", {})):
+    if rep is None or not set(wanted) <= set(rep.get("distributions", {})) or \
+            rep.get("logit_prior_exponent") != lam_model:
         location = [o for o in options.overrides if o.split("=", 1)[0].strip() in LOCATION_KEYS]
         rep = evaluate_shift(folder / "last.pt", ShiftOptions(test_dists=options.test_dists, adapt=mode, seed=seed),
                              device=options.device, overrides=location, out=out, plots=False, quiet=True,
@@ -171,11 +174,12 @@ def evaluate_modes(folder: Path, seed: int, options: CompareOptions, *, experts:
     one-line warning: their cells stay empty."""
     shift = {}
     digest = file_digest(folder / "last.pt")
+    lam_model = ensemble_prior(recipe_from_dict(load_checkpoint(folder / "last.pt")["recipe"]))[1]
     for mode in options.adapt:
         if experts < get_adapt_mode(mode).min_experts:
             continue
         try:
-            shift[mode] = evaluate_run(folder, seed, options, mode, digest)
+            shift[mode] = evaluate_run(folder, seed, options, mode, digest, lam_model)
         except NotApplicable as e:
             warnings.warn(f"{folder}: adaptation mode {mode!r} skipped: {e}", stacklevel=2)
     return shift

@@ -18,9 +18,12 @@ and any rule relating it to other recipe sections (``check``, :func:`check_loss`
 
 Registered: ``logit_adjusted`` (BalPoE), and the baselines ``ce``, ``focal``, ``class_balanced``,
 ``ldam`` (LDAM-DRW), ``balanced_softmax``, ``ride`` and ``sade``, each reading its constants from
-the ``loss.*`` keys (null: the official default, :data:`DEFAULTS`).  Evaluation reports the
-baselines raw (``prior_exponent`` 0: no post-hoc prior correction; Balanced Softmax's logits are
-balanced already).
+the ``loss.*`` keys (null: the official default, :data:`DEFAULTS`).  Evaluation reports every
+model's own logits, the baselines' raw (no post-hoc prior correction); ``prior_exponent`` only
+tells the test-time adaptation modes how to balance them first: 1 for ``ce`` and ``focal``, whose
+softmax estimates p(y|x) under the training prior (Menon et al. 2021, Sec. 2), 0 for the losses
+that re-balance during training (class-balanced weights, LDAM-DRW, RIDE; Balanced Softmax; SADE,
+whose forward, uniform and backward experts keep pi^1, pi^0 and pi^-1, mean 0).
 
 Stage 2 (``stage: 2``) always trains with MiSLAS' label-aware smoothing plus per-expert offsets
 (:func:`build_stage2_criterion`).
@@ -133,10 +136,10 @@ def _ldam_kwargs(loss: LossConfig) -> dict:
 #: ``loss.name`` -> :class:`LossEntry`
 LOSSES: dict[str, LossEntry] = {
     "logit_adjusted": LossEntry(lambda loss, counts, taus: BalPoELoss(counts, taus)),
-    "ce": LossEntry(lambda loss, counts, taus: CrossEntropyLoss(counts, len(taus)), (), 0.0),
+    "ce": LossEntry(lambda loss, counts, taus: CrossEntropyLoss(counts, len(taus)), (), 1.0),
     "focal": LossEntry(lambda loss, counts, taus: FocalLoss(counts, len(taus), gamma=loss_value(loss, "gamma"),
                                                             form=loss_value(loss, "focal_form")),
-                       ("gamma", "focal_form"), 0.0),
+                       ("gamma", "focal_form"), 1.0),
     "class_balanced": LossEntry(_class_balanced, ("base", "beta", "reduction", "drw_epoch", "gamma", "focal_form"),
                                 0.0, lambda recipe: _class_balanced_focal(recipe.loss) and None),
     "ldam": LossEntry(lambda loss, counts, taus: LDAMLoss(counts, len(taus), **_ldam_kwargs(loss)), _LDAM_KEYS, 0.0,
@@ -233,13 +236,13 @@ def build_criterion(loss: LossConfig, num_experts: int, class_counts, stage2: St
 def model_prior_exponent(taus: list[float], sampler: str, stage2: Stage2Config | None = None,
                          loss: str = "logit_adjusted") -> float:
     """``lambda_m``: the power of ``pi_train`` the trained ensemble's logits keep.  Stage 1 with a
-    loss registered with a ``prior_exponent`` (``loss``: ``loss.name``): that value (0 for the
-    baselines, reported raw).  Otherwise (:func:`~balpoe.losses.priors.logit_prior_exponent`): the
+    loss registered with a ``prior_exponent`` (``loss``: ``loss.name``): that power of the training
+    stream's prior, i.e. the value, or 0 when ``data.sampler`` draws classes uniformly.  Otherwise (:func:`~balpoe.losses.priors.logit_prior_exponent`): the
     stage-1 ``taus`` (:func:`expert_taus`), or, with the ``stage2`` section of a stage-2 recipe,
     their stage-2 offsets, and whether ``data.sampler`` draws with a uniform label prior
     (``class_balanced``, ``class_aware``)."""
     entry = LOSSES.get(loss)
     if stage2 is None and entry is not None and entry.prior_exponent is not None:
-        return float(entry.prior_exponent)
+        return 0.0 if sampler in BALANCED_SAMPLERS else float(entry.prior_exponent)
     offsets = stage2_expert_offsets(taus, stage2.expert_adjust) if stage2 is not None else taus
     return logit_prior_exponent(offsets, sampler in BALANCED_SAMPLERS)

@@ -132,10 +132,13 @@ def test_stage2_recipes_are_not_checked_against_the_stage1_loss_keys():
 
 @pytest.mark.parametrize("name", BASELINES)
 @pytest.mark.parametrize("sampler", ["instance", "class_balanced"])
-def test_baselines_are_reported_raw(name, sampler):
+def test_baselines_lambda_m_is_the_prior_their_logits_keep(name, sampler):
+    # CE and focal logits estimate p(y|x) under the prior of the stream they saw: pi_train, or the
+    # uniform prior of a class-balanced sampler; the re-balancing losses' logits are balanced
+    want = 1.0 if name in ("ce", "focal") and sampler == "instance" else 0.0
     r = _recipe({"name": name}, data={"sampler": sampler})
-    assert ensemble_prior(r)[1] == 0.0
-    assert model_prior_exponent([0.0, 1.0, 2.0], sampler, None, name) == 0.0
+    assert ensemble_prior(r)[1] == want
+    assert model_prior_exponent([0.0, 1.0, 2.0], sampler, None, name) == want
 
 
 def test_logit_adjusted_lambda_m_comes_from_its_taus():
