@@ -23,7 +23,13 @@ from balpoe.runtime.checkpoint import atomic_write_text, write_json
 from balpoe.runtime.console import console
 
 COLOURS = ("#111111", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
-           "#bcbd22", "#7f7f7f")
+           "#bcbd22", "#7f7f7f", "#aec7e8", "#ffbb78", "#98df8a")
+LINESTYLES = ("-", "--", ":")   # after every colour, the next line style
+
+
+def _style(i: int) -> dict:
+    """Colour and line style of the ``i``-th method (distinct for up to 42 methods)."""
+    return {"color": COLOURS[i % len(COLOURS)], "ls": LINESTYLES[i // len(COLOURS) % len(LINESTYLES)]}
 OUTPUTS = ("compare.json", "compare.md", "compare.html")
 
 
@@ -82,15 +88,19 @@ def _legend_columns(names: list[str]) -> int:
 
 def shift_figure(curves: dict, adapt: list[str]) -> bytes:
     """Accuracy against the test label distribution, one line per method, one panel per mode."""
-    fig = _figure(max(6.0, 5.2 * len(adapt)), 4.4)
-    axes = fig.subplots(1, len(adapt), sharey=True, squeeze=False)[0]
+    cols = min(len(adapt), 2)
+    rows = math.ceil(len(adapt) / cols)
+    fig = _figure(11 if cols == 2 else 7.5, 1.2 + 3.6 * rows)
+    axes = fig.subplots(rows, cols, sharey=True, squeeze=False).ravel()
+    for ax in axes[len(adapt):]:
+        ax.set_visible(False)
     labelled: set[str] = set()     # each method once in the legend, from the first panel that draws it
     for ax, mode in zip(axes, adapt):
         for i, (name, c) in enumerate(curves.items()):
             if mode not in c:
                 continue
             d = c[mode]
-            ax.plot(np.arange(len(d["dists"])), _nan(d["acc"]), color=COLOURS[i % len(COLOURS)], marker="o", ms=3.5,
+            ax.plot(np.arange(len(d["dists"])), _nan(d["acc"]), **_style(i), marker="o", ms=3.5,
                     lw=1.6, label=None if name in labelled else tex(name))
             labelled.add(name)
         dists = next((c[mode]["dists"] for c in curves.values() if mode in c), [])
@@ -101,7 +111,8 @@ def shift_figure(curves: dict, adapt: list[str]) -> bytes:
         ax.set_title(f"adapt: {tex(mode)}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.tick_params(axis="y", labelsize=8)
-    axes[0].set_ylabel("test accuracy (%)", fontsize=9)
+    for ax in axes[::cols]:
+        ax.set_ylabel("test accuracy (%)", fontsize=9)
     fig.legend(loc="outside upper center", ncol=_legend_columns(list(curves)), fontsize=8, frameon=False)
     return _png(fig)
 
@@ -113,7 +124,7 @@ def class_count_figure(per_class: dict) -> bytes:
     for i, (name, pc) in enumerate(per_class.items()):
         order = np.argsort(pc["class_counts"], kind="stable")
         ax.plot(np.asarray(pc["class_counts"], dtype=float)[order], _nan(pc["acc"])[order],
-                color=COLOURS[i % len(COLOURS)], marker="o", ms=3, lw=1.4, label=tex(name))
+                **_style(i), marker="o", ms=3, lw=1.4, label=tex(name))
     ax.set_xscale("log")
     ax.set_xlabel("training images of the class (log scale)", fontsize=9)
     ax.set_ylabel("test accuracy of the class (%)", fontsize=9)
