@@ -11,10 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from formats import write_fashion_mnist
-from test_shift_eval import _recipe
 
-from balpoe import recipe_from_dict, train
 from balpoe.cli import main
 from balpoe.data.build import build_loader
 from balpoe.errors import BalpoeError
@@ -26,26 +23,6 @@ from balpoe.shift.aggregation import aggregate_logits
 from balpoe.shift.build import ShiftOptions, evaluate_shift, sade_settings
 from balpoe.shift.distributions import TEST_DISTRIBUTIONS
 from balpoe.shift.targets import target_sets
-
-
-@pytest.fixture(scope="module")
-def fm_root(tmp_path_factory):
-    return write_fashion_mnist(tmp_path_factory.mktemp("fm"), 60, 30, seed=2)
-
-
-@pytest.fixture(scope="module")
-def balpoe_ckpt(fm_root, tmp_path_factory):
-    """3 experts, tau 0/1/2, with a 20% held-out slice (training pad-crop 2 and flip)."""
-    out = tmp_path_factory.mktemp("balpoe")
-    train(recipe_from_dict(_recipe(fm_root, 0.2, 3, [0, 1, 2])), out, show_progress=False, report=False)
-    return out / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def single_ckpt(fm_root, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single")
-    train(recipe_from_dict(_recipe(fm_root, 0.0, 1, [1])), out, show_progress=False, report=False)
-    return out / "last.pt"
 
 
 def _cached(ckpt):
